@@ -1,0 +1,1 @@
+"""The Typer shell: each subcommand parses, calls a library function, and renders."""

@@ -1,0 +1,54 @@
+"""The `flamingo` command: global options and the subcommands mounted on one Typer app."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from flamingo_cli import __version__
+from flamingo_cli.cli import validate
+
+app = typer.Typer(
+    name="flamingo",
+    help="From raw MMC4 and LAION downloads to a trained OpenFlamingo-style model.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"flamingo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and results.")] = False,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="More detail (repeatable).")
+    ] = 0,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", envvar="FLAMINGO_DEBUG", help="Show tracebacks for user errors."),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Convert, inspect, validate, train and evaluate OpenFlamingo-style models."""
+    from flamingo_cli.ui.console import configure
+
+    configure(quiet=quiet, verbose=verbose, debug=debug)
+
+
+validate.register(app)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,113 @@
+"""`flamingo validate-config`: check a recipe and print the resolved plan, no torch needed."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flamingo_cli.cli.common import JsonOption, SetOption, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    app.command("validate-config")(validate_config)
+
+
+def validate_config(
+    recipe: Annotated[
+        Path | None,
+        typer.Argument(help="Recipe TOML file.", show_default=False, dir_okay=False),
+    ] = None,
+    set_: SetOption = None,
+    nproc_per_node: Annotated[
+        int | None,
+        typer.Option("--nproc-per-node", min=1, help="Processes per node (overrides the recipe)."),
+    ] = None,
+    nnodes: Annotated[
+        int | None, typer.Option("--nnodes", min=1, help="Number of nodes (overrides the recipe).")
+    ] = None,
+    check_shards: Annotated[
+        bool,
+        typer.Option(
+            "--check-shards",
+            help="Count samples (sizes.json, else tar headers) and compare with the epoch size.",
+        ),
+    ] = False,
+    from_openflamingo: Annotated[
+        str | None,
+        typer.Option(
+            "--from-openflamingo",
+            metavar="COMMAND",
+            help="Translate an OpenFlamingo train.py command line into a recipe and check it.",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", dir_okay=False, help="With --from-openflamingo: write the recipe here."),
+    ] = None,
+    json_: JsonOption = False,
+) -> None:
+    """Check a training recipe before any GPU time is spent and print the resolved plan.
+
+    Every problem is reported at once with its TOML key and line. Exit 0 when the recipe is
+    valid (warnings allowed), 1 when it has errors, 2 on usage errors.
+    """
+    from flamingo_cli.errors import UsageError
+    from flamingo_cli.recipe.load import Override, parse_override
+    from flamingo_cli.ui import console as ui
+    from flamingo_cli.ui.errors import render_problems
+    from flamingo_cli.ui.plan import render_plan
+
+    with user_errors():
+        if (recipe is None) == (from_openflamingo is None):
+            raise UsageError(
+                "give either a RECIPE file or --from-openflamingo COMMAND",
+                fix="flamingo validate-config recipes/tiny-cpu.toml",
+            )
+        if out is not None and from_openflamingo is None:
+            raise UsageError("--out only applies with --from-openflamingo")
+        overrides = [parse_override(s) for s in set_ or []]
+        if nproc_per_node is not None:
+            overrides.append(
+                Override("distributed.nproc_per_node", nproc_per_node, "from --nproc-per-node")
+            )
+        if nnodes is not None:
+            overrides.append(Override("distributed.nnodes", nnodes, "from --nnodes"))
+
+        import_problems = []
+        if from_openflamingo is not None:
+            from flamingo_cli.recipe.openflamingo import recipe_from_openflamingo
+
+            imported = recipe_from_openflamingo(from_openflamingo)
+            import_problems = imported.problems
+            if out is not None:
+                out.write_text(imported.toml, encoding="utf-8")
+                ui.info(f"wrote {out}")
+                recipe = out
+            else:
+                if not json_:
+                    ui.console.out(imported.toml, highlight=False)
+                recipe = Path(tempfile.mkdtemp(prefix="flamingo-")) / "openflamingo-import.toml"
+                recipe.write_text(imported.toml, encoding="utf-8")
+
+        from flamingo_cli.recipe.validate import validate_recipe
+
+        assert recipe is not None
+        report = validate_recipe(recipe, overrides, check_shards=check_shards)
+        problems = [*import_problems, *report.problems]
+        ok = report.ok and not any(p.severity == "error" for p in import_problems)
+        if json_:
+            data = report.to_dict()
+            data["ok"] = ok
+            data["problems"] = [p.to_dict() for p in problems]
+            ui.print_json(data)
+        else:
+            if ui.settings.verbosity >= 0:
+                render_plan(report.plan, title=f"Plan for {recipe}")
+            render_problems(problems)
+            if ok:
+                ui.info(f"[green]ok[/]: {recipe} is valid")
+        if not ok:
+            raise typer.Exit(1)

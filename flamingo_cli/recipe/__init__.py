@@ -1,0 +1,1 @@
+"""Training recipes: typed TOML documents, their validation rules and the derived plan."""

@@ -1,0 +1,245 @@
+"""Load a recipe: TOML, `${VAR}` substitution, `--set` overrides, typed validation, rules."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from flamingo_cli.errors import Problem, ProblemsFound, UsageError
+from flamingo_cli.recipe.schema import Recipe
+from flamingo_cli.recipe.toml_lines import key_lines, line_of
+from flamingo_cli.shards.spec import split_spec, url_kind
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_TOML_POSITION = re.compile(r"\(at line (\d+), column \d+\)")
+SHARD_KEYS = ("shards", "eval_shards")
+
+
+@dataclass(frozen=True)
+class Override:
+    """One `key.path=value` assignment from the command line."""
+
+    key: str
+    value: Any
+    source: str = "from --set"
+
+
+def parse_override(text: str, source: str = "from --set") -> Override:
+    """Parse `a.b=c`; the value is read as a TOML value when it is one, else as a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UsageError(
+            f"--set expects KEY=VALUE, got {text!r}", fix="for example --set optim.lr=3e-4"
+        )
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return Override(key, value, source)
+
+
+@dataclass
+class LoadedRecipe:
+    """A validated recipe with what is needed to point a problem at its origin."""
+
+    recipe: Recipe
+    path: Path
+    lines: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def problem(self, key: str, message: str, **kwargs: Any) -> Problem:
+        return _make_problem(self.path, self.lines, self.sources, key, message, **kwargs)
+
+
+def _make_problem(
+    path: Path,
+    lines: dict[str, int],
+    sources: dict[str, str],
+    key: str,
+    message: str,
+    **kwargs: Any,
+) -> Problem:
+    source = next((s for k, s in sources.items() if key == k or key.startswith(k + ".")), None)
+    if source is not None:
+        return Problem(message, key=key, source=source, **kwargs)
+    return Problem(message, key=key, file=str(path), line=line_of(lines, key), **kwargs)
+
+
+def load_recipe(path: str | Path, overrides: Sequence[Override] = ()) -> LoadedRecipe:
+    """Load and validate `path` with `overrides` applied; raise ProblemsFound listing all errors.
+
+    Warnings do not raise: run `check_recipe` on the result for the cross-field rules.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"recipe {path} does not exist", fix="check the path") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read recipe {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = _TOML_POSITION.search(str(exc))
+        line = int(match.group(1)) if match else None
+        problem = Problem(f"not valid TOML: {exc}", file=str(path), line=line)
+        raise ProblemsFound(f"{path} is not valid TOML", [problem]) from None
+
+    lines = key_lines(text)
+    sources: dict[str, str] = {}
+    problems: list[Problem] = []
+
+    def report(key: str, message: str, **kwargs: Any) -> None:
+        problems.append(_make_problem(path, lines, sources, key, message, **kwargs))
+
+    data = _substitute_env(data, "", report)
+    _anchor_shard_paths(data, path.parent)
+    for override in overrides:
+        sources[override.key] = override.source
+        _apply_override(data, override, report)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        for key, message in _validation_messages(exc):
+            report(key, message)
+    else:
+        if not problems:
+            return LoadedRecipe(recipe, path, lines, sources)
+    raise ProblemsFound(f"{path} has {len(problems)} problem(s)", problems)
+
+
+def _substitute_env(value: Any, key: str, report: Any) -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string of the document."""
+    if isinstance(value, dict):
+        return {k: _substitute_env(v, f"{key}.{k}" if key else k, report) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute_env(v, key, report) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        found = os.environ.get(name)
+        if found is not None:
+            return found
+        if default is not None:
+            return default
+        report(
+            key,
+            f"environment variable {name} is not set",
+            fix=f"export {name}=... before running, or write ${{{name}:-default}}",
+        )
+        return match.group(0)
+
+    return _VAR.sub(replace, value)
+
+
+def _anchor_shard_paths(data: dict[str, Any], base: Path) -> None:
+    """Make relative local shard paths in the recipe file relative to the file's directory."""
+    section = data.get("data")
+    if not isinstance(section, dict):
+        return
+    for dataset in section.values():
+        if not isinstance(dataset, dict):
+            continue
+        for key in SHARD_KEYS:
+            spec = dataset.get(key)
+            if isinstance(spec, str | list) and all(isinstance(s, str) for s in spec):
+                dataset[key] = "::".join(
+                    str(base / part)
+                    if url_kind(part) == "local" and not Path(part).is_absolute()
+                    else part
+                    for part in split_spec(spec)
+                )
+
+
+def _apply_override(data: dict[str, Any], override: Override, report: Any) -> None:
+    parts = override.key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            report(".".join(parts[: i + 1]), f"is a value, not a table: cannot set {override.key}")
+            return
+        node = child
+    node[parts[-1]] = override.value
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as `X`, `X | None` or `Optional[X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        for arg in typing.get_args(annotation):
+            found = _model_of(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _resolve_loc(loc: Iterable[int | str]) -> tuple[str, type[BaseModel] | None]:
+    """Turn a pydantic error location into a dotted recipe key, dropping union-member tags.
+
+    Also returns the model that owns the last part (for did-you-mean on unknown keys).
+    """
+    parts: list[str] = []
+    model: type[BaseModel] | None = Recipe
+    owner: type[BaseModel] | None = Recipe
+    for item in loc:
+        if model is not None and isinstance(item, str) and item in model.model_fields:
+            parts.append(item)
+            owner = model
+            model = _model_of(model.model_fields[item].annotation)
+        elif model is not None and isinstance(item, str):
+            parts.append(item)  # an unknown key inside a model
+            owner = model
+            model = None
+        elif isinstance(item, int):
+            parts.append(str(item))
+        # else: a union tag such as "str" or "list[str]": not part of the key
+    return ".".join(parts), owner
+
+
+def _validation_messages(exc: ValidationError) -> list[tuple[str, str]]:
+    """One (key, message) per problem, union alternatives merged, unknown keys with a hint."""
+    merged: dict[str, list[str]] = {}
+    for error in exc.errors(include_url=False):
+        key, owner = _resolve_loc(error["loc"])
+        if error["type"] == "extra_forbidden":
+            name = key.rsplit(".", 1)[-1]
+            known = list(owner.model_fields) if owner is not None else []
+            guess = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {guess[0]!r}?" if guess else f"; known keys: {', '.join(known)}"
+            merged.setdefault(key, []).append(f"unknown key{hint}")
+            continue
+        if error["type"] == "missing":
+            merged.setdefault(key, []).append("required key is missing")
+            continue
+        message = error["msg"]
+        if "input" in error and not isinstance(error["input"], dict):
+            message = f"{message} (got {error['input']!r})"
+        merged.setdefault(key, []).append(message)
+    return [(key, "; or ".join(dict.fromkeys(msgs))) for key, msgs in merged.items()]
+
+
+def raise_on_errors(problems: Sequence[Problem], what: str) -> None:
+    """Raise ProblemsFound when any problem is an error (warnings pass)."""
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        raise ProblemsFound(f"{what} has {len(errors)} error(s)", list(problems))

@@ -1,0 +1,128 @@
+"""The resolved plan of a recipe: batches, optimizer steps and memory, as the trainer will run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config, Recipe
+from flamingo_cli.shards.spec import expand_spec
+
+# Raw bytes a sample occupies in a shuffle buffer when the shards cannot tell us:
+# img2dataset pairs at 256 px are ~25 KB; an MMC4 document carries several base64 JPEGs.
+DEFAULT_SAMPLE_BYTES = {"laion": 25_000, "mmc4": 500_000}
+
+
+def batches_per_epoch(num_samples: int, batch_size: int, world_size: int, workers: int) -> int:
+    """Batches each rank runs per epoch, OpenFlamingo's formula (FORMATS 5.8).
+
+    ceil(ceil(n / (b * W)) / w) * w: every loader worker yields the same number of batches.
+    """
+    w = max(workers, 1)
+    per_rank = math.ceil(num_samples / (batch_size * world_size))
+    return math.ceil(per_rank / w) * w
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """What one dataset contributes to an epoch."""
+
+    name: str
+    shards: int
+    eval_shards: int
+    samples_per_epoch: int
+    batch_size: int
+    global_batch: int
+    batches_per_rank: int
+    samples_drawn_per_epoch: int
+    workers: int
+    shards_per_worker: float
+    resampled: bool
+    shuffle_buffer_bytes_per_node: int
+    total_samples: int | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The derived numbers `validate-config` prints and `train` runs."""
+
+    world_size: int
+    nproc_per_node: int
+    nnodes: int
+    gradient_accumulation_steps: int
+    num_epochs: int
+    datasets: tuple[DatasetPlan, ...]
+    batches_per_epoch: int
+    optimizer_steps_per_epoch: int
+    total_optimizer_steps: int
+    warmup_steps: int
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def dataset_plan(
+    name: str,
+    config: LaionConfig | Mmc4Config,
+    recipe: Recipe,
+    *,
+    total_samples: int | None = None,
+    sample_bytes: int | None = None,
+) -> DatasetPlan:
+    """Plan one dataset; `total_samples` and `sample_bytes` come from the shards when known."""
+    dist = recipe.distributed
+    world = dist.world_size
+    shards = len(expand_spec(config.shards))
+    eval_shards = len(expand_spec(config.eval_shards)) if config.eval_shards else 0
+    batches = batches_per_epoch(config.train_num_samples, config.batch_size, world, config.workers)
+    workers = max(config.workers, 1)
+    per_sample = sample_bytes or DEFAULT_SAMPLE_BYTES[name]
+    return DatasetPlan(
+        name=name,
+        shards=shards,
+        eval_shards=eval_shards,
+        samples_per_epoch=config.train_num_samples,
+        batch_size=config.batch_size,
+        global_batch=config.batch_size * world * recipe.optim.gradient_accumulation_steps,
+        batches_per_rank=batches,
+        samples_drawn_per_epoch=batches * config.batch_size * world,
+        workers=config.workers,
+        shards_per_worker=shards / (workers * world),
+        resampled=config.resampled,
+        shuffle_buffer_bytes_per_node=config.shuffle_buffer * per_sample * workers
+        * dist.nproc_per_node,
+        total_samples=total_samples,
+    )
+
+
+def make_plan(
+    recipe: Recipe,
+    *,
+    totals: dict[str, int] | None = None,
+    sample_bytes: dict[str, int] | None = None,
+) -> Plan:
+    """Resolve the recipe into per-dataset and whole-run numbers."""
+    totals = totals or {}
+    sample_bytes = sample_bytes or {}
+    datasets = tuple(
+        dataset_plan(
+            name, config, recipe, total_samples=totals.get(name), sample_bytes=sample_bytes.get(name)
+        )
+        for name, config in recipe.datasets().items()
+    )
+    # The trainer steps both loaders together, so the shorter one bounds the epoch.
+    batches = min((d.batches_per_rank for d in datasets), default=0)
+    accum = recipe.optim.gradient_accumulation_steps
+    steps = math.ceil(batches / accum)
+    return Plan(
+        world_size=recipe.distributed.world_size,
+        nproc_per_node=recipe.distributed.nproc_per_node,
+        nnodes=recipe.distributed.nnodes,
+        gradient_accumulation_steps=accum,
+        num_epochs=recipe.run.num_epochs,
+        datasets=datasets,
+        batches_per_epoch=batches,
+        optimizer_steps_per_epoch=steps,
+        total_optimizer_steps=steps * recipe.run.num_epochs,
+        warmup_steps=recipe.optim.warmup_steps,
+    )

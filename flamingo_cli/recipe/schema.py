@@ -1,0 +1,143 @@
+"""The recipe as pydantic models: every knob of an OpenFlamingo training run, grouped."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+ShardSpec = str | list[str]
+
+Precision = Literal["fp32", "bf16", "amp_bf16", "fp16"]
+Strategy = Literal["fsdp", "ddp", "none"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    """Vision encoder, language model and the Flamingo layers that join them."""
+
+    preset: Literal["tiny"] | None = Field(
+        None, description="bundled offline model; replaces vision_encoder, lm_path, tokenizer_path"
+    )
+    vision_encoder: str = Field("ViT-L-14", description="open_clip model name")
+    vision_pretrained: str | None = Field(
+        "openai", description="open_clip pretrained tag or a local weights file"
+    )
+    lm_path: str | None = Field(None, description="Hugging Face LM name or local directory")
+    tokenizer_path: str | None = Field(None, description="defaults to lm_path")
+    trust_remote_code: bool = False
+    cross_attn_every_n_layers: PositiveInt = 1
+    freeze_lm_embeddings: bool = False
+    gradient_checkpointing: bool = False
+    init_from: str | None = Field(
+        None, description="OpenFlamingo or flamingo checkpoint to fine-tune from (not a resume)"
+    )
+
+
+class _DatasetConfig(_Section):
+    shards: ShardSpec = Field(description="brace pattern(s) of .tar shards; join several with ::")
+    eval_shards: ShardSpec | None = None
+    batch_size: PositiveInt
+    train_num_samples: PositiveInt = Field(description="samples per epoch (not a data pass)")
+    workers: NonNegativeInt = 1
+    resampled: bool = Field(False, description="draw shards with replacement")
+    loss_multiplier: Annotated[float, Field(ge=0)] = 1.0
+    max_tokens: PositiveInt
+    shuffle_buffer: NonNegativeInt = 5000
+    shuffle_initial: NonNegativeInt = 1000
+    prefetch_factor: PositiveInt = 2
+
+
+class LaionConfig(_DatasetConfig):
+    """Image-caption pairs (img2dataset layout)."""
+
+    batch_size: PositiveInt = 128
+    train_num_samples: PositiveInt = 10000
+    max_tokens: PositiveInt = 32
+
+
+class Mmc4Config(_DatasetConfig):
+    """Interleaved documents (MMC4 and ChatGPT-generated sequences)."""
+
+    batch_size: PositiveInt = 128
+    train_num_samples: PositiveInt = 10000
+    max_tokens: PositiveInt = 256
+    textsim_threshold: float = Field(0.24, description="minimum CLIP image-sentence similarity")
+    min_num_images: PositiveInt = 1
+    max_num_images: PositiveInt = 6
+    assignment: Literal["hungarian", "argmax"] = "hungarian"
+
+
+class DataConfig(_Section):
+    laion: LaionConfig | None = None
+    mmc4: Mmc4Config | None = None
+    allow_pipe: bool = Field(False, description="allow `pipe:` shard specs (runs shell commands)")
+
+
+class OptimConfig(_Section):
+    lr: Annotated[float, Field(gt=0)] = 1e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: NonNegativeInt = 5000
+    gradient_accumulation_steps: PositiveInt = 1
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+
+
+class RunConfig(_Section):
+    name: str = "flamingo"
+    output_dir: str = Field("runs", description="the run lives in output_dir/name")
+    seed: int = 42
+    num_epochs: PositiveInt = 1
+    precision: Precision = "fp32"
+    log_every: PositiveInt = Field(100, description="optimizer steps between metric lines")
+    eval_every: NonNegativeInt = Field(0, description="optimizer steps between evals; 0: never")
+    checkpoint_every: NonNegativeInt = Field(
+        0, description="optimizer steps between checkpoints; 0: at epoch ends only"
+    )
+    keep_last: NonNegativeInt = Field(3, description="checkpoints to keep; 0 keeps all")
+    resume: str = Field("auto", description='"auto", "none" or a checkpoint path')
+
+
+class DistributedConfig(_Section):
+    strategy: Strategy = "fsdp"
+    nproc_per_node: PositiveInt = 1
+    nnodes: PositiveInt = 1
+    sharding: Literal["full", "hybrid"] = "full"
+    timeout_s: PositiveInt = 1800
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
+class LoggingConfig(_Section):
+    wandb: bool = False
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"
+    save_checkpoints_to_wandb: bool = False
+
+
+class Recipe(_Section):
+    """A whole training recipe; each section has OpenFlamingo's defaults unless noted."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    run: RunConfig = RunConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    def datasets(self) -> dict[str, LaionConfig | Mmc4Config]:
+        """The configured datasets by name, LAION first (the order of the training step)."""
+        found: dict[str, LaionConfig | Mmc4Config] = {}
+        if self.data.laion is not None:
+            found["laion"] = self.data.laion
+        if self.data.mmc4 is not None:
+            found["mmc4"] = self.data.mmc4
+        return found

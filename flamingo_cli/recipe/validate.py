@@ -1,0 +1,91 @@
+"""`validate-config` as a library call: load, plan, count shards on request, apply the rules."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from flamingo_cli.errors import Problem
+from flamingo_cli.recipe.load import LoadedRecipe, Override, load_recipe
+from flamingo_cli.recipe.plan import Plan, make_plan
+from flamingo_cli.recipe.rules import check_recipe
+from flamingo_cli.recipe.schema import Recipe
+from flamingo_cli.shards.sizes import known_counts
+from flamingo_cli.shards.spec import expand_spec, local_path, url_kind
+from flamingo_cli.shards.tar import count_samples
+
+
+@dataclass(frozen=True)
+class ShardCount:
+    """Samples in one dataset's training shards and where the numbers came from."""
+
+    total: int
+    from_sizes_json: int
+    scanned: int
+    mean_sample_bytes: int | None
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    loaded: LoadedRecipe
+    plan: Plan
+    problems: list[Problem]
+    counts: dict[str, ShardCount]
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.loaded.recipe
+
+    @property
+    def ok(self) -> bool:
+        return not any(p.severity == "error" for p in self.problems)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "recipe": str(self.loaded.path),
+            "ok": self.ok,
+            "plan": self.plan.to_dict(),
+            "counts": {k: vars(v) for k, v in self.counts.items()},
+            "problems": [p.to_dict() for p in self.problems],
+        }
+
+
+def count_dataset(urls: Sequence[str], *, allow_pipe: bool, workers: int = 8) -> ShardCount:
+    """Count samples from sizes.json where it lists a shard, else by reading the tar headers."""
+    listed = known_counts(urls, allow_pipe=allow_pipe)
+    to_scan = [u for u in urls if u not in listed]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        scanned = list(pool.map(lambda u: count_samples(u, allow_pipe=allow_pipe), to_scan))
+    total = sum(listed.values()) + sum(scanned)
+    local = [u for u in urls if url_kind(u) == "local" and local_path(u).is_file()]
+    mean_bytes = None
+    if total and len(local) == len(urls):
+        mean_bytes = sum(local_path(u).stat().st_size for u in local) // total
+    return ShardCount(total, sum(listed.values()), sum(scanned), mean_bytes)
+
+
+def validate_recipe(
+    path: str | Path,
+    overrides: Sequence[Override] = (),
+    *,
+    check_shards: bool = False,
+) -> ValidationReport:
+    """Validate a recipe; raises ProblemsFound when it cannot even be typed."""
+    loaded = load_recipe(path, overrides)
+    recipe = loaded.recipe
+    counts: dict[str, ShardCount] = {}
+    if check_shards:
+        pre = check_recipe(loaded, make_plan(recipe))
+        if not any(p.severity == "error" for p in pre):
+            for name, config in recipe.datasets().items():
+                counts[name] = count_dataset(
+                    expand_spec(config.shards), allow_pipe=recipe.data.allow_pipe
+                )
+    plan = make_plan(
+        recipe,
+        totals={k: v.total for k, v in counts.items()},
+        sample_bytes={k: v.mean_sample_bytes for k, v in counts.items() if v.mean_sample_bytes},
+    )
+    return ValidationReport(loaded, plan, check_recipe(loaded, plan), counts)

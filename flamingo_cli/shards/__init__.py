@@ -1,0 +1,1 @@
+"""Shard specs, the one opener for every URL, and tar/sizes.json helpers."""

@@ -1,0 +1,110 @@
+"""Small synthetic LAION pairs and MMC4 documents whose text names what the image shows.
+
+Used by the tests and to build the bundled tiny data; deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from flamingo_cli.shards.write import write_sizes, write_tar
+
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+SHAPES = ("square", "circle", "stripe")
+
+
+def shape_image(color: str, shape: str, size: int, rng: random.Random, noise: int = 0) -> Image.Image:
+    """An image of one coloured shape on a grey background, with optional pixel noise."""
+    gen = np.random.default_rng(rng.getrandbits(32))
+    pixels = np.full((size, size, 3), 128, dtype=np.int16)
+    lo, hi = size // 4, 3 * size // 4
+    yy, xx = np.mgrid[0:size, 0:size]
+    if shape == "square":
+        mask = (yy >= lo) & (yy < hi) & (xx >= lo) & (xx < hi)
+    elif shape == "circle":
+        mask = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2
+    else:
+        mask = (yy // max(size // 8, 1)) % 2 == 0
+    pixels[mask] = COLORS[color]
+    if noise:
+        pixels += gen.integers(-noise, noise + 1, size=pixels.shape, dtype=np.int16)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def laion_samples(shard: int, count: int, seed: int, size: int = 32) -> Iterator[dict[str, bytes]]:
+    """img2dataset-style samples: jpg/png, txt caption naming colour and shape, json."""
+    rng = random.Random(f"laion-{seed}-{shard}")
+    for i in range(count):
+        key = f"{shard:05d}{i:04d}"
+        color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
+        caption = f"a {color} {shape}"
+        image = encode(shape_image(color, shape, size, rng), "PNG")
+        meta = {"key": key, "caption": caption, "status": "success", "width": size, "height": size}
+        yield {"__key__": key, "png": image, "txt": caption.encode(), "json": json.dumps(meta).encode()}
+
+
+def mmc4_samples(
+    shard: int, count: int, seed: int, size: int = 64, images_per_doc: int = 2
+) -> Iterator[dict[str, bytes]]:
+    """Interleaved documents as in converted MMC4 shards: one .json with base64 images.
+
+    Images are noisy enough (about 12 KB as PNG) to pass OpenFlamingo's 11,000-byte filter;
+    each image's matched sentence names its colour and shape with similarity 0.3.
+    """
+    rng = random.Random(f"mmc4-{seed}-{shard}")
+    for i in range(count):
+        key = f"mmc4-{shard:05d}-{i:04d}"
+        texts = ["This page shows some shapes."]
+        image_info = []
+        for j in range(images_per_doc):
+            color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
+            texts.append(f"Here is a {color} {shape}.")
+            data = encode(shape_image(color, shape, size, rng, noise=60), "PNG")
+            image_info.append(
+                {
+                    "image_name": f"{rng.getrandbits(48):012x}.jpg",
+                    "raw_url": f"https://example.invalid/{key}/{j}.png",
+                    "matched_text_index": j + 1,
+                    "matched_sim": 0.3,
+                    "face_detections": None,
+                    "image_base64": base64.b64encode(data).decode(),
+                }
+            )
+        sims = [
+            [0.3 if t == j + 1 else 0.12 for t in range(len(texts))] for j in range(images_per_doc)
+        ]
+        doc = {
+            "url": f"https://example.invalid/{key}",
+            "text_list": texts,
+            "image_info": image_info,
+            "similarity_matrix": sims,
+            "could_have_url_duplicate": 0,
+        }
+        yield {"__key__": key, "json": json.dumps(doc).encode()}
+
+
+def write_dataset(kind: str, directory: Path, shards: int, per_shard: int, seed: int = 0) -> list[Path]:
+    """Write `shards` tar files of `kind` ("laion" or "mmc4") and their sizes.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    make = laion_samples if kind == "laion" else mmc4_samples
+    paths, counts = [], {}
+    for shard in range(shards):
+        path = directory / f"{shard:05d}.tar"
+        counts[path.name] = write_tar(path, make(shard, per_shard, seed))
+        paths.append(path)
+    write_sizes(directory, counts)
+    return paths
