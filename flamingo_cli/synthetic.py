@@ -17,11 +17,18 @@ from PIL import Image
 
 from flamingo_cli.shards.write import write_sizes, write_tar
 
-COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 220),
+    "yellow": (230, 210, 40),
+}
 SHAPES = ("square", "circle", "stripe")
 
 
-def shape_image(color: str, shape: str, size: int, rng: random.Random, noise: int = 0) -> Image.Image:
+def shape_image(
+    color: str, shape: str, size: int, rng: random.Random, noise: int = 0
+) -> Image.Image:
     """An image of one coloured shape on a grey background, with optional pixel noise."""
     gen = np.random.default_rng(rng.getrandbits(32))
     pixels = np.full((size, size, 3), 128, dtype=np.int16)
@@ -45,7 +52,7 @@ def encode(image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def laion_samples(shard: int, count: int, seed: int, size: int = 32) -> Iterator[dict[str, bytes]]:
+def laion_samples(shard: int, count: int, seed: int, size: int = 32) -> Iterator[dict[str, str | bytes]]:
     """img2dataset-style samples: jpg/png, txt caption naming colour and shape, json."""
     rng = random.Random(f"laion-{seed}-{shard}")
     for i in range(count):
@@ -54,12 +61,17 @@ def laion_samples(shard: int, count: int, seed: int, size: int = 32) -> Iterator
         caption = f"a {color} {shape}"
         image = encode(shape_image(color, shape, size, rng), "PNG")
         meta = {"key": key, "caption": caption, "status": "success", "width": size, "height": size}
-        yield {"__key__": key, "png": image, "txt": caption.encode(), "json": json.dumps(meta).encode()}
+        yield {
+            "__key__": key,
+            "png": image,
+            "txt": caption.encode(),
+            "json": json.dumps(meta).encode(),
+        }
 
 
 def mmc4_samples(
     shard: int, count: int, seed: int, size: int = 64, images_per_doc: int = 2
-) -> Iterator[dict[str, bytes]]:
+) -> Iterator[dict[str, str | bytes]]:
     """Interleaved documents as in converted MMC4 shards: one .json with base64 images.
 
     Images are noisy enough (about 12 KB as PNG) to pass OpenFlamingo's 11,000-byte filter;
@@ -97,7 +109,9 @@ def mmc4_samples(
         yield {"__key__": key, "json": json.dumps(doc).encode()}
 
 
-def write_dataset(kind: str, directory: Path, shards: int, per_shard: int, seed: int = 0) -> list[Path]:
+def write_dataset(
+    kind: str, directory: Path, shards: int, per_shard: int, seed: int = 0
+) -> list[Path]:
     """Write `shards` tar files of `kind` ("laion" or "mmc4") and their sizes.json."""
     directory.mkdir(parents=True, exist_ok=True)
     make = laion_samples if kind == "laion" else mmc4_samples

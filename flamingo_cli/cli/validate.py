@@ -45,7 +45,9 @@ def validate_config(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", dir_okay=False, help="With --from-openflamingo: write the recipe here."),
+        typer.Option(
+            "--out", dir_okay=False, help="With --from-openflamingo: write the recipe here."
+        ),
     ] = None,
     json_: JsonOption = False,
 ) -> None:

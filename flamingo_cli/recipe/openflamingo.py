@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import os
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 from flamingo_cli.errors import Problem, UsageError
@@ -46,7 +46,13 @@ def _parser() -> _Parser:
     add("--run_name", default="openflamingo3B")
     add("--resume_from_checkpoint", default=None)
     add("--delete_previous_checkpoint", action="store_true")
-    add("--batch_size_mmc4", "--batch_size_interleaved", dest="batch_size_mmc4", type=int, default=128)
+    add(
+        "--batch_size_mmc4",
+        "--batch_size_interleaved",
+        dest="batch_size_mmc4",
+        type=int,
+        default=128,
+    )
     add("--batch_size_laion", type=int, default=128)
     add("--gradient_accumulation_steps", type=int, default=1)
     add("--seed", type=int, default=42)
@@ -140,7 +146,7 @@ def _absolute_spec(spec: str | None) -> str | None:
     if spec is None:
         return None
     parts = [
-        os.path.abspath(p) if url_kind(p) == "local" and not os.path.isabs(p) else p
+        str(Path(p).absolute()) if url_kind(p) == "local" and not Path(p).is_absolute() else p
         for p in split_spec(spec)
     ]
     return "::".join(parts)
@@ -258,8 +264,16 @@ def recipe_from_openflamingo(command: str) -> OpenFlamingoImport:
     comments = {
         "model.lm_path": "translated from an OpenFlamingo train.py command",
         "model.trust_remote_code": "OpenFlamingo always loads the LM with its remote code",
-        "data.mmc4.assignment": "OpenFlamingo head; its 2.0.1 release used \"argmax\"",
+        "data.mmc4.assignment": 'OpenFlamingo head; its 2.0.1 release used "argmax"',
         "run.output_dir": "OpenFlamingo writes checkpoints to ./<run_name>",
         "run.keep_last": "0 keeps every checkpoint, as OpenFlamingo does",
     }
+    recipe = _without_none(recipe)
     return OpenFlamingoImport(recipe, dumps(recipe, comments), problems)
+
+
+def _without_none(node: dict[str, Any]) -> dict[str, Any]:
+    """Drop unset values (TOML has no null) so the data equals what the TOML text holds."""
+    return {
+        k: _without_none(v) if isinstance(v, dict) else v for k, v in node.items() if v is not None
+    }

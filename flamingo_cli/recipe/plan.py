@@ -89,7 +89,9 @@ def dataset_plan(
         workers=config.workers,
         shards_per_worker=shards / (workers * world),
         resampled=config.resampled,
-        shuffle_buffer_bytes_per_node=config.shuffle_buffer * per_sample * workers
+        shuffle_buffer_bytes_per_node=config.shuffle_buffer
+        * per_sample
+        * workers
         * dist.nproc_per_node,
         total_samples=total_samples,
     )
@@ -106,7 +108,11 @@ def make_plan(
     sample_bytes = sample_bytes or {}
     datasets = tuple(
         dataset_plan(
-            name, config, recipe, total_samples=totals.get(name), sample_bytes=sample_bytes.get(name)
+            name,
+            config,
+            recipe,
+            total_samples=totals.get(name),
+            sample_bytes=sample_bytes.get(name),
         )
         for name, config in recipe.datasets().items()
     )

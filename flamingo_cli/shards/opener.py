@@ -15,13 +15,19 @@ from flamingo_cli.shards.spec import local_path, url_kind
 _FINAL = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 _BUFFER = 1 << 20
 _SIGPIPE_STATUSES = (-13, 141)  # the producer was cut off because we stopped reading early
-_PROTOCOL_PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+_PROTOCOL_PACKAGES = {
+    "http": "aiohttp",
+    "https": "aiohttp",
+    "s3": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "az": "adlfs",
+    "abfs": "adlfs",
+}
 
 
 def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, OSError | TimeoutError | ConnectionError) and not isinstance(
-        exc, _FINAL
-    )
+    return isinstance(exc, OSError | TimeoutError | ConnectionError) and not isinstance(exc, _FINAL)
 
 
 def open_url(

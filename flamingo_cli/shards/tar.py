@@ -28,12 +28,13 @@ def count_samples(url: str, *, allow_pipe: bool = False) -> int:
     """
     count = 0
     previous: str | None = None
+    local = url_kind(url) == "local"
     try:
-        if url_kind(url) == "local":
-            archive = tarfile.open(local_path(url), mode="r:")
-        else:
-            archive = tarfile.open(fileobj=open_url(url, allow_pipe=allow_pipe), mode="r|")
-        with archive:
+        with (
+            tarfile.open(local_path(url), mode="r:")
+            if local
+            else tarfile.open(fileobj=open_url(url, allow_pipe=allow_pipe), mode="r|")
+        ) as archive:
             for member in archive:
                 if not member.isfile():
                     continue
@@ -41,6 +42,29 @@ def count_samples(url: str, *, allow_pipe: bool = False) -> int:
                 if key != previous:
                     count += 1
                     previous = key
+            end = archive.offset
     except (tarfile.TarError, OSError) as exc:
         raise OpenerError(f"cannot read tar shard {url}: {exc}") from exc
+    if local:
+        _check_end(url, end)
     return count
+
+
+def _check_end(url: str, offset: int) -> None:
+    """tarfile stops quietly at a bad header or a cut-off file; tell those from a real end."""
+    path = local_path(url)
+    size = path.stat().st_size
+    if offset > size:
+        raise OpenerError(
+            f"tar shard {url} is truncated: its last member ends at byte {offset}, "
+            f"the file has {size}",
+            fix="rewrite or re-download the shard",
+        )
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        block = handle.read(tarfile.BLOCKSIZE)
+    if block.strip(b"\0"):
+        raise OpenerError(
+            f"tar shard {url} has a corrupt header at byte offset {offset}",
+            fix="rewrite or re-download the shard",
+        )

@@ -18,7 +18,10 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def write_tar(path: str | Path, samples: Iterable[Mapping[str, bytes]]) -> int:
+Sample = Mapping[str, str | bytes]
+
+
+def write_tar(path: str | Path, samples: Iterable[Sample]) -> int:
     """Write samples (each {"__key__": key, ext: bytes, ...}) to a tar; return the sample count.
 
     Members are written in the sample's key order with fixed mtime, owner and mode; the file
@@ -27,13 +30,18 @@ def write_tar(path: str | Path, samples: Iterable[Mapping[str, bytes]]) -> int:
     path = Path(path)
     tmp = _tmp_name(path)
     count = 0
-    with tmp.open("wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with (
+        tmp.open("wb") as raw,
+        tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar,
+    ):
         for sample in samples:
             key = sample["__key__"]
             key_text = key.decode() if isinstance(key, bytes) else str(key)
             for ext, data in sample.items():
                 if ext.startswith("__"):
                     continue
+                if not isinstance(data, bytes):
+                    raise TypeError(f"member {key_text}.{ext} must be bytes")
                 info = tarfile.TarInfo(f"{key_text}.{ext}")
                 info.size = len(data)
                 info.mtime = FIXED_MTIME

@@ -28,7 +28,10 @@ def render_plan(plan: Plan, title: str) -> None:
     ds = plan.datasets
     row("shards", [f"{d.shards}" + (" (resampled)" if d.resampled else "") for d in ds])
     row("eval shards", [str(d.eval_shards or "-") for d in ds])
-    row("samples in shards", [f"{d.total_samples:,}" if d.total_samples is not None else "?" for d in ds])
+    row(
+        "samples in shards",
+        [f"{d.total_samples:,}" if d.total_samples is not None else "?" for d in ds],
+    )
     row("samples per epoch", [f"{d.samples_per_epoch:,}" for d in ds])
     row("batch size per rank", [str(d.batch_size) for d in ds])
     row("global batch per step", [str(d.global_batch) for d in ds])

@@ -1,0 +1,46 @@
+"""Developer and CI sessions. virtualenv + pip on purpose: pip takes torch from local disk here."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "virtualenv"
+nox.options.sessions = ["lint", "typecheck", "tests"]
+
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "PYTHONHASHSEED": "0",
+}
+
+
+def install_project(session: nox.Session, extras: str = "test") -> None:
+    session.install("-e", f".[{extras}]")
+    # OpenFlamingo's own code, for equivalence tests and baselines; its pinned deps are too old.
+    session.install("--no-deps", "open-flamingo==2.0.1")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole test suite, slow and multi-process tests included."""
+    install_project(session)
+    args = session.posargs or ["-n", "auto", "--durations=15"]
+    session.run("pytest", *args, env=OFFLINE)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "flamingo_cli", "tests", "scripts", "noxfile.py")
+    session.run(
+        "ruff", "format", "--check", "flamingo_cli", "tests", "scripts", "noxfile.py"
+    )
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the package."""
+    install_project(session, extras="dev")
+    session.run("mypy", "flamingo_cli")

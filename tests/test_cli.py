@@ -1,0 +1,156 @@
+"""The CLI shell: exit codes, JSON, no tracebacks for user errors, no torch at import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flamingo_cli import __version__
+from flamingo_cli.cli.app import app
+
+from .conftest import RECIPES
+
+runner = CliRunner()
+WriteRecipe = Callable[..., Path]
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"flamingo {__version__}"
+
+
+def test_tiny_recipe_validates_with_plan() -> None:
+    result = runner.invoke(app, ["validate-config", str(RECIPES / "tiny-cpu.toml")])
+    assert result.exit_code == 0, result.output
+    assert "batches per rank per epoch" in result.stdout
+    assert "8 optimizer steps per epoch x 2 epoch(s) = 16 steps" in " ".join(result.stdout.split())
+
+
+def test_json_output_is_the_plan(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["validate-config", str(RECIPES / "tiny-cpu.toml"), "--json", "--check-shards"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["ok"] is True
+    assert data["problems"] == []
+    laion, mmc4 = data["plan"]["datasets"]
+    assert (laion["name"], laion["batches_per_rank"], laion["total_samples"]) == ("laion", 8, 64)
+    assert (mmc4["name"], mmc4["batches_per_rank"], mmc4["total_samples"]) == ("mmc4", 8, 32)
+    assert data["plan"]["total_optimizer_steps"] == 16
+    assert data["counts"]["laion"]["from_sizes_json"] == 64
+
+
+def test_recipe_errors_exit_1_without_traceback(write_recipe: WriteRecipe) -> None:
+    path = write_recipe('[model]\npreset = "tiny"\n[data.laion]\nshards = "x.tar"\nbatchsize = 3\n')
+    result = runner.invoke(app, ["validate-config", str(path)])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert f"{path}:5: data.laion.batchsize: unknown key; did you mean 'batch_size'?" in " ".join(
+        result.stderr.split()
+    )
+
+
+def test_json_reports_problems_with_lines(write_recipe: WriteRecipe) -> None:
+    path = write_recipe(
+        '[model]\npreset = "tiny"\n[data.mmc4]\nshards = "nope/{0..1}.tar"\n[optim]\nwarmup_steps = 0\n'
+    )
+    result = runner.invoke(app, ["validate-config", str(path), "--json"])
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["ok"] is False
+    assert [(p["key"], p["line"], p["severity"]) for p in data["problems"]] == [
+        ("data.mmc4.shards", 4, "error")
+    ]
+
+
+def test_set_and_world_size_options(write_recipe: WriteRecipe) -> None:
+    args = ["validate-config", str(RECIPES / "tiny-cpu.toml"), "--json", "--nproc-per-node", "2"]
+    result = runner.invoke(app, [*args, "--set", "data.laion.train_num_samples=16"])
+    data = json.loads(result.stdout)
+    assert result.exit_code == 1
+    keys = [(p["key"], p["severity"]) for p in data["problems"]]
+    # laion: ceil(16 / (8 * 2)) = 1 batch, mmc4: ceil(32 / (4 * 2)) = 4; and the tiny recipe's
+    # strategy "none" cannot run 2 processes. The shard rules pass: the tiny recipe resamples.
+    assert keys == [("data.mmc4.train_num_samples", "error"), ("distributed.strategy", "error")]
+    assert "laion 1 " in data["problems"][0]["message"]
+    assert "mmc4 4 " in data["problems"][0]["message"]
+    assert data["plan"]["world_size"] == 2
+    bad = runner.invoke(app, [*args, "--set", "optim.lr=-1"])
+    assert bad.exit_code == 1
+    assert "optim.lr (from --set)" in bad.stderr
+
+
+def test_usage_errors_exit_2() -> None:
+    assert runner.invoke(app, ["validate-config"]).exit_code == 2
+    assert runner.invoke(app, ["validate-config", "no/such/recipe.toml"]).exit_code == 2
+    bad_set = runner.invoke(app, ["validate-config", str(RECIPES / "tiny-cpu.toml"), "--set", "x"])
+    assert bad_set.exit_code == 2
+    assert "--set expects KEY=VALUE" in bad_set.stderr
+    assert runner.invoke(app, ["validate-config", "--bogus"]).exit_code == 2
+
+
+def test_debug_shows_the_traceback() -> None:
+    result = runner.invoke(app, ["--debug", "validate-config", "no/such/recipe.toml"])
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr
+
+
+def test_from_openflamingo_writes_a_recipe(tmp_path: Path) -> None:
+    command = (Path(__file__).parent / "data" / "openflamingo_readme_command.txt").read_text()
+    out = tmp_path / "of.toml"
+    result = runner.invoke(
+        app, ["validate-config", "--from-openflamingo", command, "--out", str(out), "--json"]
+    )
+    assert result.exit_code == 1  # /path/to/shards does not exist here
+    data = json.loads(result.stdout)
+    assert {p["key"] for p in data["problems"]} == {"data.laion.shards", "data.mmc4.shards"}
+    assert out.read_text().startswith("[model]\n")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["validate-config", str(RECIPES / "tiny-cpu.toml"), "--check-shards"]],
+)
+def test_no_torch_import(args: list[str]) -> None:
+    code = (
+        "import sys\n"
+        "from flamingo_cli.cli.app import app\n"
+        "try:\n"
+        f"    app({args!r})\n"
+        "except SystemExit as e:\n"
+        "    assert e.code in (0, None), e.code\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'open_clip', 'webdataset') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def test_python_dash_m_runs_the_app() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "flamingo_cli", "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"flamingo {__version__}"
+
+
+def test_no_colour_codes_when_piped() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "flamingo_cli", "validate-config", str(RECIPES / "tiny-cpu.toml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0
+    assert "\x1b[" not in done.stdout + done.stderr
