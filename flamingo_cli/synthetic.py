@@ -52,7 +52,9 @@ def encode(image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def laion_samples(shard: int, count: int, seed: int, size: int = 32) -> Iterator[dict[str, str | bytes]]:
+def laion_samples(
+    shard: int, count: int, seed: int, size: int = 32
+) -> Iterator[dict[str, str | bytes]]:
     """img2dataset-style samples: jpg/png, txt caption naming colour and shape, json."""
     rng = random.Random(f"laion-{seed}-{shard}")
     for i in range(count):

@@ -1,0 +1,1 @@
+"""The Flamingo model: vision encoder, perceiver resampler, gated cross-attention, tokenizer."""
