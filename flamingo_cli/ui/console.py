@@ -20,13 +20,10 @@ class OutputSettings:
 settings = OutputSettings()
 
 
-def _make_console(stderr: bool) -> Console:
-    # rich already honours NO_COLOR and drops colour and live widgets when not on a terminal.
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
-
-
-console = _make_console(stderr=False)
-err_console = _make_console(stderr=True)
+# rich honours NO_COLOR and drops colour and live widgets when not on a terminal. Messages on
+# stderr are never wrapped, so a path or key in them stays whole for grep and log readers.
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def configure(*, quiet: bool = False, verbose: int = 0, debug: bool = False) -> None:
