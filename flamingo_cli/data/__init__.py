@@ -1,0 +1,1 @@
+"""Training data: OpenFlamingo's preprocessing rules, webdataset pipelines, loader state."""
