@@ -1,0 +1,342 @@
+"""Per-sample preprocessing of LAION pairs, MMC4 documents and ChatGPT-generated documents.
+
+OpenFlamingo's rules (FORMATS 5.2-5.4) with our deliberate differences (5.9). Each function is a
+pure function of (sample, context, config, rng): it returns a `Sample` or raises `Dropped`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+
+from flamingo_cli.data.assign import assign_images, large_enough
+from flamingo_cli.model.tokenizer import ENDOFCHUNK, IMAGE, PAD, SpecialTokens
+from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+ImageTransform = Callable[[Image.Image], torch.Tensor]
+
+# Image members OpenFlamingo accepts for a pair, in the order it looks for them.
+PAIR_IMAGE_EXTENSIONS = ("jpg", "png", "jpeg")
+GPT_PLACEHOLDER = re.compile(r"_!_IMAGE(\d+)_!_")
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+# Why a sample was dropped; `images_corrupt` counts single images dropped from kept documents.
+DROP_REASONS = (
+    "tar_error",
+    "missing_member",
+    "bad_caption",
+    "bad_json",
+    "no_images",
+    "too_small",
+    "below_threshold",
+    "corrupt_image",
+    "too_few_images",
+    "single_image",
+    "image_at_end",
+)
+CORRUPT_IMAGES = "images_corrupt"
+
+
+class Dropped(Exception):
+    """A sample that preprocessing rejects; `reason` is one of DROP_REASONS."""
+
+    def __init__(self, reason: str, corrupt_images: int = 0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.corrupt_images = corrupt_images
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One preprocessed sample: images `(N, 3, H, W)` and unpadded or padded token ids."""
+
+    key: str
+    images: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    corrupt_images: int = 0
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every sample of a dataset is preprocessed with (no per-sample state)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    tokens: SpecialTokens
+    image_transform: ImageTransform
+    image_shape: tuple[int, int, int]
+    draft_size: int | None
+    control_strings: tuple[str, ...]
+
+    @classmethod
+    def create(
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        tokens: SpecialTokens,
+        image_transform: ImageTransform,
+        *,
+        jpeg_draft: bool = True,
+    ) -> Context:
+        """Probe the transform once for its output shape (zero padding, draft-mode target)."""
+        probe = image_transform(Image.new("RGB", (16, 16)))
+        if probe.ndim != 3:
+            raise ValueError(f"image transform must return (C, H, W), got {tuple(probe.shape)}")
+        shape = (int(probe.shape[0]), int(probe.shape[1]), int(probe.shape[2]))
+        specials = {IMAGE, ENDOFCHUNK, PAD, *tokenizer.all_special_tokens}
+        return cls(
+            tokenizer=tokenizer,
+            tokens=tokens,
+            image_transform=image_transform,
+            image_shape=shape,
+            draft_size=max(shape[1], shape[2]) if jpeg_draft else None,
+            control_strings=tuple(sorted((s for s in specials if s), key=len, reverse=True)),
+        )
+
+    @property
+    def eos_token(self) -> str:
+        eos = self.tokenizer.eos_token
+        assert isinstance(eos, str)
+        return eos
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
+    """The generator of one sample's random choices, seeded by (seed, epoch, sample key)."""
+    digest = hashlib.blake2b(f"{seed}\0{epoch}\0{key}".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "little"))
+
+
+def strip_control_tokens(text: str, control: Sequence[str]) -> str:
+    """Remove literal special-token strings from web text (FORMATS 5.9), until none is left."""
+    while any(c in text for c in control):
+        for c in control:
+            text = text.replace(c, "")
+    return text
+
+
+def tidy_spaces(text: str) -> str:
+    """OpenFlamingo's whitespace clean-up around the control tokens."""
+    return (
+        text.replace(" " + ENDOFCHUNK, ENDOFCHUNK)
+        .replace(IMAGE + " ", IMAGE)
+        .replace(" " + IMAGE, IMAGE)
+    )
+
+
+def decode_image(raw: bytes, draft_size: int | None) -> Image.Image:
+    """Decode image bytes to RGB; JPEGs at the smallest DCT scale no smaller than `draft_size`."""
+    with Image.open(io.BytesIO(raw)) as image:
+        if draft_size is not None and image.format == "JPEG":
+            image.draft("RGB", (draft_size, draft_size))
+        return image.convert("RGB")
+
+
+def _try_decode(raw: bytes, ctx: Context) -> torch.Tensor | None:
+    try:
+        image = decode_image(raw, ctx.draft_size)
+    except _IMAGE_ERRORS:
+        return None
+    return ctx.image_transform(image)
+
+
+def _tokenize(ctx: Context, text: str, max_tokens: int, pad: bool) -> tuple[list[int], list[int]]:
+    encoded = ctx.tokenizer(
+        text,
+        max_length=max_tokens,
+        truncation=True,
+        padding="max_length" if pad else False,
+        padding_side="right",
+    )
+    return list(encoded["input_ids"]), list(encoded["attention_mask"])
+
+
+def _stack(images: Sequence[torch.Tensor], slots: int, ctx: Context, flip: bool) -> torch.Tensor:
+    """Stack `images`, flip them together when asked, zero-pad to `slots`."""
+    out = torch.zeros((slots, *ctx.image_shape), dtype=torch.float32)
+    if images:
+        stacked = torch.stack(list(images))
+        out[: len(images)] = stacked.flip(-1) if flip else stacked
+    return out
+
+
+def _tensors(ids: list[int], mask: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+
+def preprocess_pair(
+    sample: Mapping[str, Any], ctx: Context, config: LaionConfig, rng: random.Random
+) -> Sample:
+    """A LAION pair: `<image>{caption}<|endofchunk|>{eos}` (at most `max_tokens`), one image."""
+    key = str(sample["__key__"])
+    ext = next((e for e in PAIR_IMAGE_EXTENSIONS if e in sample), None)
+    if "txt" not in sample or ext is None:
+        raise Dropped("missing_member")
+    try:
+        caption = bytes(sample["txt"]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise Dropped("bad_caption") from None
+    flip = rng.random() < 0.5
+    caption = strip_control_tokens(caption, ctx.control_strings).strip()
+    ids, mask = _tokenize(ctx, f"{IMAGE}{caption}{ENDOFCHUNK}{ctx.eos_token}", config.max_tokens, False)
+    image = _try_decode(bytes(sample[ext]), ctx)
+    if image is None:
+        raise Dropped("corrupt_image")
+    input_ids, attention_mask = _tensors(ids, mask)
+    return Sample(key, _stack([image], 1, ctx, flip), input_ids, attention_mask)
+
+
+def preprocess_document(
+    sample: Mapping[str, Any], ctx: Context, config: Mmc4Config, rng: random.Random
+) -> Sample:
+    """An interleaved sample: its `.json` is an MMC4 document or a ChatGPT-generated one."""
+    key = str(sample["__key__"])
+    if "json" not in sample:
+        raise Dropped("missing_member")
+    try:
+        info = json.loads(sample["json"])
+    except (ValueError, UnicodeDecodeError):
+        raise Dropped("bad_json") from None
+    if not isinstance(info, dict):
+        raise Dropped("bad_json")
+    try:
+        if "is_gpt" in info:
+            return _gpt_document(key, info, ctx, config, rng)
+        return _mmc4_document(key, info, ctx, config, rng)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        # a field of the wrong type or shape: the document is malformed
+        raise Dropped("bad_json") from exc
+
+
+def _b64(data: Any) -> bytes | None:
+    try:
+        return base64.b64decode(data)
+    except (binascii.Error, ValueError, TypeError):
+        return None
+
+
+def interleave_text(sentences: Sequence[str], image_sentences: Sequence[int], eos: str) -> str:
+    """OpenFlamingo's MMC4 text: each assigned sentence prefixed once per image, then cleaned."""
+    per_sentence = Counter(image_sentences)
+    text = " ".join((ENDOFCHUNK + IMAGE) * per_sentence[i] + s for i, s in enumerate(sentences))
+    text = tidy_spaces(text.replace(ENDOFCHUNK, "", 1))
+    return f"{text}{ENDOFCHUNK}{eos}"
+
+
+def _mmc4_document(
+    key: str, info: dict[str, Any], ctx: Context, config: Mmc4Config, rng: random.Random
+) -> Sample:
+    drop_draw, flip = rng.random(), rng.random() < 0.5
+    sentences = [strip_control_tokens(str(s), ctx.control_strings) for s in info["text_list"]]
+    similarity = info["similarity_matrix"]
+    if not isinstance(similarity, list) or any(
+        not isinstance(row, list) or len(row) != len(sentences) for row in similarity
+    ):
+        raise Dropped("bad_json")
+    # OpenFlamingo zips image_info with the similarity rows: images without a row are ignored
+    entries = list(info["image_info"])[: len(similarity)]
+    raws = [_b64(e["image_base64"]) if "image_base64" in e else None for e in entries]
+    corrupt = {i for i, (e, r) in enumerate(zip(entries, raws, strict=True)) if r is None and "image_base64" in e}
+    if not any("image_base64" in e for e in entries):
+        raise Dropped("no_images")
+    sized = [r is not None and large_enough(len(r)) for r in raws]
+    if not any(sized):
+        raise Dropped("too_small", len(corrupt))
+    decoded: dict[int, torch.Tensor] = {}
+    while True:
+        eligible = [ok and i not in corrupt for i, ok in enumerate(sized)]
+        if not any(eligible):
+            raise Dropped("corrupt_image", len(corrupt))
+        pairs = assign_images(similarity, eligible, config.textsim_threshold, config.assignment)
+        if not pairs:
+            raise Dropped("below_threshold", len(corrupt))
+        # FORMATS 5.9: images follow their <image> tokens (sentence order, then image index)
+        ordered = sorted(pairs, key=lambda p: (p[1], p[0]))[: config.max_num_images]
+        text = interleave_text(sentences, [s for _, s in ordered], ctx.eos_token)
+        ids, mask = _tokenize(ctx, text, config.max_tokens, True)
+        used = [i for i, _ in ordered[: ids.count(ctx.tokens.image)]]
+        fresh = False
+        for i in used:
+            if i not in decoded:
+                raw = raws[i]
+                assert raw is not None
+                tensor = _try_decode(raw, ctx)
+                if tensor is None:
+                    corrupt.add(i)
+                    fresh = True
+                else:
+                    decoded[i] = tensor
+        if not fresh:
+            break
+    n = len(used)
+    if n < config.min_num_images:
+        raise Dropped("too_few_images", len(corrupt))
+    if n == 1 and drop_draw <= 0.5:
+        raise Dropped("single_image", len(corrupt))
+    if n == 1 and ids[-1] == ctx.tokens.image:
+        raise Dropped("image_at_end", len(corrupt))
+    images = _stack([decoded[i] for i in used], config.max_num_images, ctx, flip)
+    input_ids, attention_mask = _tensors(ids, mask)
+    return Sample(key, images, input_ids, attention_mask, len(corrupt))
+
+
+def gpt_text(example: str, keep: Sequence[bool], max_num_images: int, eos: str) -> str:
+    """OpenFlamingo's ChatGPT-document text; placeholders with `keep[j]` false are removed."""
+    slots = iter(keep)
+    text = GPT_PLACEHOLDER.sub(lambda _: ENDOFCHUNK + IMAGE if next(slots) else "", example)
+    text = tidy_spaces(text.replace(ENDOFCHUNK, "", 1))
+    starts = [m.start() for m in re.finditer(re.escape(IMAGE), text)]
+    if len(starts) > max_num_images:
+        text = text[: starts[max_num_images - 1]]
+    return f"{text}{ENDOFCHUNK}{eos}"
+
+
+def _gpt_document(
+    key: str, info: dict[str, Any], ctx: Context, config: Mmc4Config, rng: random.Random
+) -> Sample:
+    flip = rng.random() < 0.5
+    example = strip_control_tokens(str(info["example"]), ctx.control_strings)
+    image_map = info["image_map"]
+    # FORMATS 5.9: the j-th placeholder in the text names the image of the j-th <image> token
+    names = [m.group(0) for m in GPT_PLACEHOLDER.finditer(example)]
+    if any(name not in image_map for name in names):
+        raise Dropped("bad_json")
+    corrupt: set[str] = set()
+    decoded: dict[str, torch.Tensor] = {}
+    while True:
+        keep = [name not in corrupt for name in names]
+        text = gpt_text(example, keep, config.max_num_images, ctx.eos_token)
+        ids, mask = _tokenize(ctx, text, config.max_tokens, True)
+        used = [name for name, k in zip(names, keep, strict=True) if k][
+            : ids.count(ctx.tokens.image)
+        ]
+        fresh = False
+        for name in used:
+            if name not in decoded:
+                raw = _b64(image_map[name]["base64_image"])
+                tensor = None if raw is None else _try_decode(raw, ctx)
+                if tensor is None:
+                    corrupt.add(name)
+                    fresh = True
+                else:
+                    decoded[name] = tensor
+        if not fresh:
+            break
+    if len(used) < config.min_num_images:
+        raise Dropped("too_few_images", len(corrupt))
+    images = _stack([decoded[n] for n in used], config.max_num_images, ctx, flip)
+    input_ids, attention_mask = _tensors(ids, mask)
+    return Sample(key, images, input_ids, attention_mask, len(corrupt))
