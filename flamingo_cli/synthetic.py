@@ -111,12 +111,77 @@ def mmc4_samples(
         yield {"__key__": key, "json": json.dumps(doc).encode()}
 
 
+def gpt_samples(
+    shard: int, count: int, seed: int, size: int = 64, images_per_doc: int = 2
+) -> Iterator[dict[str, str | bytes]]:
+    """ChatGPT-generated documents: `is_gpt`, an `example` with `_!_IMAGE<k>_!_` placeholders
+    and `image_map` (FORMATS 2); placeholders appear in reverse order of their numbers.
+    """
+    rng = random.Random(f"gpt-{seed}-{shard}")
+    for i in range(count):
+        key = f"gpt-{shard:05d}-{i:04d}"
+        parts, image_map = ["A story in pictures."], {}
+        for k in range(images_per_doc, 0, -1):
+            color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
+            name = f"_!_IMAGE{k}_!_"
+            parts.append(f"{name} Then came a {color} {shape}.")
+            data = encode(shape_image(color, shape, size, rng, noise=60), "PNG")
+            image_map[name] = {"base64_image": base64.b64encode(data).decode()}
+        doc = {"is_gpt": True, "example": " ".join(parts), "image_map": image_map}
+        yield {"__key__": key, "json": json.dumps(doc).encode()}
+
+
+def web_samples(
+    shard: int, count: int, seed: int, images_per_doc: tuple[int, int] = (3, 7)
+) -> Iterator[dict[str, str | bytes]]:
+    """MMC4-like documents of realistic weight for benchmarks: 10-30 sentences, JPEG images of
+    256-512 px (quality 90), similarities spread around the 0.24 threshold.
+    """
+    rng = random.Random(f"web-{seed}-{shard}")
+    words = ("the", "a", "shape", "colour", "picture", "page", "shows", "with", "and", "of")
+    for i in range(count):
+        key = f"web-{shard:05d}-{i:04d}"
+        texts = [
+            " ".join(rng.choice(words) for _ in range(rng.randint(8, 25))).capitalize() + "."
+            for _ in range(rng.randint(10, 30))
+        ]
+        image_info, sims = [], []
+        for j in range(rng.randint(*images_per_doc)):
+            color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
+            width, height = rng.randint(256, 512), rng.randint(256, 512)
+            image = shape_image(color, shape, max(width, height), rng, noise=40)
+            buffer = io.BytesIO()
+            image.crop((0, 0, width, height)).save(buffer, format="JPEG", quality=90)
+            image_info.append(
+                {
+                    "image_name": f"{rng.getrandbits(48):012x}.jpg",
+                    "raw_url": f"https://example.invalid/{key}/{j}.jpg",
+                    "matched_text_index": 0,
+                    "matched_sim": 0.0,
+                    "face_detections": None,
+                    "image_base64": base64.b64encode(buffer.getvalue()).decode(),
+                }
+            )
+            sims.append([round(rng.uniform(0.1, 0.34), 4) for _ in texts])
+        doc = {
+            "url": f"https://example.invalid/{key}",
+            "text_list": texts,
+            "image_info": image_info,
+            "similarity_matrix": sims,
+            "could_have_url_duplicate": 0,
+        }
+        yield {"__key__": key, "json": json.dumps(doc).encode()}
+
+
+SAMPLE_KINDS = {"laion": laion_samples, "mmc4": mmc4_samples, "gpt": gpt_samples, "web": web_samples}
+
+
 def write_dataset(
     kind: str, directory: Path, shards: int, per_shard: int, seed: int = 0
 ) -> list[Path]:
-    """Write `shards` tar files of `kind` ("laion" or "mmc4") and their sizes.json."""
+    """Write `shards` tar files of `kind` (a key of SAMPLE_KINDS) and their sizes.json."""
     directory.mkdir(parents=True, exist_ok=True)
-    make = laion_samples if kind == "laion" else mmc4_samples
+    make = SAMPLE_KINDS[kind]
     paths, counts = [], {}
     for shard in range(shards):
         path = directory / f"{shard:05d}.tar"
