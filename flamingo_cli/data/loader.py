@@ -24,7 +24,8 @@ from flamingo_cli.errors import FlamingoError
 from flamingo_cli.model.tokenizer import SpecialTokens
 from flamingo_cli.recipe.plan import batches_per_epoch
 from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config
-from flamingo_cli.shards.spec import expand_spec
+from flamingo_cli.shards.opener import open_url
+from flamingo_cli.shards.spec import expand_spec, url_kind
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -116,6 +117,8 @@ class TrainLoader:
                 fix=f"set data.{name}.resampled = true, or give at least "
                 f"{self.workers * world_size} shards",
             )
+        if not allow_pipe and any(url_kind(u) == "pipe" for u in self.urls):
+            open_url(next(u for u in self.urls if url_kind(u) == "pipe"))  # raises, with the fix
         self.epoch = epoch
         self._reset_position()
         self._dropped_before: Counter[str] = Counter()
