@@ -9,7 +9,7 @@ import base64
 import io
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -132,10 +132,14 @@ def gpt_samples(
 
 
 def web_samples(
-    shard: int, count: int, seed: int, images_per_doc: tuple[int, int] = (3, 7)
+    shard: int,
+    count: int,
+    seed: int,
+    images_per_doc: tuple[int, int] = (3, 7),
+    sides: tuple[int, int] = (256, 512),
 ) -> Iterator[dict[str, str | bytes]]:
-    """MMC4-like documents of realistic weight for benchmarks: 10-30 sentences, JPEG images of
-    256-512 px (quality 90), similarities spread around the 0.24 threshold.
+    """MMC4-like documents of realistic weight for benchmarks: 10-30 sentences, JPEG images
+    with sides in `sides` px (quality 90), similarities spread around the 0.24 threshold.
     """
     rng = random.Random(f"web-{seed}-{shard}")
     words = ("the", "a", "shape", "colour", "picture", "page", "shows", "with", "and", "of")
@@ -148,7 +152,7 @@ def web_samples(
         image_info, sims = [], []
         for j in range(rng.randint(*images_per_doc)):
             color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
-            width, height = rng.randint(256, 512), rng.randint(256, 512)
+            width, height = rng.randint(*sides), rng.randint(*sides)
             image = shape_image(color, shape, max(width, height), rng, noise=40)
             buffer = io.BytesIO()
             image.crop((0, 0, width, height)).save(buffer, format="JPEG", quality=90)
@@ -173,7 +177,13 @@ def web_samples(
         yield {"__key__": key, "json": json.dumps(doc).encode()}
 
 
-SAMPLE_KINDS = {"laion": laion_samples, "mmc4": mmc4_samples, "gpt": gpt_samples, "web": web_samples}
+SampleMaker = Callable[[int, int, int], Iterator[dict[str, str | bytes]]]
+SAMPLE_KINDS: dict[str, SampleMaker] = {
+    "laion": laion_samples,
+    "mmc4": mmc4_samples,
+    "gpt": gpt_samples,
+    "web": web_samples,
+}
 
 
 def write_dataset(

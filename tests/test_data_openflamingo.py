@@ -21,10 +21,10 @@ from flamingo_cli.synthetic import laion_samples, mmc4_samples
 
 def openflamingo_data() -> Any:
     """OpenFlamingo's `train/data.py` (it imports its sibling `data_utils` as a top-level module)."""
-    import open_flamingo
+    import open_flamingo  # type: ignore[import-untyped]
 
     sys.path.insert(0, str(Path(open_flamingo.__file__).parent / "train"))
-    import open_flamingo.train.data as data
+    from open_flamingo.train import data  # type: ignore[import-untyped]
 
     return data
 
@@ -35,8 +35,16 @@ def setup() -> tuple[Any, Context]:
     ctx = Context.create(tokenizer, tokens, image_transform(32, is_train=False), jpeg_draft=False)
     # transformers 5 dropped these attributes; OpenFlamingo's data code still reads them
     object.__setattr__(tokenizer, "additional_special_tokens", [ENDOFCHUNK, IMAGE])
-    object.__setattr__(tokenizer, "additional_special_tokens_ids", [tokens.endofchunk, tokens.image])
+    object.__setattr__(
+        tokenizer, "additional_special_tokens_ids", [tokens.endofchunk, tokens.image]
+    )
     return tokenizer, ctx
+
+
+def member(sample: dict[str, str | bytes], name: str) -> bytes:
+    value = sample[name]
+    assert isinstance(value, bytes)
+    return value
 
 
 class NoFlip(random.Random):
@@ -52,7 +60,9 @@ def test_mmc4_argmax_matches_openflamingo(
     of = openflamingo_data()
     # keep OpenFlamingo's random half of the single-image documents, as NoFlip does for ours
     monkeypatch.setattr(of.random, "random", lambda: 0.9)
-    config = Mmc4Config(shards="x", assignment="argmax", max_num_images=max_num_images, min_num_images=1)
+    config = Mmc4Config(
+        shards="x", assignment="argmax", max_num_images=max_num_images, min_num_images=1
+    )
     compared = 0
     for raw in mmc4_samples(shard=7, count=6, seed=3, images_per_doc=3):
         ours = preprocess_document(raw, ctx, config, NoFlip(0))
@@ -74,14 +84,16 @@ def test_laion_text_and_images_match_openflamingo(setup: tuple[Any, Context]) ->
     of = openflamingo_data()
     raws = list(laion_samples(shard=1, count=5, seed=2))
     ours = [preprocess_pair(r, ctx, LaionConfig(shards="x"), NoFlip(0)) for r in raws]
-    ids, mask = of.preprocess_laion_text([r["txt"].decode() + "  " for r in raws], tokenizer, 32)
+    ids, mask = of.preprocess_laion_text(
+        [member(r, "txt").decode() + "  " for r in raws], tokenizer, 32
+    )
     length = ids.shape[1]
     for row, sample in enumerate(ours):
         n = len(sample.input_ids)
         assert torch.equal(ids[row, :n], sample.input_ids)
         assert (ids[row, n:] == ctx.tokens.pad).all() and n <= length
         assert torch.equal(mask[row, :n], sample.attention_mask)
-    pil_images = [Image.open(io.BytesIO(r["png"])).convert("RGB") for r in raws]
+    pil_images = [Image.open(io.BytesIO(member(r, "png"))).convert("RGB") for r in raws]
     theirs = of.preprocess_image(pil_images, ctx.image_transform)
     stacked = torch.cat([s.images for s in ours])
     assert torch.equal(stacked, theirs) or torch.equal(stacked, theirs.flip(-1))

@@ -18,6 +18,7 @@ from flamingo_cli.data.labels import interleaved_labels, pair_labels
 from flamingo_cli.data.preprocess import (
     Context,
     Dropped,
+    b64_size,
     decode_image,
     preprocess_document,
     preprocess_pair,
@@ -85,18 +86,22 @@ def pixels(ctx: Context, data: bytes) -> torch.Tensor:
 
 
 def decode(ctx: Context, ids: torch.Tensor) -> str:
-    text: str = ctx.tokenizer.decode(ids[ids != ctx.tokens.pad])
-    return text
+    return str(ctx.tokenizer.decode(ids[ids != ctx.tokens.pad].tolist()))
 
 
 def document(
     sentences: Sequence[str], images: Sequence[bytes | None], sims: Sequence[Sequence[float]]
 ) -> dict[str, Any]:
     info = [
-        {"image_name": f"{i}.jpg"} | ({} if b is None else {"image_base64": base64.b64encode(b).decode()})
+        {"image_name": f"{i}.jpg"}
+        | ({} if b is None else {"image_base64": base64.b64encode(b).decode()})
         for i, b in enumerate(images)
     ]
-    doc = {"text_list": list(sentences), "image_info": info, "similarity_matrix": [list(r) for r in sims]}
+    doc = {
+        "text_list": list(sentences),
+        "image_info": info,
+        "similarity_matrix": [list(r) for r in sims],
+    }
     return {"__key__": "doc", "json": json.dumps(doc).encode()}
 
 
@@ -115,17 +120,23 @@ def pair(caption: bytes, image: bytes | None = None, ext: str = "png") -> dict[s
 
 def test_pair_text_and_image(ctx: Context) -> None:
     data = png("red", 1)
-    out = preprocess_pair(pair(b"  a red square \n", data), ctx, LaionConfig(shards="x"), FixedRng(0.9))
+    out = preprocess_pair(
+        pair(b"  a red square \n", data), ctx, LaionConfig(shards="x"), FixedRng(0.9)
+    )
     assert decode(ctx, out.input_ids) == f"<s>{IMG}a red square{EOC}</s>"
     assert out.attention_mask.tolist() == [1] * len(out.input_ids)
     assert out.images.shape == (1, 3, 32, 32)
     assert torch.equal(out.images[0], pixels(ctx, data))
-    flipped = preprocess_pair(pair(b"a red square", data), ctx, LaionConfig(shards="x"), FixedRng(0.1))
+    flipped = preprocess_pair(
+        pair(b"a red square", data), ctx, LaionConfig(shards="x"), FixedRng(0.1)
+    )
     assert torch.equal(flipped.images[0], pixels(ctx, data).flip(-1))
 
 
 def test_pair_truncates_to_max_tokens(ctx: Context) -> None:
-    out = preprocess_pair(pair(b"a red square " * 20, png("red", 1)), ctx, LaionConfig(shards="x"), FixedRng(0.9))
+    out = preprocess_pair(
+        pair(b"a red square " * 20, png("red", 1)), ctx, LaionConfig(shards="x"), FixedRng(0.9)
+    )
     assert len(out.input_ids) == 32
     assert out.input_ids[1].item() == ctx.tokens.image
 
@@ -144,7 +155,9 @@ def test_pair_needs_caption_and_an_accepted_image_extension(ctx: Context) -> Non
 
 def test_control_strings_are_removed_from_web_text(ctx: Context) -> None:
     assert strip_control_tokens("a<im<image>age>b<PAD>c</s>", ctx.control_strings) == "abc"
-    out = preprocess_pair(pair(f"x{IMG}y{EOC}".encode(), png("red", 1)), ctx, LaionConfig(shards="x"), FixedRng(0.9))
+    out = preprocess_pair(
+        pair(f"x{IMG}y{EOC}".encode(), png("red", 1)), ctx, LaionConfig(shards="x"), FixedRng(0.9)
+    )
     assert decode(ctx, out.input_ids) == f"<s>{IMG}xy{EOC}</s>"
 
 
@@ -167,7 +180,9 @@ def test_argmax_text_lets_images_share_a_sentence(ctx: Context) -> None:
 def test_hungarian_is_one_to_one(ctx: Context) -> None:
     a, b = png("red", 1), png("blue", 2)
     sample = document(["Intro.", "Two here.", "End."], [a, b], [[0.1, 0.3, 0.1], [0.1, 0.29, 0.26]])
-    out = preprocess_document(sample, ctx, MMC4.model_copy(update={"assignment": "hungarian"}), FixedRng(*KEEP))
+    out = preprocess_document(
+        sample, ctx, MMC4.model_copy(update={"assignment": "hungarian"}), FixedRng(*KEEP)
+    )
     assert decode(ctx, out.input_ids) == f"<s>Intro.{IMG}Two here.{EOC}{IMG}End.{EOC}</s>"
 
 
@@ -183,8 +198,12 @@ def test_images_follow_token_order_not_image_index(ctx: Context) -> None:
 
 def test_max_num_images_cuts_in_token_order(ctx: Context) -> None:
     a, b, c = png("red", 1), png("blue", 2), png("green", 3)
-    sample = document(["S0.", "S1.", "S2."], [a, b, c], [[0.1, 0.1, 0.3], [0.1, 0.3, 0.1], [0.3, 0.1, 0.1]])
-    out = preprocess_document(sample, ctx, MMC4.model_copy(update={"max_num_images": 2}), FixedRng(*KEEP))
+    sample = document(
+        ["S0.", "S1.", "S2."], [a, b, c], [[0.1, 0.1, 0.3], [0.1, 0.3, 0.1], [0.3, 0.1, 0.1]]
+    )
+    out = preprocess_document(
+        sample, ctx, MMC4.model_copy(update={"max_num_images": 2}), FixedRng(*KEEP)
+    )
     assert decode(ctx, out.input_ids) == f"<s>{IMG}S0.{EOC}{IMG}S1. S2.{EOC}</s>"
     assert out.images.shape[0] == 2
     assert torch.equal(out.images[0], pixels(ctx, c))
@@ -211,7 +230,9 @@ def test_size_presence_and_threshold_filters(ctx: Context) -> None:
 def test_min_images_and_random_single_image_drop(ctx: Context) -> None:
     one = document(["Lead.", "Caption."], [png("red", 1)], [[0.1, 0.3]])
     with pytest.raises(Dropped, match="too_few_images"):
-        preprocess_document(one, ctx, MMC4.model_copy(update={"min_num_images": 2}), FixedRng(*KEEP))
+        preprocess_document(
+            one, ctx, MMC4.model_copy(update={"min_num_images": 2}), FixedRng(*KEEP)
+        )
     with pytest.raises(Dropped, match="single_image"):
         preprocess_document(one, ctx, MMC4, FixedRng(0.5, 0.9))  # draws <= 0.5 drop
     out = preprocess_document(one, ctx, MMC4, FixedRng(0.51, 0.9))
@@ -223,12 +244,18 @@ def test_single_image_as_last_token_is_dropped(ctx: Context) -> None:
     n = len(ctx.tokenizer(lead, add_special_tokens=False).input_ids)
     one = document([lead, "Caption."], [png("red", 1)], [[0.1, 0.3]])
     with pytest.raises(Dropped, match="image_at_end"):
-        preprocess_document(one, ctx, MMC4.model_copy(update={"max_tokens": n + 2}), FixedRng(*KEEP))
-    out = preprocess_document(one, ctx, MMC4.model_copy(update={"max_tokens": n + 3}), FixedRng(*KEEP))
+        preprocess_document(
+            one, ctx, MMC4.model_copy(update={"max_tokens": n + 2}), FixedRng(*KEEP)
+        )
+    out = preprocess_document(
+        one, ctx, MMC4.model_copy(update={"max_tokens": n + 3}), FixedRng(*KEEP)
+    )
     assert out.input_ids[-2].item() == ctx.tokens.image
 
 
-def test_truncated_images_are_neither_counted_nor_decoded(ctx: Context, transform: CountingTransform) -> None:
+def test_truncated_images_are_neither_counted_nor_decoded(
+    ctx: Context, transform: CountingTransform
+) -> None:
     lead = "Lead text."
     n = len(ctx.tokenizer(lead, add_special_tokens=False).input_ids)
     a, b = png("red", 1), png("blue", 2)
@@ -249,7 +276,9 @@ def test_corrupt_images_are_dropped_one_by_one_and_only_assigned_ones_decoded(
     # hungarian: the corrupt image 0 wins sentence 1; once it is gone, image 1 takes it
     sims = [[0.1, 0.35, 0.1], [0.1, 0.3, 0.28], [0.1, 0.1, 0.3]]
     config = MMC4.model_copy(update={"assignment": "hungarian"})
-    out = preprocess_document(document(["S0.", "S1.", "S2."], [bad, a, b], sims), ctx, config, FixedRng(*KEEP))
+    out = preprocess_document(
+        document(["S0.", "S1.", "S2."], [bad, a, b], sims), ctx, config, FixedRng(*KEEP)
+    )
     assert decode(ctx, out.input_ids) == f"<s>S0.{IMG}S1.{EOC}{IMG}S2.{EOC}</s>"
     assert out.corrupt_images == 1
     assert transform.calls == 2
@@ -257,7 +286,10 @@ def test_corrupt_images_are_dropped_one_by_one_and_only_assigned_ones_decoded(
     # an unassigned corrupt image is never decoded, so never noticed
     transform.calls = 0
     out = preprocess_document(
-        document(["S0.", "S1."], [a, bad, b], [[0.3, 0.1], [0.1, 0.1], [0.1, 0.3]]), ctx, MMC4, FixedRng(*KEEP)
+        document(["S0.", "S1."], [a, bad, b], [[0.3, 0.1], [0.1, 0.1], [0.1, 0.3]]),
+        ctx,
+        MMC4,
+        FixedRng(*KEEP),
     )
     assert out.corrupt_images == 0 and transform.calls == 2
     with pytest.raises(Dropped, match="corrupt_image"):
@@ -276,17 +308,26 @@ def test_malformed_documents(ctx: Context) -> None:
     with pytest.raises(Dropped, match="bad_json"):
         preprocess_document({"__key__": "k", "json": b"{nope"}, ctx, MMC4, FixedRng(*KEEP))
     with pytest.raises(Dropped, match="bad_json"):
-        preprocess_document(document(["S0.", "S1."], [png("red", 1)], [[0.3]]), ctx, MMC4, FixedRng(*KEEP))
+        preprocess_document(
+            document(["S0.", "S1."], [png("red", 1)], [[0.3]]), ctx, MMC4, FixedRng(*KEEP)
+        )
     with pytest.raises(Dropped, match="bad_json"):
-        preprocess_document({"__key__": "k", "json": b'{"text_list": 3}'}, ctx, MMC4, FixedRng(*KEEP))
+        preprocess_document(
+            {"__key__": "k", "json": b'{"text_list": 3}'}, ctx, MMC4, FixedRng(*KEEP)
+        )
 
 
 # ---- ChatGPT-generated (5.4) -------------------------------------------------------------
 
 
 def gpt(example: str, images: dict[int, bytes]) -> dict[str, Any]:
-    image_map = {f"_!_IMAGE{k}_!_": {"base64_image": base64.b64encode(v).decode()} for k, v in images.items()}
-    return {"__key__": "g", "json": json.dumps({"is_gpt": 0, "example": example, "image_map": image_map}).encode()}
+    image_map = {
+        f"_!_IMAGE{k}_!_": {"base64_image": base64.b64encode(v).decode()} for k, v in images.items()
+    }
+    return {
+        "__key__": "g",
+        "json": json.dumps({"is_gpt": 0, "example": example, "image_map": image_map}).encode(),
+    }
 
 
 def test_gpt_text_images_and_no_filters(ctx: Context) -> None:
@@ -305,10 +346,14 @@ def test_gpt_text_images_and_no_filters(ctx: Context) -> None:
 def test_gpt_cut_before_the_max_th_image_when_over_the_limit(ctx: Context) -> None:
     images = {k: png("red", k) for k in (1, 2, 3)}
     config = MMC4.model_copy(update={"max_num_images": 2})
-    out = preprocess_document(gpt("A _!_IMAGE1_!_ b _!_IMAGE2_!_ c _!_IMAGE3_!_ d", images), ctx, config, FixedRng(0.9))
+    out = preprocess_document(
+        gpt("A _!_IMAGE1_!_ b _!_IMAGE2_!_ c _!_IMAGE3_!_ d", images), ctx, config, FixedRng(0.9)
+    )
     assert decode(ctx, out.input_ids) == f"<s>A{IMG}b{EOC}{EOC}</s>"
     assert out.images.shape[0] == 2 and not out.images[1].any()
-    exact = preprocess_document(gpt("A _!_IMAGE1_!_ b _!_IMAGE2_!_ c", images), ctx, config, FixedRng(0.9))
+    exact = preprocess_document(
+        gpt("A _!_IMAGE1_!_ b _!_IMAGE2_!_ c", images), ctx, config, FixedRng(0.9)
+    )
     assert decode(ctx, exact.input_ids) == f"<s>A{IMG}b{EOC}{IMG}c{EOC}</s>"
 
 
@@ -331,7 +376,9 @@ def test_draft_mode_decodes_jpeg_at_a_reduced_scale() -> None:
 
 
 def test_sample_rng_depends_on_seed_epoch_and_key() -> None:
-    draws = {(s, e, k): sample_rng(s, e, k).random() for s in (0, 1) for e in (0, 1) for k in ("a", "b")}
+    draws = {
+        (s, e, k): sample_rng(s, e, k).random() for s in (0, 1) for e in (0, 1) for k in ("a", "b")
+    }
     assert len(set(draws.values())) == 8
     assert sample_rng(0, 0, "a").random() == draws[(0, 0, "a")]
 
@@ -362,3 +409,12 @@ def test_interleaved_labels() -> None:
         [M, M, 5, 8, M, 5, 8, M, M, M, M, M, M, M],
         [M] * 14,
     ]
+
+
+def test_b64_size_is_the_decoded_length() -> None:
+    for n in (0, 1, 2, 3, 10, 11_000, 11_001):
+        text = base64.b64encode(bytes(n)).decode()
+        assert b64_size(text) == n
+        assert b64_size(text[:4] + "\n" + text[4:]) == n  # decoders skip whitespace
+    assert b64_size("abc") is None
+    assert b64_size(None) is None

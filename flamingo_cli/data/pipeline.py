@@ -136,7 +136,9 @@ def pass_urls(spec: StreamSpec, worker: int, index: int) -> list[str]:
     then split by node and by worker.
     """
     if spec.resampled:
-        rng = random.Random(derive_seed("resample", spec.seed, spec.epoch, spec.rank, worker, index))
+        rng = random.Random(
+            derive_seed("resample", spec.seed, spec.epoch, spec.rank, worker, index)
+        )
         return [rng.choice(spec.urls) for _ in spec.urls]
     order = list(spec.urls)
     random.Random(derive_seed("shards", spec.seed, spec.epoch, index)).shuffle(order)

@@ -142,7 +142,9 @@ def decode_image(raw: bytes, draft_size: int | None) -> Image.Image:
     with Image.open(io.BytesIO(raw)) as image:
         if draft_size is not None and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
-        return image.convert("RGB")
+        image.load()
+        # convert() would copy an image that is RGB already
+        return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _try_decode(raw: bytes, ctx: Context) -> torch.Tensor | None:
@@ -191,7 +193,9 @@ def preprocess_pair(
         raise Dropped("bad_caption") from None
     flip = rng.random() < 0.5
     caption = strip_control_tokens(caption, ctx.control_strings).strip()
-    ids, mask = _tokenize(ctx, f"{IMAGE}{caption}{ENDOFCHUNK}{ctx.eos_token}", config.max_tokens, False)
+    ids, mask = _tokenize(
+        ctx, f"{IMAGE}{caption}{ENDOFCHUNK}{ctx.eos_token}", config.max_tokens, False
+    )
     image = _try_decode(bytes(sample[ext]), ctx)
     if image is None:
         raise Dropped("corrupt_image")
@@ -228,6 +232,21 @@ def _b64(data: Any) -> bytes | None:
         return None
 
 
+def b64_size(data: Any) -> int | None:
+    """Length of the bytes a base64 string decodes to, without decoding a clean string.
+
+    Lets the size filter run on every image while only the images used get decoded.
+    """
+    if not isinstance(data, str):
+        raw = _b64(data)
+        return None if raw is None else len(raw)
+    n = len(data)
+    if n % 4 or any(c in data for c in "\n\r\t "):
+        raw = _b64(data)  # whitespace is skipped by the decoder: count what it gives
+        return None if raw is None else len(raw)
+    return n // 4 * 3 - (2 if data.endswith("==") else 1 if data.endswith("=") else 0)
+
+
 def interleave_text(sentences: Sequence[str], image_sentences: Sequence[int], eos: str) -> str:
     """OpenFlamingo's MMC4 text: each assigned sentence prefixed once per image, then cleaned."""
     per_sentence = Counter(image_sentences)
@@ -248,13 +267,13 @@ def _mmc4_document(
         raise Dropped("bad_json")
     # OpenFlamingo zips image_info with the similarity rows: images without a row are ignored
     entries = list(info["image_info"])[: len(similarity)]
-    raws = [_b64(e["image_base64"]) if "image_base64" in e else None for e in entries]
-    corrupt = {i for i, (e, r) in enumerate(zip(entries, raws, strict=True)) if r is None and "image_base64" in e}
-    if not any("image_base64" in e for e in entries):
+    data = [e.get("image_base64") for e in entries]
+    if all(d is None for d in data):
         raise Dropped("no_images")
-    sized = [r is not None and large_enough(len(r)) for r in raws]
+    sized = [d is not None and large_enough(b64_size(d) or 0) for d in data]
     if not any(sized):
-        raise Dropped("too_small", len(corrupt))
+        raise Dropped("too_small")
+    corrupt: set[int] = set()
     decoded: dict[int, torch.Tensor] = {}
     while True:
         eligible = [ok and i not in corrupt for i, ok in enumerate(sized)]
@@ -268,12 +287,16 @@ def _mmc4_document(
         text = interleave_text(sentences, [s for _, s in ordered], ctx.eos_token)
         ids, mask = _tokenize(ctx, text, config.max_tokens, True)
         used = [i for i, _ in ordered[: ids.count(ctx.tokens.image)]]
+        # decided before decoding: dropping a corrupt image can only lower the count
+        if len(used) < config.min_num_images:
+            raise Dropped("too_few_images", len(corrupt))
+        if len(used) == 1 and drop_draw <= 0.5:
+            raise Dropped("single_image", len(corrupt))
         fresh = False
         for i in used:
             if i not in decoded:
-                raw = raws[i]
-                assert raw is not None
-                tensor = _try_decode(raw, ctx)
+                raw = _b64(data[i])
+                tensor = None if raw is None else _try_decode(raw, ctx)
                 if tensor is None:
                     corrupt.add(i)
                     fresh = True
@@ -281,12 +304,7 @@ def _mmc4_document(
                     decoded[i] = tensor
         if not fresh:
             break
-    n = len(used)
-    if n < config.min_num_images:
-        raise Dropped("too_few_images", len(corrupt))
-    if n == 1 and drop_draw <= 0.5:
-        raise Dropped("single_image", len(corrupt))
-    if n == 1 and ids[-1] == ctx.tokens.image:
+    if len(used) == 1 and ids[-1] == ctx.tokens.image:
         raise Dropped("image_at_end", len(corrupt))
     images = _stack([decoded[i] for i in used], config.max_num_images, ctx, flip)
     input_ids, attention_mask = _tensors(ids, mask)
