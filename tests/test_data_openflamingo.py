@@ -72,9 +72,12 @@ def test_mmc4_argmax_matches_openflamingo(
         )
         assert torch.equal(ours.input_ids, ids[0])
         assert torch.equal(ours.attention_mask, mask[0])
+        # OpenFlamingo pads each document to max_num_images, we pad when batching
+        padded = torch.zeros_like(images)
+        padded[: len(ours.images)] = ours.images
         # OpenFlamingo flips the stack with the global RNG, we do not flip here
-        assert torch.equal(ours.images, images) or torch.equal(ours.images, images.flip(-1))
-        assert ours.images[:max_num_images].abs().sum() > 0
+        assert torch.equal(padded, images) or torch.equal(padded, images.flip(-1))
+        assert len(ours.images) == min(3, max_num_images)
         compared += 1
     assert compared == 6
 

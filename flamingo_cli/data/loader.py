@@ -50,11 +50,14 @@ def collate_pairs(samples: list[Sample], tokens: SpecialTokens) -> Batch:
     )
 
 
-def collate_documents(samples: list[Sample], tokens: SpecialTokens) -> Batch:
-    """MMC4 batch: documents are already padded to max_tokens and max_num_images."""
+def collate_documents(samples: list[Sample], tokens: SpecialTokens, slots: int) -> Batch:
+    """MMC4 batch: images zero-padded to `slots` (max_num_images); text is padded already."""
     input_ids = torch.stack([s.input_ids for s in samples])
+    images = torch.zeros((len(samples), slots, *samples[0].images.shape[1:]))
+    for row, s in enumerate(samples):
+        images[row, : len(s.images)] = s.images
     return Batch(
-        images=torch.stack([s.images for s in samples]),
+        images=images,
         input_ids=input_ids,
         attention_mask=torch.stack([s.attention_mask for s in samples]),
         labels=interleaved_labels(input_ids, tokens),
@@ -189,7 +192,9 @@ class TrainLoader:
             spec,
             start,
             functools.partial(_preprocess_document, self.ctx, config),
-            functools.partial(collate_documents, tokens=self.ctx.tokens),
+            functools.partial(
+                collate_documents, tokens=self.ctx.tokens, slots=config.max_num_images
+            ),
         )
 
     def __iter__(self) -> Iterator[Batch]:

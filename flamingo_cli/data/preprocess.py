@@ -63,7 +63,9 @@ class Dropped(Exception):
 
 @dataclass(frozen=True)
 class Sample:
-    """One preprocessed sample: images `(N, 3, H, W)` and unpadded or padded token ids."""
+    """One preprocessed sample: its images `(n, 3, H, W)` in `<image>` token order, and token ids
+    (LAION: unpadded; MMC4: padded to max_tokens). Batching zero-pads the images.
+    """
 
     key: str
     images: torch.Tensor
@@ -166,13 +168,12 @@ def _tokenize(ctx: Context, text: str, max_tokens: int, pad: bool) -> tuple[list
     return list(encoded["input_ids"]), list(encoded["attention_mask"])
 
 
-def _stack(images: Sequence[torch.Tensor], slots: int, ctx: Context, flip: bool) -> torch.Tensor:
-    """Stack `images`, flip them together when asked, zero-pad to `slots`."""
-    out = torch.zeros((slots, *ctx.image_shape), dtype=torch.float32)
-    if images:
-        stacked = torch.stack(list(images))
-        out[: len(images)] = stacked.flip(-1) if flip else stacked
-    return out
+def _stack(images: Sequence[torch.Tensor], ctx: Context, flip: bool) -> torch.Tensor:
+    """Stack `images` `(n, C, H, W)`, flipped together when asked (batching zero-pads them)."""
+    if not images:
+        return torch.zeros((0, *ctx.image_shape), dtype=torch.float32)
+    stacked = torch.stack(list(images))
+    return stacked.flip(-1) if flip else stacked
 
 
 def _tensors(ids: list[int], mask: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,7 +201,7 @@ def preprocess_pair(
     if image is None:
         raise Dropped("corrupt_image")
     input_ids, attention_mask = _tensors(ids, mask)
-    return Sample(key, _stack([image], 1, ctx, flip), input_ids, attention_mask)
+    return Sample(key, _stack([image], ctx, flip), input_ids, attention_mask)
 
 
 def preprocess_document(
@@ -306,7 +307,7 @@ def _mmc4_document(
             break
     if len(used) == 1 and ids[-1] == ctx.tokens.image:
         raise Dropped("image_at_end", len(corrupt))
-    images = _stack([decoded[i] for i in used], config.max_num_images, ctx, flip)
+    images = _stack([decoded[i] for i in used], ctx, flip)
     input_ids, attention_mask = _tensors(ids, mask)
     return Sample(key, images, input_ids, attention_mask, len(corrupt))
 
@@ -355,6 +356,6 @@ def _gpt_document(
             break
     if len(used) < config.min_num_images:
         raise Dropped("too_few_images", len(corrupt))
-    images = _stack([decoded[n] for n in used], config.max_num_images, ctx, flip)
+    images = _stack([decoded[n] for n in used], ctx, flip)
     input_ids, attention_mask = _tensors(ids, mask)
     return Sample(key, images, input_ids, attention_mask, len(corrupt))
