@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from open_clip.transform import image_transform
 from PIL import Image
 
 from flamingo_cli.data.loader import TrainLoader, make_loader
-from flamingo_cli.data.pipeline import Batch
+from flamingo_cli.data.pipeline import Batch, StreamSpec, pass_urls
 from flamingo_cli.errors import OpenerError
 from flamingo_cli.model.tokenizer import TINY_TOKENIZER, SpecialTokens, load_tokenizer
 from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config
@@ -123,10 +124,11 @@ def test_two_runs_give_the_same_batches_and_epochs_differ(
     assert [b.keys for b in reseeded] != [b.keys for b in first]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 1, 2])
-def test_exact_resume(shard_root: Path, tok: tuple[Any, SpecialTokens], workers: int) -> None:
-    config = mmc4(shard_root, workers=workers, train_num_samples=16)
+@pytest.mark.parametrize(("workers", "resampled"), [(0, False), (1, False), (2, False), (2, True)])
+def test_exact_resume(
+    shard_root: Path, tok: tuple[Any, SpecialTokens], workers: int, resampled: bool
+) -> None:
+    config = mmc4(shard_root, workers=workers, train_num_samples=16, resampled=resampled)
     full = list(build(config, tok))
     assert len(full) == 8
     for position in (1, 3, 6):
@@ -141,7 +143,6 @@ def test_exact_resume(shard_root: Path, tok: tuple[Any, SpecialTokens], workers:
         assert resumed.remaining == 0
 
 
-@pytest.mark.slow
 def test_resume_laion_with_workers_and_across_epochs(
     shard_root: Path, tok: tuple[Any, SpecialTokens]
 ) -> None:
@@ -157,6 +158,34 @@ def test_resume_laion_with_workers_and_across_epochs(
     assert_same(epoch0[5:], list(resumed))
     resumed.set_epoch(1)
     assert_same(epoch1, list(resumed))
+
+
+def test_state_counts_what_was_consumed_not_what_was_prefetched(
+    shard_root: Path, tok: tuple[Any, SpecialTokens]
+) -> None:
+    loader = build(mmc4(shard_root, workers=2, prefetch_factor=4), tok)
+    (batch,) = take(loader, 1)
+    state = loader.state_dict()
+    assert (state["batches"], state["worker_batches"]) == (1, [1, 0])
+    assert state["drawn"] == [batch.drawn, 0] and batch.worker == 0
+    assert batch.drawn >= 2  # the two samples of the batch, plus any dropped before them
+
+
+def test_shards_are_split_by_node_then_worker_after_one_shuffle() -> None:
+    urls = tuple(f"{i}.tar" for i in range(12))
+    spec = StreamSpec(urls, 3, 1, 0, 2, 3, False, 10, 5, 2, 4, False)
+    parts = [
+        pass_urls(replace(spec, rank=rank), worker, index=0)
+        for rank in range(2)
+        for worker in range(3)
+    ]
+    assert all(len(p) == 2 for p in parts)
+    assert sorted(u for p in parts for u in p) == sorted(urls)
+    assert pass_urls(spec, 0, 0) == pass_urls(spec, 0, 0)
+    assert pass_urls(spec, 0, 1) != pass_urls(spec, 0, 0)  # each pass is reshuffled
+    resampled = replace(spec, resampled=True)
+    assert pass_urls(resampled, 0, 0) != pass_urls(resampled, 1, 0)
+    assert set(pass_urls(resampled, 0, 0)) <= set(urls)
 
 
 def test_fast_forward_decodes_no_skipped_image(
