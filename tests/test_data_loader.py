@@ -322,3 +322,15 @@ def test_remote_shards_stream_through_the_opener(
     with pytest.raises(OpenerError, match="refusing to run"):
         build(piped, tok)
     assert [b.keys for b in build(piped, tok, allow_pipe=True)] == [b.keys for b in local]
+
+
+def test_state_from_another_layout_is_refused(
+    shard_root: Path, tok: tuple[Any, SpecialTokens]
+) -> None:
+    from flamingo_cli.errors import FlamingoError
+
+    state = build(laion(shard_root, workers=2), tok).state_dict()
+    with pytest.raises(FlamingoError, match="saved with world size 1 and 2 workers"):
+        build(laion(shard_root, workers=1), tok).load_state_dict(state)
+    with pytest.raises(FlamingoError, match="given to the mmc4 loader"):
+        build(mmc4(shard_root, workers=2), tok).load_state_dict(state)

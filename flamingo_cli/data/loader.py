@@ -236,6 +236,10 @@ class TrainLoader:
         """Resume where `state` was taken; needs the same world size and worker count."""
         if state.get("version") != STATE_VERSION:
             raise FlamingoError(f"unknown {self.name} loader state version {state.get('version')}")
+        if state.get("dataset") != self.name:
+            raise FlamingoError(
+                f"loader state of {state.get('dataset')!r} given to the {self.name} loader"
+            )
         same = (state["world_size"], state["workers"]) == (self.world_size, self.workers)
         if not same:
             raise FlamingoError(
