@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any
 
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from flamingo_cli.ui.console import console, settings
 
@@ -37,7 +37,7 @@ class TrainDisplay:
         self.total = total_steps
         self.live = console.is_terminal and settings.verbosity >= 0
         self._progress: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
         self._start = start_step
 
     def __enter__(self) -> TrainDisplay:
