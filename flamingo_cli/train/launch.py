@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -119,10 +120,8 @@ def run_torchrun(cmd: Sequence[str]) -> int:
 
     def forward(signum: int, frame: FrameType | None) -> None:
         for child in _children(proc.pid):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGUSR1)
-            except ProcessLookupError:
-                pass
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
