@@ -28,12 +28,17 @@ class Rendezvous:
     run_id: str = "flamingo"
 
 
-def started_by_launcher() -> bool:
-    """True inside a rank that torchrun (or srun with several tasks) started."""
+def started_by_launcher(world_size: int) -> bool:
+    """True inside a rank that torchrun, or srun with one task per rank, started.
+
+    Under srun with one task per node (SLURM_NTASKS == nnodes < world size) this process is a
+    node's launcher instead, and starts that node's ranks through torchrun.
+    """
     env = os.environ
     if "TORCHELASTIC_RUN_ID" in env or ("RANK" in env and "WORLD_SIZE" in env):
         return True
-    return int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env
+    tasks = int(env.get("SLURM_NTASKS", "1"))
+    return "SLURM_PROCID" in env and tasks > 1 and tasks == world_size
 
 
 def rendezvous_for(
