@@ -19,8 +19,7 @@ from flamingo_cli.train.schedule import build_scheduler, lr_factor
         ("linear", [0.0, 0.25, 0.5, 0.75, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0]),
         (
             "cosine",
-            [0.0, 0.25, 0.5, 0.75]
-            + [0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(7)],
+            [0.0, 0.25, 0.5, 0.75] + [0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(7)],
         ),
     ],
 )
