@@ -12,7 +12,7 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Protocol
@@ -28,20 +28,6 @@ class Batch(Protocol):
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
-
-
-class Loader(Protocol):
-    """One dataset's loader: a fixed number of batches per epoch and a resumable position."""
-
-    batches_per_epoch: int
-
-    def iterate(self, epoch: int) -> Iterator[Batch]: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-    def counters(self) -> dict[str, int]: ...
 
 
 @dataclass
@@ -156,17 +142,14 @@ def optimizer_step(
     )
 
 
-def group_batches(
-    loaders: Mapping[str, Loader], epoch: int, accum: int, start_batch: int
+def accumulation_windows(
+    iterators: Mapping[str, Iterator[Batch]], start: int, total: int, accum: int
 ) -> Iterator[tuple[int, list[dict[str, Batch]], float]]:
-    """Yield (index of the window's last batch, micro-batches of one optimizer step, seconds
-    spent waiting for data), windows of `accum` batches; the epoch's last window may be shorter.
-
-    `start_batch` is where a resumed epoch continues; loaders are already positioned there.
+    """Yield (batches consumed so far, the micro-batches of one optimizer step, seconds spent
+    waiting for data). Windows end at multiples of `accum` and at `total`, so a resumed epoch
+    (`start` > 0, always at a window boundary) regroups exactly as the uninterrupted one did.
     """
-    iterators = {name: loader.iterate(epoch) for name, loader in loaders.items()}
-    total = min(loader.batches_per_epoch for loader in loaders.values())
-    index = start_batch
+    index = start
     while index < total:
         window: list[dict[str, Batch]] = []
         waited = 0.0
@@ -195,6 +178,3 @@ def metrics_of(result: StepResult, lr: float, counters: dict[str, int]) -> dict[
 
 def should_stop(flag: StopFlag, info: DistInfo) -> bool:
     return all_agree(flag.requested, info)
-
-
-Callback = Callable[[int, dict[str, Any]], None]
