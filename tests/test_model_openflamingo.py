@@ -170,8 +170,6 @@ def test_checkpoint_of_another_layout_is_refused(lm_dir: Path) -> None:
     theirs = _openflamingo(lm_dir)
     vision, _, width = build_vision_encoder(TINY_VISION, None)
     tokenizer, special = load_tokenizer(TINY_TOKENIZER)
-    every_layer = assemble(
-        vision, width, build_lm(lm_dir), tokenizer, special, FlamingoConfig()
-    )
+    every_layer = assemble(vision, width, build_lm(lm_dir), tokenizer, special, FlamingoConfig())
     with pytest.raises(FlamingoError, match="does not fit this model"):
         load_openflamingo_state_dict(every_layer, theirs.state_dict())

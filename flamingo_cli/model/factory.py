@@ -67,7 +67,9 @@ def register_tiny_vision() -> None:
         open_clip.add_model_config(TINY_ASSETS / "open_clip")
 
 
-def build_vision_encoder(name: str, pretrained: str | None) -> tuple[nn.Module, ImageTransform, int]:
+def build_vision_encoder(
+    name: str, pretrained: str | None
+) -> tuple[nn.Module, ImageTransform, int]:
     """The open_clip visual tower returning patch tokens, its validation transform, its width."""
     import open_clip
 
@@ -86,7 +88,7 @@ def build_vision_encoder(name: str, pretrained: str | None) -> tuple[nn.Module, 
             fix="give a pretrained tag already in the Hugging Face cache (or unset HF_HUB_OFFLINE), "
             "a local weights file, or vision_pretrained = none for random weights",
         ) from exc
-    visual: nn.Module = clip.visual
+    visual: Any = clip.visual
     visual.output_tokens = True
     width = int(open_clip.get_model_config(name)["vision_cfg"]["width"])
     return visual, transform, width
@@ -101,7 +103,9 @@ def build_lm(path: str | Path, *, trust_remote_code: bool = False) -> nn.Module:
     try:
         if local.is_dir() and not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
             config = AutoConfig.from_pretrained(local, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+                config, trust_remote_code=trust_remote_code
+            )
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 str(path), trust_remote_code=trust_remote_code, local_files_only=_offline()

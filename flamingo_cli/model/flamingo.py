@@ -111,13 +111,14 @@ class FlamingoModel(nn.Module):
         self.perceiver.activation_checkpointing = enabled
         for layer in self._layers:
             layer.activation_checkpointing = enabled
-        if getattr(self.lm, "supports_gradient_checkpointing", False):
+        lm: Any = self.lm
+        if getattr(lm, "supports_gradient_checkpointing", False):
             if enabled:
-                self.lm.gradient_checkpointing_enable(
+                lm.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False}
                 )
             else:
-                self.lm.gradient_checkpointing_disable()
+                lm.gradient_checkpointing_disable()
 
     # -- forward -------------------------------------------------------------------------
 

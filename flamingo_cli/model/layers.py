@@ -23,12 +23,13 @@ class FeedForward(nn.Module):
         self.fc_out = nn.Linear(dim * mult, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc_out(F.gelu(self.fc_in(self.norm(x))))
+        out: Tensor = self.fc_out(F.gelu(self.fc_in(self.norm(x))))
+        return out
 
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:
     """(..., L, heads * d) -> (..., heads, L, d)."""
-    return x.unflatten(-1, (heads, -1)).transpose(-3, -2)
+    return x.view(*x.shape[:-1], heads, -1).transpose(-3, -2)
 
 
 def _merge_heads(x: Tensor) -> Tensor:
@@ -57,7 +58,8 @@ class PerceiverAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, _split_heads(k, self.heads), _split_heads(v, self.heads)
         )
-        return self.out_proj(_merge_heads(out))
+        result: Tensor = self.out_proj(_merge_heads(out))
+        return result
 
 
 class PerceiverLayer(nn.Module):
@@ -70,7 +72,8 @@ class PerceiverLayer(nn.Module):
 
     def forward(self, media: Tensor, latents: Tensor) -> Tensor:
         latents = latents + self.attn(media, latents)
-        return latents + self.ff(latents)
+        out: Tensor = latents + self.ff(latents)
+        return out
 
 
 class PerceiverResampler(nn.Module):
@@ -97,7 +100,8 @@ class PerceiverResampler(nn.Module):
                 latents = checkpoint(layer, media, latents, use_reentrant=False)
             else:
                 latents = layer(media, latents)
-        return self.norm(latents).unflatten(0, (batch, images))
+        out: Tensor = self.norm(latents)
+        return out.view(batch, images, *out.shape[1:])
 
 
 class MaskedCrossAttention(nn.Module):
@@ -131,7 +135,8 @@ class MaskedCrossAttention(nn.Module):
             attn_mask=allowed.unsqueeze(1),
         )
         out = _merge_heads(out).masked_fill(~has_image.unsqueeze(-1), 0.0)
-        return self.out_proj(out)
+        result: Tensor = self.out_proj(out)
+        return result
 
 
 class GatedCrossAttention(nn.Module):
@@ -148,4 +153,5 @@ class GatedCrossAttention(nn.Module):
         """With `media=None` (media switched off) the attention branch contributes nothing."""
         if media is not None:
             x = x + self.attn(x, media, media_index) * self.attn_gate.tanh()
-        return x + self.ff(x) * self.ff_gate.tanh()
+        out: Tensor = x + self.ff(x) * self.ff_gate.tanh()
+        return out

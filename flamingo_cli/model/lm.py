@@ -8,6 +8,7 @@ forward runs unchanged and calls the wrappers as it would call its layers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,10 @@ class FlamingoDecoderLayer(nn.Module):
     """
 
     def __init__(
-        self, decoder_layer: nn.Module, gated_cross_attn: GatedCrossAttention | None, media: MediaState
+        self,
+        decoder_layer: nn.Module,
+        gated_cross_attn: GatedCrossAttention | None,
+        media: MediaState,
     ) -> None:
         super().__init__()
         self.decoder_layer = decoder_layer
@@ -73,7 +77,8 @@ class FlamingoDecoderLayer(nn.Module):
                 self.gated_cross_attn, hidden, media.latents, media.media_index, use_reentrant=False
             )
             return out
-        return self.gated_cross_attn(hidden, media.latents, media.media_index)
+        result: Tensor = self.gated_cross_attn(hidden, media.latents, media.media_index)
+        return result
 
 
 def _layer_count(lm: nn.Module) -> int | None:
@@ -120,7 +125,7 @@ def find_decoder_layers(lm: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def insert_cross_attention(
     lm: nn.Module,
-    make_block: Any,
+    make_block: Callable[[], GatedCrossAttention],
     every_n_layers: int,
     media: MediaState,
 ) -> tuple[str, nn.ModuleList]:
@@ -141,8 +146,9 @@ def hidden_size(lm: nn.Module) -> int:
 
 def input_embeddings(lm: nn.Module) -> nn.Embedding:
     """The LM's token embedding table (Hugging Face `get_input_embeddings`)."""
+    model: Any = lm
     try:
-        embeddings = lm.get_input_embeddings()
+        embeddings = model.get_input_embeddings()
     except (AttributeError, NotImplementedError) as exc:
         raise FlamingoError(
             f"{type(lm).__name__} does not expose its input embeddings (get_input_embeddings)",
