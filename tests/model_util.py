@@ -11,6 +11,7 @@ from torch import nn
 
 from flamingo_cli.model.factory import TINY_FLAMINGO, TINY_VISION, build_vision_encoder
 from flamingo_cli.model.flamingo import FlamingoConfig, FlamingoModel
+from flamingo_cli.model.lm import resize_embeddings
 from flamingo_cli.model.tokenizer import TINY_TOKENIZER, SpecialTokens, load_tokenizer
 
 TEXTS = [
@@ -36,7 +37,7 @@ def tokenizer_and_ids() -> tuple[Any, SpecialTokens]:
 def wrap(lm: nn.Module, every_n: int = 1, config: FlamingoConfig = TINY_FLAMINGO) -> FlamingoModel:
     """A Flamingo model around `lm` (embeddings resized to the tiny tokenizer first)."""
     tokenizer, special = tokenizer_and_ids()
-    lm.resize_token_embeddings(len(tokenizer))
+    resize_embeddings(lm, len(tokenizer))
     vision, width = _vision()
     layout = FlamingoConfig(**{**config.__dict__, "cross_attn_every_n_layers": every_n})
     return FlamingoModel(copy.deepcopy(vision), lm, special, vision_dim=width, config=layout).eval()

@@ -7,8 +7,12 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.modeling_outputs import CausalLMOutput
 
+from flamingo_cli.model.openflamingo import openflamingo_state_dict
 from tests.model_util import batch, open_gates, tokenizer_and_ids, wrap
 
 SMALL = {"vocab_size": 512, "bos_token_id": 1, "eos_token_id": 2}
@@ -89,3 +93,52 @@ def test_family_builds_keeps_identity_and_trains(family: str) -> None:
     grads = [p.grad for p in model.perceiver.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(bool(g.abs().sum() > 0) for g in grads if g is not None)
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor, attention_mask: Any = None) -> tuple[torch.Tensor, None]:
+        return x + self.mlp(x), None
+
+
+class _RemoteStyleLM(nn.Module):
+    """Shaped like OpenFlamingo's MPT-1B remote code: no get_input_embeddings, blocks that
+    return tuples under `transformer.blocks`, logits from the embedding matrix itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = PretrainedConfig(vocab_size=512, n_layers=2)
+        self.transformer = nn.ModuleDict(
+            {"wte": nn.Embedding(512, 32), "blocks": nn.ModuleList([_Block(32), _Block(32)])}
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: Any = None, labels: Any = None
+    ) -> CausalLMOutput:
+        x = self.transformer["wte"](input_ids)
+        for block in self.transformer["blocks"]:
+            x = block(x, attention_mask=attention_mask)[0]
+        return CausalLMOutput(logits=F.linear(x, self.transformer["wte"].weight))
+
+
+def test_lm_without_embedding_accessors_is_found_by_inspection() -> None:
+    torch.manual_seed(0)
+    lm = _RemoteStyleLM()
+    old_rows = lm.transformer["wte"].weight.detach().clone()
+    model = wrap(lm)
+    wte = model.input_embeddings()
+    assert wte is lm.transformer["wte"] and wte.weight.shape == (515, 32)
+    assert torch.equal(wte.weight[:512], old_rows)
+    assert torch.equal(wte.weight[514], old_rows.mean(dim=0))
+    assert model.decoder_layers_path == "transformer.blocks"
+    keys = set(openflamingo_state_dict(model))
+    assert "lang_encoder.transformer.wte.weight" in keys
+    assert "lang_encoder.transformer.blocks.1.gated_cross_attn_layer.attn.to_q.weight" in keys
+    images, ids, mask = batch()
+    with torch.no_grad():
+        fresh = model(images, ids, mask).logits
+        open_gates(model)
+        assert not torch.equal(model(images, ids, mask).logits, fresh)

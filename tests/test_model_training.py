@@ -179,3 +179,59 @@ def test_user_errors_are_flamingo_errors_without_network(tmp_path: Path) -> None
     with pytest.raises(FlamingoError, match="cannot load open_clip 'ViT-B-32'"):
         build_model(ModelConfig(vision_encoder="ViT-B-32", vision_pretrained="openai", lm_path="x"))
     assert time.monotonic() - start < 30  # HF_HUB_OFFLINE: no waiting for the network
+
+
+def _loss_and_grads(model: FlamingoModel) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    images, ids, mask = batch()
+    loss = model(images, ids, mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def test_activation_checkpointing_changes_nothing_but_memory() -> None:
+    plain, _, _, _ = build_model(TINY)
+    recomputed, _, _, _ = build_model(ModelConfig(preset="tiny", gradient_checkpointing=True))
+    for model in (plain, recomputed):
+        open_gates(model, 0.4)
+        model.train()
+    assert recomputed.perceiver.activation_checkpointing
+    assert all(layer.activation_checkpointing for layer in recomputed.decoder_layers)
+    loss_a, grads_a = _loss_and_grads(plain)
+    loss_b, grads_b = _loss_and_grads(recomputed)
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys()
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grad, grads_b[name], msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_the_listed_units(tmp_path: Path) -> None:
+    """fully_shard on each unit then the root (one process) gives the same loss and grads."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        sharded, _, _, _ = build_model(TINY)
+        reference, _, _, _ = build_model(TINY)
+        units = sharded.shard_units()
+        assert units[-len(sharded.decoder_layers) :] == sharded.decoder_layers
+        assert sharded.perceiver in units
+        for model in (sharded, reference):
+            open_gates(model, 0.4)
+        for unit in units:
+            fully_shard(unit)
+        fully_shard(sharded)
+        loss_a, grads_a = _loss_and_grads(sharded)
+        loss_b, grads_b = _loss_and_grads(reference)
+        torch.testing.assert_close(loss_a, loss_b)
+        for name, grad in grads_b.items():
+            full = grads_a[name]
+            full = full.full_tensor() if hasattr(full, "full_tensor") else full
+            torch.testing.assert_close(full, grad, msg=name)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()

@@ -15,6 +15,7 @@ from torch import nn
 
 from flamingo_cli.errors import FlamingoError
 from flamingo_cli.model.flamingo import FlamingoConfig, FlamingoModel
+from flamingo_cli.model.lm import resize_embeddings
 from flamingo_cli.model.params import set_trainable
 from flamingo_cli.model.tokenizer import TINY_TOKENIZER, SpecialTokens, load_tokenizer
 
@@ -129,10 +130,7 @@ def assemble(
     config: FlamingoConfig,
 ) -> FlamingoModel:
     """Resize the LM's embeddings to the tokenizer (ties kept) and join the parts."""
-    resize: Any = getattr(lm, "resize_token_embeddings", None)
-    if resize is None:
-        raise FlamingoError(f"{type(lm).__name__} cannot resize its token embeddings")
-    resize(len(tokenizer))
+    resize_embeddings(lm, len(tokenizer))
     return FlamingoModel(vision, lm, special_tokens, vision_dim=vision_dim, config=config)
 
 

@@ -95,7 +95,8 @@ class FlamingoModel(nn.Module):
 
     def shard_units(self) -> list[nn.Module]:
         """Modules to shard one by one (FSDP2 `fully_shard`), innermost first; the caller then
-        shards the root. Vision blocks, the perceiver, each decoder layer with its block."""
+        shards the root. Vision blocks, the perceiver, each decoder layer with its block.
+        `generate` is not `forward`: register it with FSDP2's `register_fsdp_forward_method`."""
         units: list[nn.Module] = []
         transformer = getattr(self.vision_encoder, "transformer", None)
         blocks = getattr(transformer, "resblocks", None)
@@ -112,13 +113,18 @@ class FlamingoModel(nn.Module):
         for layer in self._layers:
             layer.activation_checkpointing = enabled
         lm: Any = self.lm
-        if getattr(lm, "supports_gradient_checkpointing", False):
+        if not getattr(lm, "supports_gradient_checkpointing", False):
+            return
+        kwargs = {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x
             if enabled:
-                lm.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
-                )
+                lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
-                lm.gradient_checkpointing_disable()
+                lm.activation_checkpointing_disable()
+        elif enabled:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            lm.gradient_checkpointing_disable()
 
     # -- forward -------------------------------------------------------------------------
 

@@ -100,8 +100,8 @@ class PerceiverResampler(nn.Module):
                 latents = checkpoint(layer, media, latents, use_reentrant=False)
             else:
                 latents = layer(media, latents)
-        out: Tensor = self.norm(latents)
-        return out.view(batch, images, *out.shape[1:])
+        out: Tensor = self.norm(latents.view(batch, images, *latents.shape[1:]))
+        return out
 
 
 class MaskedCrossAttention(nn.Module):

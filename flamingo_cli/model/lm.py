@@ -138,28 +138,72 @@ def insert_cross_attention(
     return path, layers
 
 
-def hidden_size(lm: nn.Module) -> int:
-    """Width of the LM's hidden states, read from its input embeddings."""
-    embeddings = input_embeddings(lm)
-    return int(embeddings.weight.shape[1])
-
-
 def input_embeddings(lm: nn.Module) -> nn.Embedding:
-    """The LM's token embedding table (Hugging Face `get_input_embeddings`)."""
-    model: Any = lm
+    """The LM's token embedding table: Hugging Face `get_input_embeddings`, or for models
+    whose own code lacks it (OpenFlamingo's MPT-1B) the one embedding of vocabulary size."""
+    getter: Any = getattr(lm, "get_input_embeddings", None)
     try:
-        embeddings = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError) as exc:
-        raise FlamingoError(
-            f"{type(lm).__name__} does not expose its input embeddings (get_input_embeddings)",
-            fix=f"use a causal LM of a supported family ({SUPPORTED_FAMILIES})",
-        ) from exc
+        embeddings = getter() if getter is not None else None
+    except NotImplementedError:
+        embeddings = None
+    if embeddings is None:
+        embeddings = _embedding_by_inspection(lm)[1]
     if not isinstance(embeddings, nn.Embedding):
         raise FlamingoError(
-            f"{type(lm).__name__}.get_input_embeddings() returned {type(embeddings).__name__}, "
-            "not an nn.Embedding"
+            f"the input embeddings of {type(lm).__name__} are a {type(embeddings).__name__}, "
+            "not an nn.Embedding",
+            fix=f"use a causal LM of a supported family ({SUPPORTED_FAMILIES})",
         )
     return embeddings
+
+
+def _embedding_by_inspection(lm: nn.Module) -> tuple[str, nn.Embedding]:
+    vocab = getattr(getattr(lm, "config", None), "vocab_size", None)
+    found = [
+        (name, module)
+        for name, module in lm.named_modules()
+        if isinstance(module, nn.Embedding) and module.num_embeddings == vocab
+    ]
+    if len(found) != 1:
+        raise FlamingoError(
+            f"cannot find the token embeddings of {type(lm).__name__}: it has no "
+            f"get_input_embeddings() and {len(found)} embeddings of its vocabulary size {vocab}",
+            fix=f"use a causal LM of a supported family ({SUPPORTED_FAMILIES})",
+        )
+    return found[0]
+
+
+def resize_embeddings(lm: nn.Module, size: int) -> None:
+    """Resize the token embeddings to `size` rows, as OpenFlamingo does (also shrinking).
+
+    Hugging Face's `resize_token_embeddings` (which keeps ties) when the model supports it;
+    otherwise, for a model without a separate output head, the embedding found by inspection is
+    replaced, added rows starting at the mean of the existing ones.
+    """
+    resize: Any = getattr(lm, "resize_token_embeddings", None)
+    if resize is not None:
+        try:
+            resize(size)
+            return
+        except NotImplementedError:
+            pass
+    name, old = _embedding_by_inspection(lm)
+    if output_embeddings(lm) is not None:
+        raise FlamingoError(
+            f"cannot resize the embeddings of {type(lm).__name__}: it has an output head but "
+            "no resize_token_embeddings()",
+            fix=f"use a causal LM of a supported family ({SUPPORTED_FAMILIES})",
+        )
+    new = nn.Embedding(size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+    kept = min(size, old.num_embeddings)
+    with torch.no_grad():
+        new.weight[:kept] = old.weight[:kept]
+        new.weight[kept:] = old.weight.mean(dim=0)
+    parent, _, attr = name.rpartition(".")
+    setattr(lm.get_submodule(parent), attr, new)
+    config: Any = getattr(lm, "config", None)
+    if config is not None:
+        config.vocab_size = size
 
 
 def output_embeddings(lm: nn.Module) -> nn.Module | None:
