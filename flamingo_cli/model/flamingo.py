@@ -108,7 +108,9 @@ class FlamingoModel(nn.Module):
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         """Recompute activations in backward: perceiver layers, cross-attention blocks and the
-        LM's own decoder layers (through transformers' gradient checkpointing)."""
+        LM's own decoder layers (through transformers' gradient checkpointing). Use this rather
+        than wrapping the shard units from outside: the wrappers read the image latents from
+        the model during its forward only, so a recomputation in backward would find none."""
         self.perceiver.activation_checkpointing = enabled
         for layer in self._layers:
             layer.activation_checkpointing = enabled
