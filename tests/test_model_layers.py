@@ -9,10 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from flamingo_cli.errors import FlamingoError
-from flamingo_cli.model.factory import TINY_LM
+from flamingo_cli.model.factory import tiny_lm
 from flamingo_cli.model.flamingo import FlamingoModel
 from flamingo_cli.model.layers import MaskedCrossAttention
 from flamingo_cli.model.lm import find_decoder_layers
@@ -21,7 +20,7 @@ from tests.model_util import batch, open_gates, tokenizer_and_ids, wrap
 
 def _tiny_lm() -> torch.nn.Module:
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LM)).eval()
+    return tiny_lm().eval()
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,12 @@ import torch
 
 from flamingo_cli.errors import FlamingoError
 from flamingo_cli.model.factory import (
-    TINY_LM,
     TINY_VISION,
     assemble,
     build_lm,
     build_vision_encoder,
     register_tiny_vision,
+    tiny_lm,
 )
 from flamingo_cli.model.flamingo import FlamingoConfig, FlamingoModel
 from flamingo_cli.model.openflamingo import (
@@ -41,7 +41,7 @@ def lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama with fixed random weights, saved so OpenFlamingo can load it."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("lm")
-    build_lm(TINY_LM).save_pretrained(path)
+    tiny_lm().save_pretrained(path)
     return path
 
 

@@ -95,22 +95,24 @@ def build_vision_encoder(
     return visual, transform, width
 
 
-def build_lm(path: str | Path, *, trust_remote_code: bool = False) -> nn.Module:
-    """A causal LM from a local directory or a name that resolves offline; a directory
-    holding only a `config.json` (the tiny preset) gives a randomly initialised model."""
+def tiny_lm() -> nn.Module:
+    """The tiny preset's Llama-style LM, randomly initialised from the bundled config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    local = Path(path)
+    model: nn.Module = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+        AutoConfig.from_pretrained(TINY_LM)
+    )
+    return model
+
+
+def build_lm(path: str | Path, *, trust_remote_code: bool = False) -> nn.Module:
+    """A pretrained causal LM from a local directory or a name that resolves offline."""
+    from transformers import AutoModelForCausalLM
+
     try:
-        if local.is_dir() and not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
-            config = AutoConfig.from_pretrained(local, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
-                config, trust_remote_code=trust_remote_code
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), trust_remote_code=trust_remote_code, local_files_only=_offline()
-            )
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), trust_remote_code=trust_remote_code, local_files_only=_offline()
+        )
     except (OSError, ValueError) as exc:
         raise FlamingoError(
             f"cannot load language model {str(path)!r}: {exc}",
@@ -147,7 +149,7 @@ def build_model(
         torch.manual_seed(seed)
         if config.preset == "tiny":
             vision, transform, vision_dim = build_vision_encoder(TINY_VISION, None)
-            lm = build_lm(TINY_LM)
+            lm = tiny_lm()
             tokenizer, special = load_tokenizer(TINY_TOKENIZER)
             layout = TINY_FLAMINGO
         else:
