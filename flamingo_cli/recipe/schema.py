@@ -33,6 +33,9 @@ class ModelConfig(_Section):
     trust_remote_code: bool = False
     cross_attn_every_n_layers: PositiveInt = 1
     freeze_lm_embeddings: bool = False
+    train_backbones: bool = Field(
+        False, description="train every parameter, backbones included (tiny CPU quickstart)"
+    )
     gradient_checkpointing: bool = False
     init_from: str | None = Field(
         None, description="OpenFlamingo or flamingo checkpoint to fine-tune from (not a resume)"
