@@ -31,16 +31,21 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 
 class TrainDisplay:
-    """Context manager fed with (step, metrics) by the training loop's callback."""
+    """Context manager receiving the training loop's events (see `train.run.TrainEvents`)."""
 
-    def __init__(self, total_steps: int, start_step: int = 0) -> None:
-        self.total = total_steps
+    def __init__(self) -> None:
+        self.total = 0
         self.live = console.is_terminal and settings.verbosity >= 0
         self._progress: Progress | None = None
         self._task: TaskID | None = None
-        self._start = start_step
 
     def __enter__(self) -> TrainDisplay:
+        return self
+
+    def started(self, total_steps: int, start_step: int) -> None:
+        self.total = total_steps
+        if start_step:
+            self.message(f"resuming at step {start_step} of {total_steps}")
         if self.live:
             self._progress = Progress(
                 TextColumn("step {task.completed}/{task.total}"),
@@ -51,11 +56,10 @@ class TrainDisplay:
             )
             self._progress.start()
             self._task = self._progress.add_task(
-                "train", total=self.total, completed=self._start, metrics=""
+                "train", total=self.total, completed=start_step, metrics=""
             )
-        return self
 
-    def update(self, step: int, metrics: dict[str, Any]) -> None:
+    def step(self, step: int, metrics: dict[str, Any]) -> None:
         text = format_metrics(metrics)
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=step, metrics=text)
@@ -63,7 +67,9 @@ class TrainDisplay:
             console.print(f"step {step}/{self.total}  {text}", highlight=False, soft_wrap=True)
 
     def message(self, text: str) -> None:
-        if settings.verbosity >= 0:
+        if self._progress is not None:
+            self._progress.console.print(text, highlight=False, soft_wrap=True)
+        elif settings.verbosity >= 0:
             console.print(text, highlight=False, soft_wrap=True)
 
     def __exit__(
