@@ -75,6 +75,8 @@ def build_vision_encoder(
     import open_clip
 
     register_tiny_vision()
+    if pretrained is not None and pretrained.lower() in ("", "none"):
+        pretrained = None  # TOML has no null: vision_pretrained = "none" means random weights
     if open_clip.get_model_config(name) is None:
         raise FlamingoError(
             f"unknown open_clip vision encoder {name!r}",

@@ -26,7 +26,8 @@ class ModelConfig(_Section):
     )
     vision_encoder: str = Field("ViT-L-14", description="open_clip model name")
     vision_pretrained: str | None = Field(
-        "openai", description="open_clip pretrained tag or a local weights file"
+        "openai",
+        description='open_clip pretrained tag, a local weights file, or "none" for random weights',
     )
     lm_path: str | None = Field(None, description="Hugging Face LM name or local directory")
     tokenizer_path: str | None = Field(None, description="defaults to lm_path")

@@ -12,7 +12,7 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Protocol
@@ -86,7 +86,7 @@ def global_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
 
 def optimizer_step(
     model: nn.Module,
-    batches: list[Mapping[str, Batch]],
+    batches: Sequence[Mapping[str, Batch]],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     config: LoopConfig,
