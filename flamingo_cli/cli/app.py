@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from flamingo_cli import __version__
-from flamingo_cli.cli import train, validate
+from flamingo_cli.cli import validate
 
 app = typer.Typer(
     name="flamingo",
@@ -48,7 +48,6 @@ def _global_options(
 
 
 validate.register(app)
-train.register(app)
 
 
 def main() -> None:
