@@ -183,6 +183,7 @@ def write_raw_mmc4(
     image_size: int = 128,
     image_sizes: tuple[int, int] | None = None,
     quality: int = 90,
+    noise: int = 60,
     missing_shards: tuple[int, ...] = (),
     missing_image_rate: float = 0.0,
     truncated_rate: float = 0.0,
@@ -217,7 +218,7 @@ def write_raw_mmc4(
                     continue
                 color, shape = what.split()
                 side = rng.randint(*image_sizes) if image_sizes else image_size
-                image = shape_image(color, shape, side, rng, noise=60)
+                image = shape_image(color, shape, side, rng, noise=noise)
                 buffer = io.BytesIO()
                 image.save(buffer, format="JPEG", quality=quality)
                 data = buffer.getvalue()

@@ -53,6 +53,39 @@ def _structure_problem(data: bytes) -> str | None:
     return None
 
 
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the first frame header, walking the marker segments after SOI."""
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            raise CorruptImage(f"bad JPEG marker at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length field
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if length < 2:
+            raise CorruptImage(f"bad JPEG segment length at byte {pos}")
+        if marker in _SOF:
+            if pos + 9 > end:
+                break
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
+            if not width or not height:
+                raise CorruptImage("JPEG frame header with zero size")
+            return width, height
+        if marker == 0xDA:
+            break
+        pos += 2 + length
+    raise CorruptImage("JPEG without a frame header")
+
+
 def check_image(data: bytes) -> CheckedImage:
     """Parse the header and check the file end, without decoding pixels.
 
@@ -66,6 +99,9 @@ def check_image(data: bytes) -> CheckedImage:
     problem = _structure_problem(data)
     if problem is not None:
         raise CorruptImage(problem)
+    if data.startswith(JPEG_SOI):  # most images: a header walk is much cheaper than PIL
+        width, height = _jpeg_size(data)
+        return CheckedImage(data, "jpg", width, height)
     try:
         with Image.open(io.BytesIO(data)) as image:
             fmt = (image.format or "").lower()

@@ -195,6 +195,7 @@ class Mmc4Task:
             counts["dropped_url_duplicate"] += 1
             return None
         found = 0
+        encoded: list[bytes] = []
         for image in images:
             data = _read_image(prefix, image.get("image_name"))
             if data is None:
@@ -206,14 +207,35 @@ class Mmc4Task:
             except CorruptImage:
                 counts["images_corrupt"] += 1
                 continue
-            image["image_base64"] = base64.b64encode(checked.data).decode("ascii")
+            image["image_base64"] = _placeholder(len(encoded))
+            encoded.append(base64.b64encode(checked.data))
             counts["images_found"] += 1
             found += 1
         if found < self.options.min_images:
             counts["dropped_min_images"] += 1
             return None
         counts["docs_out"] += 1
-        return {"__key__": f"{self.name}-{number:06d}", "json": json.dumps(doc).encode()}
+        return {"__key__": f"{self.name}-{number:06d}", "json": _dump(doc, encoded)}
+
+
+def _placeholder(index: int) -> str:
+    return f"\0{index}\0"
+
+
+def _dump(doc: dict[str, object], encoded: list[bytes]) -> bytes:
+    """`json.dumps(doc)` with the base64 strings spliced in as bytes.
+
+    Base64 needs no JSON escaping, so splicing gives exactly the bytes `json.dumps` would, without
+    running megabytes of image data through the encoder. Placeholders hold NUL characters, which
+    `json.dumps` escapes in any document text, so they cannot collide with it.
+    """
+    text = json.dumps(doc)
+    pieces: list[bytes] = []
+    for index, data in enumerate(encoded):
+        before, text = text.split(json.dumps(_placeholder(index)), 1)
+        pieces += (before.encode(), b'"', data, b'"')
+    pieces.append(text.encode())
+    return b"".join(pieces)
 
 
 def _missing(record: TaskRecord) -> TaskRecord:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -81,9 +80,20 @@ class TarWriter:
             info.mode = 0o644
             info.uid = info.gid = 0
             info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+            self._add(info, data)
         self.samples += 1
         return self._tar.offset - before
+
+    def _add(self, info: tarfile.TarInfo, data: bytes) -> None:
+        """What `TarFile.addfile` does (same bytes), without copying `data` in small chunks."""
+        tar = self._tar
+        header = info.tobuf(tar.format, tar.encoding, tar.errors)
+        padding = -len(data) % tarfile.BLOCKSIZE
+        self._raw.write(header)
+        self._raw.write(data)
+        self._raw.write(b"\0" * padding)
+        tar.offset += len(header) + len(data) + padding
+        tar.members.append(info)
 
     def close(self) -> int:
         """Finish the archive and give it its final name; return the file size in bytes."""
