@@ -97,7 +97,7 @@ class Img2DatasetTask:
         return {"input": self.url, **self.options.to_dict()}
 
     def output_names(self) -> list[str]:
-        return [] if self.options.samples_per_shard else [self.name + ".tar"]
+        return [f"{self.name}-[0-9]*.tar" if self.options.samples_per_shard else f"{self.name}.tar"]
 
     def _path(self, out_dir: Path, part: int) -> Path:
         suffix = f"-{part}" if self.options.samples_per_shard else ""
@@ -257,7 +257,7 @@ class PairChunkTask:
         }
 
     def output_names(self) -> list[str]:
-        return [self.name + ".tar"]
+        return [f"{self.name}.tar", f"{self.name}_stats.json"]
 
     def run(self, out_dir: Path, progress: ProgressSink) -> TaskRecord:
         record = TaskRecord(self.name, self.input, self.fingerprint(), "converted")

@@ -113,7 +113,7 @@ class Mmc4Task:
         return {"input": self.url, "index": self.index, **self.options.to_dict()}
 
     def output_names(self) -> list[str]:
-        return [self.name + ".tar"] if not self.options.split else []
+        return [f"{self.name}-[0-9]*.tar" if self.options.split else f"{self.name}.tar"]
 
     def shard_path(self, out_dir: Path, part: int) -> Path:
         suffix = f"-{part}" if self.options.split else ""

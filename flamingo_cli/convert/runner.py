@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol
 
 from flamingo_cli.errors import ConvertError, FlamingoError, OpenerError, Problem
 from flamingo_cli.shards.sizes import SIZES_FILE
-from flamingo_cli.shards.write import stale_temp_files, write_json_atomic, write_sizes
+from flamingo_cli.shards.write import TMP_MARKER, write_json_atomic, write_sizes
 
 MANIFEST_FILE = "manifest.json"
 RECORDS_DIR = "manifest.d"
@@ -112,7 +112,7 @@ class Task(Protocol):
 
     def fingerprint(self) -> dict[str, object]: ...
 
-    def output_names(self) -> list[str]: ...  # shard names it may write (for cleaning up)
+    def output_names(self) -> list[str]: ...  # glob patterns of the files it writes (clean-up)
 
     def run(self, out_dir: Path, progress: ProgressSink) -> TaskRecord: ...
 
@@ -215,15 +215,14 @@ def _complete(out_dir: Path, record: TaskRecord) -> bool:
 
 
 def _clean(out_dir: Path, task: Task, old: TaskRecord | None) -> None:
-    names = set(task.output_names())
-    if old is not None:
-        names.update(s.name for s in old.shards)
+    """Remove what an earlier, unfinished or outdated run of `task` left behind."""
     _record_path(out_dir, task.name).unlink(missing_ok=True)
-    for name in sorted(names):
-        for tmp in stale_temp_files(out_dir / name):
+    for pattern in task.output_names():
+        for tmp in sorted(out_dir.glob(f".{pattern}{TMP_MARKER}*")):
             tmp.unlink(missing_ok=True)
-        if old is not None:
-            (out_dir / name).unlink(missing_ok=True)
+    if old is not None:
+        for shard in old.shards:
+            (out_dir / shard.name).unlink(missing_ok=True)
 
 
 def _run_one(task: Task, out_dir: Path, progress: ProgressSink) -> TaskRecord:

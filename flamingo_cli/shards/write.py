@@ -19,14 +19,6 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}")
 
 
-def stale_temp_files(path: str | Path) -> list[Path]:
-    """Temporary files a crashed writer of `path` left behind (any process id)."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        return []
-    return sorted(path.parent.glob(f".{path.name}{TMP_MARKER}*"))
-
-
 Sample = Mapping[str, str | bytes]
 
 
