@@ -131,7 +131,9 @@ def main() -> None:
     assert docs == report.totals["docs_out"], (docs, report.totals["docs_out"])
 
     print(f"ours      ({args.workers} workers): {t_ours:7.2f} s  {ours_mb / t_ours:8.1f} MB/s")
-    print(f"baseline  (1 process, q75):  {t_base:7.2f} s  {baseline_bytes / 1e6 / t_base:8.1f} MB/s")
+    print(
+        f"baseline  (1 process, q75):  {t_base:7.2f} s  {baseline_bytes / 1e6 / t_base:8.1f} MB/s"
+    )
     print(f"cat | base64:                {t_cat:7.2f} s  {total_mb / t_cat:8.1f} MB/s")
     print(f"speed-up over baseline: {t_base / t_ours:.1f}x (target >= 10x)")
     print(f"ours vs cat | base64:   {t_ours / t_cat:.2f}x slower (aim <= 3x)")

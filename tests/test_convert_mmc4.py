@@ -112,7 +112,10 @@ def test_round_trip_every_document_image_and_count(raw: RawMmc4, tmp_path: Path)
         assert all(m.endswith(".json") and "." not in m[: -len(".json")] for m in members)
         written.update({m.removesuffix(".json"): json.loads(v) for m, v in members.items()})
     assert written == docs  # every field, every base64 byte, in key order per shard
-    assert sorted(p.name for p in out.glob("*.tar")) == ["docs_shard_0_v2.tar", "docs_shard_2_v2.tar"]
+    assert sorted(p.name for p in out.glob("*.tar")) == [
+        "docs_shard_0_v2.tar",
+        "docs_shard_2_v2.tar",
+    ]
 
     totals = report.totals
     for key in ("docs_in", "docs_out", "bad_lines", "images_found", "images_missing"):
@@ -198,7 +201,9 @@ def test_filters_and_splitting(raw: RawMmc4, tmp_path: Path) -> None:
     assert report.totals["dropped_url_duplicate"] == len(duplicates) > 0
     assert report.totals["dropped_min_images"] == len(few) > 0
     keys = []
-    shards = sorted(tmp_path.glob("*.tar"), key=lambda p: (p.name.split("-")[0], int(p.stem.split("-")[1])))
+    shards = sorted(
+        tmp_path.glob("*.tar"), key=lambda p: (p.name.split("-")[0], int(p.stem.split("-")[1]))
+    )
     for path in shards:
         assert path.stat().st_size <= 40_000 or len(read_tar(path)) == 1
         keys += [m.removesuffix(".json") for m in read_tar(path)]

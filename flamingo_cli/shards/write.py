@@ -85,7 +85,6 @@ class TarWriter:
         self._raw.write(data)
         self._raw.write(b"\0" * padding)
         tar.offset += len(header) + len(data) + padding
-        tar.members.append(info)
 
     def close(self) -> int:
         """Finish the archive and give it its final name; return the file size in bytes."""
