@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -353,3 +354,57 @@ def test_killed_run_then_rerun_equals_a_clean_run(tmp_path: Path) -> None:
     assert json.loads(rerun.stdout)["totals"]["inputs_reused"] == finished
     assert not list(out.glob(".*tmp-*"))
     assert tree(out) == tree(tmp_path / "clean")
+
+
+def test_shard_number_layout(raw: RawMmc4, tmp_path: Path) -> None:
+    # zips[1] is shard 2 but position 0 of this spec: only `shard-number` finds its images.
+    spec = str(raw.zips[1])
+    by_index = convert_mmc4(spec, tmp_path / "i", Mmc4Options(str(raw.image_dir)), workers=1)
+    by_number = convert_mmc4(
+        spec, tmp_path / "n", Mmc4Options(str(raw.image_dir), image_layout="shard-number")
+    )
+    assert by_index.totals["images_found"] == 0
+    assert by_number.totals["images_found"] > 0
+    assert (
+        by_number.totals["images_missing"]
+        + by_number.totals["images_found"]
+        + by_number.totals["images_corrupt"]
+        == by_index.totals["images_missing"]
+    )
+
+
+def test_unreadable_inputs_fail_alone(raw: RawMmc4, tmp_path: Path) -> None:
+    (tmp_path / "broken.zip").write_bytes(b"not a zip")
+    with zipfile.ZipFile(tmp_path / "two.zip", "w") as archive:
+        archive.writestr("a.jsonl", "{}\n")
+        archive.writestr("b.jsonl", "{}\n")
+    spec = f"{tmp_path}/{{broken,two}}.zip::{raw.zips[0]}"
+    result = runner.invoke(
+        app,
+        ["convert", "mmc4", spec, "--image-dir", str(raw.image_dir), "-o", str(tmp_path / "o")],
+    )
+    assert result.exit_code == 1
+    err = " ".join(result.stderr.split())
+    assert f"{tmp_path}/broken.zip is not a valid zip file" in err
+    assert "holds 2 .jsonl files (a.jsonl, b.jsonl); an MMC4 zip holds exactly one" in err
+    assert json.loads((tmp_path / "o" / "sizes.json").read_text()) == {"docs_shard_0_v2.tar": 6}
+
+
+def test_image_checks() -> None:
+    from flamingo_cli.convert.images import CorruptImage, check_image
+    from flamingo_cli.synthetic import encode, shape_image
+
+    image = shape_image("red", "circle", 40, random.Random(0))
+    jpeg, png, webp = (encode(image, f) for f in ("JPEG", "PNG", "WEBP"))
+    assert (check_image(jpeg).extension, check_image(jpeg).width) == ("jpg", 40)
+    assert check_image(jpeg + b"\n\0").height == 40  # bytes after the end marker are tolerated
+    assert check_image(png).extension == "png" and check_image(webp).extension == "webp"
+    for bad, reason in [
+        (jpeg[: len(jpeg) // 2], "end marker"),
+        (png[:-20], "IEND"),
+        (b"\xff\xd8" + b"\x00" * 50 + b"\xff\xd9", "marker"),
+        (b"GIF89a-not-really", "cannot parse"),
+        (b"", "empty"),
+    ]:
+        with pytest.raises(CorruptImage, match=reason):
+            check_image(bad)

@@ -96,7 +96,7 @@ def mmc4(
     docs_spec: Annotated[
         list[str],
         typer.Argument(
-            metavar="DOCS_SPEC...",
+            metavar="DOCS_SPEC",
             help="Document files: brace spec of .zip (one .jsonl each) or .jsonl, '::' joins "
             "specs; several arguments are joined the same way.",
         ),
@@ -142,9 +142,9 @@ def mmc4(
 ) -> None:
     """Convert raw MMC4 documents and images into interleaved tar shards.
 
-    Each input file gives <stem>.tar (or <stem>-<k>.tar when split); every found image gets
-    `image_base64`. Writes sizes.json and manifest.json; a rerun resumes. Exit 1 when an input
-    failed, or under --strict when anything was skipped.
+    Each input file gives <stem>.tar (<stem>-<k>.tar when split), one <stem>-<line>.json sample per document, with image_base64 added to every image found. Also writes sizes.json and manifest.json; a rerun skips complete shards.
+
+    Exit 0 on success, 1 when an input failed (or, with --strict, anything was skipped), 2 on usage errors.
     """
     with user_errors():
         from flamingo_cli.convert.mmc4 import Mmc4Options, convert_mmc4
@@ -159,14 +159,14 @@ def mmc4(
             docs_per_shard=docs_per_shard,
             max_shard_bytes=max_shard_bytes,
         )
-        with convert_progress("mmc4") as progress:
+        with convert_progress("mmc4", enabled=not json_) as progress:
             report = convert_mmc4(
                 "::".join(docs_spec),
                 out,
                 options,
                 workers=workers,
                 overwrite=overwrite,
-                on_progress=None if json_ else progress,
+                on_progress=progress,
             )
         _finish(report, json_, strict)
 
@@ -207,8 +207,9 @@ def laion(
 ) -> None:
     """Convert image-caption pairs into img2dataset-layout tar shards (image, .txt, .json).
 
-    Checks img2dataset tars against their _stats.json and drops samples without an image or
-    caption. Writes sizes.json and manifest.json; a rerun resumes.
+    Checks img2dataset tars against their _stats.json and drops samples without an image or caption. Also writes sizes.json and manifest.json; a rerun skips complete shards.
+
+    Exit 0 on success, 1 when an input failed (or, with --strict, anything was skipped), 2 on usage errors.
     """
     with user_errors():
         from flamingo_cli.convert.laion import LaionOptions, convert_laion
@@ -220,13 +221,13 @@ def laion(
             image_column=image_column,
             caption_column=caption_column,
         )
-        with convert_progress("laion") as progress:
+        with convert_progress("laion", enabled=not json_) as progress:
             report = convert_laion(
                 src,
                 out,
                 options,
                 workers=workers,
                 overwrite=overwrite,
-                on_progress=None if json_ else progress,
+                on_progress=progress,
             )
         _finish(report, json_, strict)

@@ -30,8 +30,13 @@ class _Rates(ProgressColumn):
 
 
 @contextmanager
-def convert_progress(label: str) -> Iterator[Callable[[ProgressState], None]]:
+def convert_progress(
+    label: str, *, enabled: bool = True
+) -> Iterator[Callable[[ProgressState], None] | None]:
     """A progress bar on stderr (hidden under --quiet); yields the callback the library calls."""
+    if not enabled or settings.verbosity < 0:
+        yield None
+        return
     progress = Progress(
         TextColumn(f"[bold]{label}[/]"),
         BarColumn(),
@@ -39,7 +44,6 @@ def convert_progress(label: str) -> Iterator[Callable[[ProgressState], None]]:
         _Rates(),
         TimeRemainingColumn(),
         console=err_console,
-        disable=settings.verbosity < 0,
         transient=False,
     )
     task_id = progress.add_task(label, total=None, tasks="", samples=0, image_bytes=0)
