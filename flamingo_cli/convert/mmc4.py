@@ -12,11 +12,12 @@ import json
 import posixpath
 import re
 import zipfile
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 from flamingo_cli.convert.images import CorruptImage, ImageOptions, prepare_image
 from flamingo_cli.convert.runner import (
@@ -137,7 +138,6 @@ class Mmc4Task:
             if open_error_is_missing(exc):
                 return _missing(record)
             raise
-        prefix = self.image_prefix()
         counts_by_part: dict[int, Counter[str]] = {}
         track = self.weight > 0
         with SplitTarWriter(
@@ -145,24 +145,53 @@ class Mmc4Task:
             max_samples=self.options.docs_per_shard,
             max_bytes=self.options.max_shard_bytes,
         ) as writer:
-            for number, line in lines:
-                counts = Counter[str]()
-                sample = self._convert_line(number, line, prefix, counts, record)
-                image_bytes = counts["image_bytes"]
+            for number, size, doc, counts, images in self._read_ahead(lines, record):
+                sample = None
+                if doc is not None and images is not None:
+                    sample = self._sample(number, doc, images.result(), counts)
                 if sample is not None:
                     writer.write(sample)
                 counts_by_part.setdefault(writer.part, Counter()).update(counts)
                 record.counts.update(counts)
-                progress(len(line) if track else 0, 1 if sample else 0, image_bytes)
+                progress(size if track else 0, 1 if sample else 0, counts["image_bytes"])
         for k, (path, samples, size) in enumerate(writer.parts):
             stats = dict(sorted(counts_by_part.get(k, Counter()).items()))
             record.shards.append(ShardRecord(path.name, samples, size, stats))
         return record
 
-    def _convert_line(
-        self, number: int, line: bytes, prefix: str, counts: Counter[str], record: TaskRecord
-    ) -> dict[str, str | bytes] | None:
-        counts["docs_in"] += 1
+    def _read_ahead(
+        self, lines: Iterator[tuple[int, bytes]], record: TaskRecord
+    ) -> Iterator[
+        tuple[int, int, dict[str, Any] | None, Counter[str], Future[list[_Image]] | None]
+    ]:
+        """Documents in line order, their images read and checked by threads a few docs ahead.
+
+        Reading (and re-encoding) releases the GIL, so a worker keeps the disk or the object
+        store busy while it encodes the previous documents.
+        """
+        prefix = self.image_prefix()
+        window: deque[
+            tuple[int, int, dict[str, Any] | None, Counter[str], Future[list[_Image]] | None]
+        ] = deque()
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            for number, line in lines:
+                counts: Counter[str] = Counter(docs_in=1)
+                doc = self._parse(number, line, counts, record)
+                images = None
+                if doc is not None:
+                    images = pool.submit(
+                        _load_images, prefix, doc["image_info"], self.options.image
+                    )
+                window.append((number, len(line), doc, counts, images))
+                if len(window) > READ_AHEAD:
+                    yield window.popleft()
+            while window:
+                yield window.popleft()
+
+    def _parse(
+        self, number: int, line: bytes, counts: Counter[str], record: TaskRecord
+    ) -> dict[str, Any] | None:
+        """The document of a line, or None (counted, and reported when the line is bad)."""
         try:
             doc = json.loads(line.rstrip(b"\r\n"))
         except (ValueError, UnicodeDecodeError) as exc:
@@ -190,32 +219,53 @@ class Mmc4Task:
                 )
             )
             return None
-        assert isinstance(doc, dict)
         if self.options.drop_url_duplicates and doc.get("could_have_url_duplicate") == 1:
             counts["dropped_url_duplicate"] += 1
             return None
-        found = 0
+        assert isinstance(doc, dict)
+        return doc
+
+    def _sample(
+        self, number: int, doc: dict[str, Any], images: list[_Image], counts: Counter[str]
+    ) -> dict[str, str | bytes] | None:
+        """The output sample of a document whose images were loaded, or None when dropped."""
         encoded: list[bytes] = []
-        for image in images:
-            data = _read_image(prefix, image.get("image_name"))
-            if data is None:
-                counts["images_missing"] += 1
-                continue
-            counts["image_bytes"] += len(data)
-            try:
-                checked = prepare_image(data, self.options.image)
-            except CorruptImage:
-                counts["images_corrupt"] += 1
-                continue
-            image["image_base64"] = _placeholder(len(encoded))
-            encoded.append(base64.b64encode(checked.data))
-            counts["images_found"] += 1
-            found += 1
-        if found < self.options.min_images:
+        for info, (status, raw_size, data) in zip(doc["image_info"], images, strict=True):
+            counts["image_bytes"] += raw_size
+            counts[status] += 1
+            if data is not None:
+                info["image_base64"] = _placeholder(len(encoded))
+                encoded.append(base64.b64encode(data))
+        if len(encoded) < self.options.min_images:
             counts["dropped_min_images"] += 1
             return None
         counts["docs_out"] += 1
         return {"__key__": f"{self.name}-{number:06d}", "json": _dump(doc, encoded)}
+
+
+# (count to increment, bytes read, bytes to store or None)
+_Image = tuple[str, int, bytes | None]
+READ_THREADS = 4
+READ_AHEAD = 16  # documents
+
+
+def _load_images(
+    prefix: str, image_info: list[dict[str, Any]], options: ImageOptions
+) -> list[_Image]:
+    """Read and check every image of a document (runs in a reader thread)."""
+    loaded: list[_Image] = []
+    for info in image_info:
+        raw = _read_image(prefix, info.get("image_name"))
+        if raw is None:
+            loaded.append(("images_missing", 0, None))
+            continue
+        try:
+            data = prepare_image(raw, options).data
+        except CorruptImage:
+            loaded.append(("images_corrupt", len(raw), None))
+            continue
+        loaded.append(("images_found", len(raw), data))
+    return loaded
 
 
 def _placeholder(index: int) -> str:
