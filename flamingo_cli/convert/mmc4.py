@@ -356,11 +356,13 @@ def _open_lines(url: str) -> Iterator[tuple[int, bytes]]:
         stream = handle
 
     def lines() -> Iterator[tuple[int, bytes]]:
-        with stream:
-            for number, line in enumerate(stream, start=1):
-                if line.strip():
-                    yield number, line
-        handle.close()
+        try:
+            with stream:
+                for number, line in enumerate(stream, start=1):
+                    if line.strip():
+                        yield number, line
+        finally:
+            handle.close()
 
     return lines()
 
