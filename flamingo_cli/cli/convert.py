@@ -159,7 +159,7 @@ def mmc4(
             docs_per_shard=docs_per_shard,
             max_shard_bytes=max_shard_bytes,
         )
-        with convert_progress("mmc4", enabled=not json_) as progress:
+        with convert_progress("mmc4", "docs", enabled=not json_) as progress:
             report = convert_mmc4(
                 "::".join(docs_spec),
                 out,
@@ -221,7 +221,7 @@ def laion(
             image_column=image_column,
             caption_column=caption_column,
         )
-        with convert_progress("laion", enabled=not json_) as progress:
+        with convert_progress("laion", "samples", enabled=not json_) as progress:
             report = convert_laion(
                 src,
                 out,

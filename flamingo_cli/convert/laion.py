@@ -440,6 +440,8 @@ def folder_items(directory: Path) -> list[PairItem]:
 def plan_laion(src: str, options: LaionOptions) -> list[Img2DatasetTask] | list[PairChunkTask]:
     """Tasks for `src`: one per img2dataset tar, or one per fixed slice of a folder or table."""
     is_local = url_kind(src) == "local"
+    if is_local and not any(c in src for c in "{*?[") and not local_path(src).exists():
+        raise ConvertError(f"SRC {src} does not exist", fix="check the path")
     if src.endswith(TABLE_SUFFIXES):
         return _chunks(src, table_rows(src, options), options)
     if options.image_column or options.caption_column:
@@ -461,7 +463,8 @@ def plan_laion(src: str, options: LaionOptions) -> list[Img2DatasetTask] | list[
     bad = [u for u in urls if not u.endswith(".tar")]
     if bad or not urls:
         raise ConvertError(
-            f"SRC {src!r} is neither img2dataset .tar shards, a folder nor a table ({bad[:3]})",
+            f"SRC {src!r} is neither img2dataset .tar shards, a folder nor a table"
+            + (f" (not a .tar: {', '.join(bad[:3])})" if bad else ""),
             fix="give shards/{00000..00099}.tar, a directory, or a .csv/.parquet/.jsonl table",
         )
     return [

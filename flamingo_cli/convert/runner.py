@@ -318,20 +318,23 @@ def run_tasks(
     check_unique_names(tasks)
     (out / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
 
-    done: dict[str, TaskRecord] = {}
-    pending: list[Task] = []
-    for task in tasks:
-        old = load_record(out, task.name)
-        if old is not None and not overwrite:
-            if old.fingerprint != task.fingerprint():
+    old_records = {t.name: load_record(out, t.name) for t in tasks}
+    if not overwrite:  # refuse before touching anything
+        for task in tasks:
+            old = old_records[task.name]
+            if old is not None and old.fingerprint != task.fingerprint():
                 raise ConvertError(
                     f"{out} already holds shards of {task.input} converted with other options "
                     f"or inputs (record {_record_path(out, task.name)})",
                     fix="pass --overwrite to redo them, or choose another --out directory",
                 )
-            if _complete(out, old):
-                done[task.name] = old
-                continue
+    done: dict[str, TaskRecord] = {}
+    pending: list[Task] = []
+    for task in tasks:
+        old = old_records[task.name]
+        if old is not None and not overwrite and _complete(out, old):
+            done[task.name] = old
+            continue
         _clean(out, task, old)
         pending.append(task)
 
@@ -360,7 +363,9 @@ def run_tasks(
     else:
         results.update(_run_pool(pending, out, n, state, report))
 
-    reused = [name for name in done]
+    state.work_done = state.work_total  # weights are estimates: show the bar full at the end
+    report(0, 0, 0)
+    reused = list(done)
     records = [done.get(t.name) or results[t.name] for t in tasks]
     write_manifest(out, kind)
     return ConvertReport(kind, out, records, reused, time.monotonic() - start, strict_keys)

@@ -20,20 +20,29 @@ if TYPE_CHECKING:
 class _Rates(ProgressColumn):
     """Samples per second and image MB per second since the start."""
 
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
     def render(self, task: Task) -> Text:
         elapsed = task.elapsed or 0.0
         samples = task.fields.get("samples", 0)
         mb = task.fields.get("image_bytes", 0) / 1e6
         if elapsed <= 0:
             return Text("")
-        return Text(f"{samples / elapsed:,.0f} docs/s  {mb / elapsed:,.1f} MB/s", style="cyan")
+        return Text(
+            f"{samples / elapsed:,.0f} {self.unit}/s  {mb / elapsed:,.1f} MB/s", style="cyan"
+        )
 
 
 @contextmanager
 def convert_progress(
-    label: str, *, enabled: bool = True
+    label: str, unit: str, *, enabled: bool = True
 ) -> Iterator[Callable[[ProgressState], None] | None]:
-    """A progress bar on stderr (hidden under --quiet); yields the callback the library calls."""
+    """A progress bar on stderr, shown from the first update (hidden under --quiet and --json).
+
+    Yields the callback the library calls, or None when nothing is shown.
+    """
     if not enabled or settings.verbosity < 0:
         yield None
         return
@@ -41,14 +50,15 @@ def convert_progress(
         TextColumn(f"[bold]{label}[/]"),
         BarColumn(),
         TextColumn("{task.fields[tasks]}"),
-        _Rates(),
+        _Rates(unit),
         TimeRemainingColumn(),
         console=err_console,
-        transient=False,
     )
     task_id = progress.add_task(label, total=None, tasks="", samples=0, image_bytes=0)
 
     def update(state: ProgressState) -> None:
+        if not progress.live.is_started:
+            progress.start()
         progress.update(
             task_id,
             total=state.work_total or None,
@@ -58,8 +68,11 @@ def convert_progress(
             image_bytes=state.image_bytes,
         )
 
-    with progress:
+    try:
         yield update
+    finally:
+        if progress.live.is_started:
+            progress.stop()
 
 
 _LABELS = {
