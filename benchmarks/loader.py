@@ -1,11 +1,12 @@
 """MMC4 documents per second per worker: ours against OpenFlamingo's `preprocess_interleaved`.
 
-Both run in this process on one thread, on the same generated shards (JPEG images of 256-512 px,
-3-7 per document, 10-30 sentences), the same tokenizer (the bundled tiny one) and the same
-224 px open_clip validation transform. Also times fast-forwarding a resumed loader against
-loading the same batches.
+Both run in this process on one thread, on the same generated documents (`synthetic.web_samples`:
+3-7 JPEG images of 256-512 px by default, about 400 tokens of text as in MMC4), the same
+tokenizer (the bundled tiny one) and the same 224 px open_clip validation transform; the
+contenders alternate and each keeps its best pass. Also times fast-forwarding a resumed loader
+against loading the same batches.
 
-    PYTHONPATH=. python benchmarks/loader.py [--docs 120] [--repeat 2]
+    PYTHONPATH=. python benchmarks/loader.py [--docs 120] [--repeat 3] [--sides 448,800]
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=120, help="documents (over 2 shards)")
     parser.add_argument("--repeat", type=int, default=3, help="passes per contender")
     parser.add_argument("--sides", default="256,512", help="image side range in px, e.g. 448,800")
+    parser.add_argument(
+        "--noise", type=int, default=10, help="pixel noise: 10 ~ 1.7 bits/pixel, 40 ~ 4.4"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -106,11 +110,15 @@ def main() -> None:
         low, high = (int(v) for v in args.sides.split(","))
         paths = [root / f"{shard:05d}.tar" for shard in range(2)]
         for shard, path in enumerate(paths):
-            write_tar(path, web_samples(shard, args.docs // 2, seed=0, sides=(low, high)))
+            write_tar(
+                path,
+                web_samples(shard, args.docs // 2, seed=0, sides=(low, high), noise=args.noise),
+            )
         samples = read_samples(paths)
         images = sum(s["json"].count(b'"image_base64"') for s in samples)
         print(
-            f"{len(samples)} documents, {images} JPEG images of {low}-{high} px, "
+            f"{len(samples)} documents, {images} JPEG images of {low}-{high} px "
+            f"({sum(len(s['json']) for s in samples) * 3 // 4 // images // 1000} KB each), "
             "224 px open_clip transform, bundled tiny tokenizer, 1 thread"
         )
 

@@ -139,9 +139,12 @@ def web_samples(
     seed: int,
     images_per_doc: tuple[int, int] = (3, 7),
     sides: tuple[int, int] = (256, 512),
+    noise: int = 10,
 ) -> Iterator[dict[str, str | bytes]]:
-    """MMC4-like documents of realistic weight for benchmarks: 10-30 sentences, JPEG images
-    with sides in `sides` px (quality 90), similarities spread around the 0.24 threshold.
+    """MMC4-like documents of realistic weight for benchmarks: 5-15 sentences (about 400 tokens
+    with the tiny tokenizer, near MMC4's average), 3-7 JPEG images with sides in `sides` px
+    (quality 90; noise 10 gives about 1.7 bits per pixel, like web photos), similarities spread
+    around the 0.24 threshold.
     """
     rng = random.Random(f"web-{seed}-{shard}")
     words = ("the", "a", "shape", "colour", "picture", "page", "shows", "with", "and", "of")
@@ -149,13 +152,13 @@ def web_samples(
         key = f"web-{shard:05d}-{i:04d}"
         texts = [
             " ".join(rng.choice(words) for _ in range(rng.randint(8, 25))).capitalize() + "."
-            for _ in range(rng.randint(10, 30))
+            for _ in range(rng.randint(5, 15))
         ]
         image_info, sims = [], []
         for j in range(rng.randint(*images_per_doc)):
             color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
             width, height = rng.randint(*sides), rng.randint(*sides)
-            image = shape_image(color, shape, max(width, height), rng, noise=40)
+            image = shape_image(color, shape, max(width, height), rng, noise=noise)
             buffer = io.BytesIO()
             image.crop((0, 0, width, height)).save(buffer, format="JPEG", quality=90)
             image_info.append(
