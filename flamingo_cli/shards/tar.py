@@ -283,7 +283,6 @@ class TarReader:
     def _walk_stream(self) -> Iterator[tuple[TarMember, bytes | None]]:
         assert self._stream is not None
         stream = self._stream
-        scratch = bytearray(_CHUNK)
         offset = 0
         long_name: str | None = None
         pax: dict[str, str] = {}
@@ -294,9 +293,8 @@ class TarReader:
 
         def skip(n: int) -> int:
             skipped = 0
-            view = memoryview(scratch)
             while skipped < n:
-                got = stream.readinto(view[: min(n - skipped, _CHUNK)])
+                got = len(stream.read(min(n - skipped, _CHUNK)) or b"")
                 if not got:
                     break
                 skipped += got
