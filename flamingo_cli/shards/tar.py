@@ -59,6 +59,7 @@ class TarDamage:
     kind: DamageKind
     offset: int
     message: str
+    name: str | None = None  # the member that was cut off, when its header is intact
 
 
 class _Corrupt(Exception):
@@ -194,8 +195,8 @@ class TarReader:
         else:
             yield from self._walk_stream()
 
-    def _stop(self, kind: DamageKind, offset: int, message: str) -> None:
-        self.damage = TarDamage(kind, offset, message)
+    def _stop(self, kind: DamageKind, offset: int, message: str, name: str | None = None) -> None:
+        self.damage = TarDamage(kind, offset, message, name)
         self.end = offset
 
     # Local files: one pass over the headers, then the checksums of all of them at once.
@@ -244,6 +245,7 @@ class TarReader:
                     offset,
                     f"is truncated: the member at byte {offset} needs {member_size} bytes of "
                     f"data, the file ends at byte {size}",
+                    pax.get("path") or long_name or _name(block) if kind in _REGULAR else None,
                 )
                 break
             if kind in _REGULAR:
@@ -334,10 +336,10 @@ class TarReader:
                 if self.want is not None and self.want(name):
                     data = read_exact(member_size)
                     if len(data) < member_size or skip(padded - member_size) < padded - member_size:
-                        self._stop("truncated", offset, cut)
+                        self._stop("truncated", offset, cut, name)
                         return
                 elif skip(padded) < padded:
-                    self._stop("truncated", offset, cut)
+                    self._stop("truncated", offset, cut, name)
                     return
                 yield member, data
             else:
