@@ -41,9 +41,7 @@ def inspect_shards(
             help="Write one self-contained HTML page showing samples as the model sees them.",
         ),
     ] = None,
-    samples: Annotated[
-        int, typer.Option("--samples", min=1, help="Samples in the preview.")
-    ] = 12,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Samples in the preview.")] = 12,
     seed: Annotated[int, typer.Option("--seed", help="Seed that picks the preview samples.")] = 0,
     recipe: Annotated[
         Path | None,

@@ -113,7 +113,9 @@ def inspect_shards(
     reports = _scan_all(tasks, options.workers, progress)
     report = InspectReport(
         [
-            GroupReport(g.name, [reports[(u, g.settings)] for u in g.urls], g.settings.expected_kind)
+            GroupReport(
+                g.name, [reports[(u, g.settings)] for u in g.urls], g.settings.expected_kind
+            )
             for g in groups
         ],
         max_errors=options.max_errors,

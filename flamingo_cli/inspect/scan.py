@@ -60,21 +60,21 @@ def scan_shard(url: str, settings: ScanSettings) -> ShardReport:
     try:
         _scan(url, settings, report)
     except OpenerError as exc:
-        report.add(Finding(url, "unreadable", exc.message))
+        fix = f"; fix: {exc.fix}" if exc.fix else ""
+        report.add(Finding(url, "unreadable", f"{exc.message}{fix}"))
     try:
         report.stats_successes = _stats_successes(url, settings.allow_pipe)
     except OpenerError as exc:
         report.add(Finding(url, "stats-json", exc.message))
-    if report.stats_successes is not None and report.readable:
-        if report.stats_successes != report.samples:
-            report.add(
-                Finding(
-                    url,
-                    "stats-json",
-                    f"_stats.json says {report.stats_successes} successes, the tar holds "
-                    f"{report.samples} samples",
-                )
+    successes = report.stats_successes
+    if successes is not None and report.readable and successes != report.samples:
+        report.add(
+            Finding(
+                url,
+                "stats-json",
+                f"_stats.json says {successes} successes, the tar holds {report.samples} samples",
             )
+        )
     return report
 
 
@@ -187,7 +187,9 @@ def _check_members(
         common.add("txt")
     else:
         common.add("json")
-    for sample_key, exts, offset in samples:
+    # The last sample of a damaged shard is cut by the damage, which is reported already.
+    checked = samples[:-1] if report.damaged_at is not None else samples
+    for sample_key, exts, offset in checked:
         missing = [f"no .{e} member" for e in sorted(common - exts)]
         if kind == "pairs" and not exts & set(PAIR_IMAGE_EXTS):
             other = sorted(exts & set(IMAGE_EXTS))

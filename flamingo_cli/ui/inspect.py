@@ -60,9 +60,7 @@ def _shard_table(group: GroupReport) -> Table:
     table.add_column("size", justify="right", footer=_bytes(group.total("bytes")))
     table.add_column("extensions", footer=escape(_extensions(group.extensions)))
     table.add_column("sizes.json", justify="right")
-    table.add_column(
-        "problems", footer=_problems(group.total("errors"), group.total("warnings"))
-    )
+    table.add_column("problems", footer=_problems(group.total("errors"), group.total("warnings")))
     shown_clean = 0
     hidden = 0
     for shard in shards:
