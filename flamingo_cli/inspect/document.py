@@ -13,12 +13,14 @@ import io
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flamingo_cli.data.assign import Assignment, assign_images, large_enough
 from flamingo_cli.errors import Severity
 from flamingo_cli.inspect.report import Kind
 from flamingo_cli.model.tokenizer import ENDOFCHUNK, IMAGE, PAD
+
+if TYPE_CHECKING:
+    from flamingo_cli.data.assign import Assignment
 
 SPECIAL_TOKENS = (IMAGE, ENDOFCHUNK, PAD)
 PAIR_IMAGE_EXTS = ("jpg", "jpeg", "png")  # what OpenFlamingo's LAION loader reads
@@ -224,6 +226,8 @@ def _view_pair(key: str, members: Mapping[str, bytes]) -> SampleView:
 
 
 def _view_mmc4(view: SampleView, doc: dict[str, Any], filters: Filters, decode_all: bool) -> None:
+    from flamingo_cli.data.assign import assign_images, large_enough  # scipy: deep mode only
+
     texts, infos, matrix = doc.get("text_list"), doc.get("image_info"), doc.get("similarity_matrix")
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         view.issues.append(Issue("document", "text_list is not a list of strings"))

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import posixpath
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import repeat
 from typing import Any
 
 from flamingo_cli.errors import OpenerError
@@ -24,7 +26,7 @@ from flamingo_cli.inspect.document import (
 from flamingo_cli.inspect.report import DeepStats, Finding, Kind, ShardReport
 from flamingo_cli.shards.opener import open_url
 from flamingo_cli.shards.spec import local_path, url_kind
-from flamingo_cli.shards.tar import TarReader, split_member
+from flamingo_cli.shards.tar import TarMember, TarReader, split_member
 
 DEFAULT_MAX_TOKENS: dict[Kind, int] = {"pairs": 32, "interleaved": 256}
 _KIND_NAMES: dict[Kind, str] = {"pairs": "image-text pairs", "interleaved": "interleaved documents"}
@@ -81,30 +83,37 @@ def scan_shard(url: str, settings: ScanSettings) -> ShardReport:
 def _scan(url: str, settings: ScanSettings, report: ShardReport) -> None:
     samples: list[tuple[str, frozenset[str], int]] = []
     seen: dict[str, int] = {}
-    extensions: Counter[str] = Counter()
-    ext_sets: dict[frozenset[str], frozenset[str]] = {}
+    all_exts: list[str] = []
+    ext_sets: dict[tuple[str, ...], frozenset[str]] = {}
     deep = DeepStats() if settings.deep else None
     key: str | None = None
     start = 0
-    exts: set[str] = set()
+    exts: list[str] = []
     data: dict[str, bytes] = {}
 
     def finish() -> None:
-        if key is None:
-            return
-        found = frozenset(exts)
-        samples.append((key, ext_sets.setdefault(found, found), start))
+        found = tuple(exts)
+        if found not in ext_sets:
+            ext_sets[found] = frozenset(found)
+        assert key is not None
+        samples.append((key, ext_sets[found], start))
         if deep is not None:
             _deep_check(url, key, data, settings, report, deep)
 
     want = (lambda name: True) if settings.deep else None
+    add_ext = all_exts.append
     with TarReader(url, allow_pipe=settings.allow_pipe, want=want) as reader:
-        for member, payload in reader:
-            name_key, ext = split_member(member.name)
-            report.members += 1
-            extensions[ext] += 1
+        entries: Iterable[tuple[TarMember, bytes | None]] = (
+            reader if settings.deep else zip(reader.members(), repeat(None))
+        )
+        for member, payload in entries:  # hot loop: webdataset's key rule inlined
+            name = member[0]
+            dot = name.find(".", name.rfind("/") + 1)
+            name_key, ext = (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
+            add_ext(ext)
             if name_key != key:
-                finish()
+                if key is not None:
+                    finish()
                 if name_key in seen:
                     report.duplicate_keys += 1
                     report.add(
@@ -119,7 +128,7 @@ def _scan(url: str, settings: ScanSettings, report: ShardReport) -> None:
                     )
                 else:
                     seen[name_key] = member.offset
-                key, start, exts, data = name_key, member.offset, set(), {}
+                key, start, exts, data = name_key, member.offset, [ext], {}
             elif ext in exts:
                 report.duplicate_keys += 1
                 report.add(
@@ -132,10 +141,14 @@ def _scan(url: str, settings: ScanSettings, report: ShardReport) -> None:
                         offset=member.offset,
                     )
                 )
-            exts.add(ext)
+            else:
+                exts.append(ext)
             if payload is not None:
                 data[ext] = payload
-        finish()
+        if key is not None:
+            finish()
+    report.members = len(all_exts)
+    extensions = Counter(all_exts)
     report.samples = len(samples)
     report.extensions = dict(extensions)
     report.bytes = reader.file_size if reader.file_size is not None else reader.end
@@ -163,7 +176,9 @@ def _check_members(
     report: ShardReport,
 ) -> None:
     """Kind of the shard, then every sample missing a member the others have."""
-    kinds = Counter(sample_kind(exts) for _, exts, _ in samples)
+    kinds: Counter[Kind | None] = Counter()
+    for exts, n in Counter(exts for _, exts, _ in samples).items():
+        kinds[sample_kind(exts)] += n
     kinds.pop(None, None)
     if not kinds:
         return
@@ -180,8 +195,9 @@ def _check_members(
             )
         )
     counts: Counter[str] = Counter()
-    for _, exts, _ in samples:
-        counts.update(exts)
+    for exts, n in Counter(exts for _, exts, _ in samples).items():
+        for ext in exts:
+            counts[ext] += n
     common = {e for e, n in counts.items() if 2 * n >= len(samples) and e not in IMAGE_EXTS}
     if kind == "pairs":
         common.add("txt")

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Literal
+from typing import IO, TYPE_CHECKING, Literal, NamedTuple
 
 from flamingo_cli.errors import OpenerError
 from flamingo_cli.shards.opener import open_url
@@ -42,8 +42,7 @@ def split_member(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :]
 
 
-@dataclass(frozen=True, slots=True)
-class TarMember:
+class TarMember(NamedTuple):
     """One regular file in a tar: its name, the offset of its header, and its data."""
 
     name: str
@@ -195,6 +194,12 @@ class TarReader:
         else:
             yield from self._walk_stream()
 
+    def members(self) -> list[TarMember]:
+        """All regular-file members without their data (the fast path for listings)."""
+        if self._local:
+            return self._walk_mapped()
+        return [member for member, _ in self._walk_stream()]
+
     def _stop(self, kind: DamageKind, offset: int, message: str, name: str | None = None) -> None:
         self.damage = TarDamage(kind, offset, message, name)
         self.end = offset
@@ -208,35 +213,35 @@ class TarReader:
         if buf is None:
             self._stop("truncated", 0, "is empty")
             return members
+        add_member, add_header, add_owner = members.append, headers.append, owners.append
         offset = 0
         long_name: str | None = None
         pax: dict[str, str] = {}
-        while True:
+        while True:  # the hot loop: one iteration per member, kept lean on purpose
             if offset + BLOCK > size:
                 if offset >= size:
-                    self._stop(
-                        "truncated",
-                        offset,
-                        f"is truncated: it ends at byte {size} without the end-of-archive marker",
+                    message = (
+                        f"is truncated: it ends at byte {size} without the end-of-archive marker"
                     )
                 else:
-                    self._stop(
-                        "truncated", offset, f"is truncated: the header at byte {offset} is cut off"
-                    )
+                    message = f"is truncated: the header at byte {offset} is cut off"
+                self._stop("truncated", offset, message)
                 break
             block = buf[offset : offset + BLOCK]
-            if block[0] == 0 and not block.strip(b"\0"):
+            if not block[0] and not block.strip(b"\0"):
                 self.end = offset
                 break
-            headers.append(offset)
-            owners.append(len(members))
+            add_header(offset)
+            add_owner(len(members))
             try:
-                member_size = _octal(block[124:136])
-            except _Corrupt as exc:
-                self._stop(
-                    "corrupt", offset, f"has a corrupt header at byte offset {offset} ({exc})"
-                )
-                break
+                member_size = int(block[124:135], 8)  # 11 octal digits: what writers emit
+            except ValueError:
+                try:
+                    member_size = _octal(block[124:136])
+                except _Corrupt as exc:
+                    message = f"has a corrupt header at byte offset {offset} ({exc})"
+                    self._stop("corrupt", offset, message)
+                    break
             kind = block[156:157]
             data_offset = offset + BLOCK
             if data_offset + member_size > size:
@@ -249,30 +254,41 @@ class TarReader:
                 )
                 break
             if kind in _REGULAR:
-                name = pax.get("path") or long_name or _name(block)
-                if "size" in pax:
-                    member_size = int(pax["size"])
-                members.append(TarMember(name, offset, data_offset, member_size))
-                long_name, pax = None, {}
+                if long_name is None and not pax:
+                    end = block.find(b"\0", 0, 100)
+                    name = block[: end if end >= 0 else 100]
+                    if block[345] and block[257:263] == b"ustar\0":
+                        name = _name(block).encode("utf-8", "surrogateescape")
+                    add_member(
+                        TarMember(
+                            name.decode("utf-8", "surrogateescape"),
+                            offset,
+                            data_offset,
+                            member_size,
+                        )
+                    )
+                else:
+                    if "size" in pax:
+                        member_size = int(pax["size"])
+                    name_text = pax.get("path") or long_name or _name(block)
+                    add_member(TarMember(name_text, offset, data_offset, member_size))
+                    long_name, pax = None, {}
             elif kind == b"L":
                 long_name = (
-                    bytes(buf[data_offset : data_offset + member_size])
+                    buf[data_offset : data_offset + member_size]
                     .split(b"\0", 1)[0]
                     .decode("utf-8", "surrogateescape")
                 )
             elif kind == b"x":
                 try:
-                    pax = _pax(bytes(buf[data_offset : data_offset + member_size]))
+                    pax = _pax(buf[data_offset : data_offset + member_size])
                 except _Corrupt as exc:
-                    self._stop(
-                        "corrupt",
-                        offset,
-                        f"has a corrupt pax header at byte offset {offset} ({exc})",
-                    )
+                    message = f"has a corrupt pax header at byte offset {offset} ({exc})"
+                    self._stop("corrupt", offset, message)
                     break
             else:
                 long_name, pax = None, {}
-            offset = data_offset + _padded(member_size)
+            offset = data_offset + (member_size + 511) // 512 * 512
         bad = _first_bad_checksum(buf, size, headers)
         if bad is not None:
             self._stop(
@@ -380,7 +396,8 @@ def _first_bad_checksum(buf: mmap.mmap, size: int, headers: list[int]) -> int | 
         blocks = array.reshape(-1, BLOCK)
         for start in range(0, len(headers), _CHECKSUM_BATCH):
             rows = blocks[np.asarray(headers[start : start + _CHECKSUM_BATCH]) // BLOCK]
-            computed = rows.sum(axis=1, dtype=np.int64) - rows[:, 148:156].sum(axis=1) + 8 * 32
+            field = rows[:, 148:156].sum(axis=1, dtype=np.int64)
+            computed = rows.sum(axis=1, dtype=np.int64) - field + 8 * 32
             for i in np.flatnonzero(computed != _stored_checksums(rows)):
                 if not _checksum_ok(bytes(rows[i])):  # signed-sum variant of old writers
                     return start + int(i)
