@@ -453,3 +453,24 @@ def test_help_does_not_import_torch() -> None:
         "from flamingo_cli.ui import inspect; assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_write_sizes_preview_and_recipe(tmp_path: Path) -> None:
+    laion(tmp_path / "00000.tar", count=3)
+    laion(tmp_path / "00001.tar", count=2)
+    page = tmp_path / "preview.html"
+    args = ["inspect-shards", f"{tmp_path}/*.tar", "--write-sizes", "--json"]
+    result = runner.invoke(app, [*args, "--preview", str(page), "--samples", "2", "--seed", "5"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["sizes_written"] == [str(tmp_path / "sizes.json")]
+    assert data["preview"] == str(page)
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {"00000.tar": 3, "00001.tar": 2}
+    assert page.read_text(encoding="utf-8").count("<img ") == 2
+
+    recipe = runner.invoke(
+        app, ["inspect-shards", "--recipe", str(RECIPES / "tiny-cpu.toml"), "--json"]
+    )
+    assert recipe.exit_code == 0, recipe.output
+    names = [g["name"] for g in json.loads(recipe.stdout)["groups"]]
+    assert names == ["laion training", "laion eval", "mmc4 training", "mmc4 eval"]

@@ -7,7 +7,6 @@ quietly: a damaged archive ends the scan with the byte offset and the reason.
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ BLOCK = 512
 _CHUNK = 1 << 20
 _REGULAR = (b"0", b"\0", b"7")
 _CHECKSUM_BATCH = 4096
+_WINDOW = 4096  # bytes read at a header: it and the small members after it
 
 DamageKind = Literal["truncated", "corrupt"]
 
@@ -149,16 +149,14 @@ class TarReader:
         self.end = 0
         self.file_size: int | None = None
         self._local = url_kind(url) == "local"
-        self._map: mmap.mmap | None = None
+        self._fd: int | None = None
         self._stream: IO[bytes] | None = None
         if self._local:
-            path = local_path(url)
             try:
-                with path.open("rb") as handle:
-                    self.file_size = os.fstat(handle.fileno()).st_size
-                    if self.file_size:
-                        self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+                self._fd = os.open(local_path(url), os.O_RDONLY)
+                self.file_size = os.fstat(self._fd).st_size
             except OSError as exc:
+                self.close()
                 raise OpenerError(f"cannot open {url}: {exc.strerror or exc}") from exc
         else:
             self._stream = open_url(url, allow_pipe=allow_pipe)
@@ -175,21 +173,21 @@ class TarReader:
         self.close()
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._stream is not None:
             stream, self._stream = self._stream, None
             stream.close()
 
     def __iter__(self) -> Iterator[tuple[TarMember, bytes | None]]:
         if self._local:
-            members = self._walk_mapped()
-            mapped = self._map
+            members = self._walk_local()
+            fd = self._fd
             for member in members:
                 data = None
-                if self.want is not None and mapped is not None and self.want(member.name):
-                    data = mapped[member.data_offset : member.data_offset + member.size]
+                if self.want is not None and fd is not None and self.want(member.name):
+                    data = os.pread(fd, member.size, member.data_offset)
                 yield member, data
         else:
             yield from self._walk_stream()
@@ -197,23 +195,25 @@ class TarReader:
     def members(self) -> list[TarMember]:
         """All regular-file members without their data (the fast path for listings)."""
         if self._local:
-            return self._walk_mapped()
+            return self._walk_local()
         return [member for member, _ in self._walk_stream()]
 
     def _stop(self, kind: DamageKind, offset: int, message: str, name: str | None = None) -> None:
         self.damage = TarDamage(kind, offset, message, name)
         self.end = offset
 
-    # Local files: one pass over the headers, then the checksums of all of them at once.
-    def _walk_mapped(self) -> list[TarMember]:
-        buf, size = self._map, self.file_size or 0
+    # Local files: jump from header to header with positioned reads (one read usually covers
+    # a header and the small members after it), checksums verified in vectorised batches.
+    def _walk_local(self) -> list[TarMember]:
+        fd, size = self._fd, self.file_size or 0
         members: list[TarMember] = []
-        headers: list[int] = []  # offsets of every header walked, for the checksum pass
-        owners: list[int] = []  # len(members) when each header was walked
-        if buf is None:
+        headers: list[int] = []  # offsets of the headers not yet checksummed
+        blocks: list[bytes] = []  # and their bytes
+        if fd is None or not size:
             self._stop("truncated", 0, "is empty")
             return members
-        add_member, add_header, add_owner = members.append, headers.append, owners.append
+        add_member, add_header, add_block = members.append, headers.append, blocks.append
+        window_start, window = 0, b""
         offset = 0
         long_name: str | None = None
         pax: dict[str, str] = {}
@@ -227,12 +227,17 @@ class TarReader:
                     message = f"is truncated: the header at byte {offset} is cut off"
                 self._stop("truncated", offset, message)
                 break
-            block = buf[offset : offset + BLOCK]
+            at = offset - window_start
+            if at < 0 or at + BLOCK > len(window):
+                window_start, window, at = offset, os.pread(fd, _WINDOW, offset), 0
+            block = window[at : at + BLOCK]
             if not block[0] and not block.strip(b"\0"):
                 self.end = offset
                 break
             add_header(offset)
-            add_owner(len(members))
+            add_block(block)
+            if len(blocks) >= _CHECKSUM_BATCH and self._bad_checksum(headers, blocks, members):
+                return members
             try:
                 member_size = int(block[124:135], 8)  # 11 octal digits: what writers emit
             except ValueError:
@@ -275,13 +280,13 @@ class TarReader:
                     long_name, pax = None, {}
             elif kind == b"L":
                 long_name = (
-                    buf[data_offset : data_offset + member_size]
+                    os.pread(fd, member_size, data_offset)
                     .split(b"\0", 1)[0]
                     .decode("utf-8", "surrogateescape")
                 )
             elif kind == b"x":
                 try:
-                    pax = _pax(buf[data_offset : data_offset + member_size])
+                    pax = _pax(os.pread(fd, member_size, data_offset))
                 except _Corrupt as exc:
                     message = f"has a corrupt pax header at byte offset {offset} ({exc})"
                     self._stop("corrupt", offset, message)
@@ -289,13 +294,26 @@ class TarReader:
             else:
                 long_name, pax = None, {}
             offset = data_offset + (member_size + 511) // 512 * 512
-        bad = _first_bad_checksum(buf, size, headers)
-        if bad is not None:
-            self._stop(
-                "corrupt", headers[bad], f"has a corrupt header at byte offset {headers[bad]}"
-            )
-            del members[owners[bad] :]
+        self._bad_checksum(headers, blocks, members)
         return members
+
+    def _bad_checksum(
+        self,
+        headers: list[int],
+        blocks: list[bytes],
+        members: list[TarMember],
+    ) -> bool:
+        """Check the pending headers; at the first bad one, record the damage and drop the
+        members from there on. Empties the pending lists."""
+        bad = _first_bad_checksum(blocks)
+        if bad is not None:
+            offset = headers[bad]
+            self._stop("corrupt", offset, f"has a corrupt header at byte offset {offset}")
+            while members and members[-1].offset >= offset:
+                members.pop()
+        headers.clear()
+        blocks.clear()
+        return bad is not None
 
     # Streams: headers in order, member data read or skipped as it passes.
     def _walk_stream(self) -> Iterator[tuple[TarMember, bytes | None]]:
@@ -384,25 +402,18 @@ class TarReader:
             offset = data_offset + padded
 
 
-def _first_bad_checksum(buf: mmap.mmap, size: int, headers: list[int]) -> int | None:
-    """Index in `headers` of the first header whose checksum is wrong, or None (vectorised)."""
-    if not headers:
+def _first_bad_checksum(blocks: list[bytes]) -> int | None:
+    """Index of the first header block whose checksum is wrong, or None (vectorised)."""
+    if not blocks:
         return None
     import numpy as np
 
-    whole = size // BLOCK * BLOCK
-    array = np.frombuffer(buf, dtype=np.uint8, count=whole)
-    try:
-        blocks = array.reshape(-1, BLOCK)
-        for start in range(0, len(headers), _CHECKSUM_BATCH):
-            rows = blocks[np.asarray(headers[start : start + _CHECKSUM_BATCH]) // BLOCK]
-            field = rows[:, 148:156].sum(axis=1, dtype=np.int64)
-            computed = rows.sum(axis=1, dtype=np.int64) - field + 8 * 32
-            for i in np.flatnonzero(computed != _stored_checksums(rows)):
-                if not _checksum_ok(bytes(rows[i])):  # signed-sum variant of old writers
-                    return start + int(i)
-    finally:
-        del array
+    rows = np.frombuffer(b"".join(blocks), dtype=np.uint8).reshape(-1, BLOCK)
+    field = rows[:, 148:156].sum(axis=1, dtype=np.int64)
+    computed = rows.sum(axis=1, dtype=np.int64) - field + 8 * 32
+    for i in np.flatnonzero(computed != _stored_checksums(rows)):
+        if not _checksum_ok(blocks[int(i)]):  # the signed-sum variant of old writers
+            return int(i)
     return None
 
 
