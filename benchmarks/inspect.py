@@ -21,6 +21,7 @@ import io
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -91,13 +92,23 @@ def make_mmc4(directory: Path) -> list[Path]:
     return [path]
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    times = []
+def _cpu() -> float:
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median wall seconds and median CPU seconds (this process and its children)."""
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - start)
+        cpus.append(_cpu() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def run_tar(paths: list[Path], workers: int) -> None:
@@ -173,20 +184,26 @@ def main() -> None:
         f"tar -tf (xargs -P{w})": timed(lambda: run_tar(laion, w), args.repeats),
         f"webdataset ({w} processes)": timed(lambda: run_webdataset(laion, w), args.repeats),
     }
-    for name, seconds in results.items():
-        print(f"  {name:32s} {seconds:7.3f} s  {total / seconds / 1e9:8.2f} GB/s")
+    print(f"  {'':32s} {'wall':>8s} {'GB/s':>7s} {'CPU s':>7s}")
+    for name, (wall, cpu) in results.items():
+        print(f"  {name:32s} {wall:7.3f}s {total / wall / 1e9:7.2f} {cpu:7.3f}")
     ours = results["inspect-shards (library)"]
     cli = results["inspect-shards (CLI process)"]
     tar = results[f"tar -tf (xargs -P{w})"]
     wds = results[f"webdataset ({w} processes)"]
-    print(f"  speed-up vs tar -tf: {tar / ours:.2f}x (library), {tar / cli:.2f}x (CLI)")
-    print(f"  speed-up vs webdataset: {wds / ours:.2f}x (library), {wds / cli:.2f}x (CLI)")
+    for label, base in (("tar -tf", tar), ("webdataset", wds)):
+        print(
+            f"  vs {label}: wall {base[0] / ours[0]:.2f}x (library), {base[0] / cli[0]:.2f}x "
+            f"(CLI); CPU {base[1] / ours[1]:.2f}x (library), {base[1] / cli[1]:.2f}x (CLI)"
+        )
 
     deep_laion = laion[:1]
-    seconds = timed(lambda: run_ours(deep_laion, 1, deep=True), 1)
-    print(f"  --deep, pairs (JPEG 256x256): {SAMPLES_PER_SHARD / seconds:,.0f} samples/s per core")
-    seconds = timed(lambda: run_ours(mmc4, 1, deep=True), 1)
-    print(f"  --deep, interleaved (3 PNG images/doc): {400 / seconds:,.0f} samples/s per core")
+    _, cpu = timed(lambda: run_ours(deep_laion, 1, deep=True), 1)
+    print(
+        f"  --deep, pairs (JPEG 256x256): {SAMPLES_PER_SHARD / cpu:,.0f} samples/s per CPU second"
+    )
+    _, cpu = timed(lambda: run_ours(mmc4, 1, deep=True), 1)
+    print(f"  --deep, interleaved (3 PNG images/doc): {400 / cpu:,.0f} samples/s per CPU second")
     if not args.keep:
         shutil.rmtree(args.dir)
 

@@ -474,3 +474,17 @@ def test_cli_write_sizes_preview_and_recipe(tmp_path: Path) -> None:
     assert recipe.exit_code == 0, recipe.output
     names = [g["name"] for g in json.loads(recipe.stdout)["groups"]]
     assert names == ["laion training", "laion eval", "mmc4 training", "mmc4 eval"]
+
+
+def test_corrupt_header_after_many_members(tmp_path: Path) -> None:
+    """Checksums are verified in batches; damage past the first batch is still exact."""
+    path = tmp_path / "many.tar"
+    write_tar(path, ({"__key__": f"k{i:05d}", "txt": b"x"} for i in range(5000)))
+    bad = 4500 * 1024  # each sample: one header and one data block
+    data = bytearray(path.read_bytes())
+    data[bad + 10] ^= 0x01
+    path.write_bytes(bytes(data))
+    report = run(str(path))
+    finding = only(report, "corrupt-header")
+    assert finding.offset == bad
+    assert report.groups[0].total("samples") == 4500

@@ -213,6 +213,7 @@ class TarReader:
             self._stop("truncated", 0, "is empty")
             return members
         add_member, add_header, add_block = members.append, headers.append, blocks.append
+        new_member = tuple.__new__  # TarMember(...) without the generated __new__: hot path
         window_start, window = 0, b""
         offset = 0
         long_name: str | None = None
@@ -264,14 +265,13 @@ class TarReader:
                     name = block[: end if end >= 0 else 100]
                     if block[345] and block[257:263] == b"ustar\0":
                         name = _name(block).encode("utf-8", "surrogateescape")
-                    add_member(
-                        TarMember(
-                            name.decode("utf-8", "surrogateescape"),
-                            offset,
-                            data_offset,
-                            member_size,
-                        )
+                    fields = (
+                        name.decode("utf-8", "surrogateescape"),
+                        offset,
+                        data_offset,
+                        member_size,
                     )
+                    add_member(new_member(TarMember, fields))
                 else:
                     if "size" in pax:
                         member_size = int(pax["size"])
