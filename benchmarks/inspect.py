@@ -181,6 +181,7 @@ def main() -> None:
     results = {
         "inspect-shards (library)": timed(lambda: run_ours(laion, w), args.repeats),
         "inspect-shards (CLI process)": timed(lambda: run_cli(laion, w), args.repeats),
+        "tar -tf (one process)": timed(lambda: run_tar(laion, 1), args.repeats),
         f"tar -tf (xargs -P{w})": timed(lambda: run_tar(laion, w), args.repeats),
         f"webdataset ({w} processes)": timed(lambda: run_webdataset(laion, w), args.repeats),
     }
@@ -191,7 +192,12 @@ def main() -> None:
     cli = results["inspect-shards (CLI process)"]
     tar = results[f"tar -tf (xargs -P{w})"]
     wds = results[f"webdataset ({w} processes)"]
-    for label, base in (("tar -tf", tar), ("webdataset", wds)):
+    tar1 = results["tar -tf (one process)"]
+    for label, base in (
+        ("tar -tf, one process", tar1),
+        (f"tar -tf -P{w}", tar),
+        ("webdataset", wds),
+    ):
         print(
             f"  vs {label}: wall {base[0] / ours[0]:.2f}x (library), {base[0] / cli[0]:.2f}x "
             f"(CLI); CPU {base[1] / ours[1]:.2f}x (library), {base[1] / cli[1]:.2f}x (CLI)"
