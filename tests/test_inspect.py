@@ -444,13 +444,19 @@ def test_cli_max_errors_caps_the_listing(tmp_path: Path) -> None:
     assert (data["errors"], len(data["findings"]), data["findings_truncated"]) == (3, 2, True)
 
 
-def test_help_does_not_import_torch() -> None:
+def test_fast_and_deep_modes_do_not_import_torch(shard_root: Path) -> None:
     import subprocess
     import sys
 
     code = (
-        "import sys; from flamingo_cli.cli.app import app; from flamingo_cli.inspect import run; "
-        "from flamingo_cli.ui import inspect; assert 'torch' not in sys.modules, 'torch imported'"
+        "import sys\n"
+        "from flamingo_cli.inspect.run import InspectOptions, groups_from_specs, inspect_shards\n"
+        "for deep in (False, True):\n"
+        "    o = InspectOptions(deep=deep, workers=1)\n"
+        f"    specs = [{str(shard_root / 'laion')!r}, {str(shard_root / 'mmc4')!r}]\n"
+        "    r = inspect_shards(groups_from_specs(specs, o), o)\n"
+        "    assert r.ok and [g.total('samples') for g in r.groups] == [32, 16], r.to_dict()\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

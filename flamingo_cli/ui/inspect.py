@@ -30,9 +30,15 @@ def shard_progress(total: int) -> Iterator[Callable[[ShardReport], None]]:
         MofNCompleteColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err_console, transient=True) as progress:
+    # No refresh thread: the scan forks worker processes, and forking beside threads is unsafe.
+    with Progress(*columns, console=err_console, transient=True, auto_refresh=False) as progress:
         task = progress.add_task("scan", total=total)
-        yield lambda _report: progress.advance(task)
+
+        def advance(_report: ShardReport) -> None:
+            progress.advance(task)
+            progress.refresh()
+
+        yield advance
 
 
 def _extensions(counts: dict[str, int]) -> str:
@@ -58,7 +64,7 @@ def _shard_table(group: GroupReport) -> Table:
     table.add_column("samples", justify="right", footer=f"{group.total('samples'):,}")
     table.add_column("members", justify="right", footer=f"{group.total('members'):,}")
     table.add_column("size", justify="right", footer=_bytes(group.total("bytes")))
-    table.add_column("extensions", footer=escape(_extensions(group.extensions)))
+    table.add_column("extensions", footer=escape(_extensions(group.extensions)), overflow="fold")
     table.add_column("sizes.json", justify="right")
     table.add_column("problems", footer=_problems(group.total("errors"), group.total("warnings")))
     shown_clean = 0
