@@ -72,3 +72,7 @@ class ProblemsFound(FlamingoError):
 
 class OpenerError(FlamingoError):
     """A shard or file URL could not be opened or read."""
+
+
+class ConvertError(FlamingoError):
+    """Raw data cannot be converted as asked (inputs, output directory, options)."""

@@ -9,7 +9,9 @@ import base64
 import io
 import json
 import random
+import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +126,118 @@ def write_dataset(
         paths.append(path)
     write_sizes(directory, counts)
     return paths
+
+
+@dataclass(frozen=True)
+class RawMmc4:
+    """A generated raw MMC4 download: zipped jsonl shards and the image folder beside them."""
+
+    docs_spec: str
+    image_dir: Path
+    zips: list[Path]
+    images_written: int
+    images_missing: int
+    images_truncated: int
+    bad_lines: int
+
+
+def raw_mmc4_document(
+    rng: random.Random, doc_url: str, images: int, duplicate: bool
+) -> tuple[dict[str, object], list[tuple[str, str]]]:
+    """One raw MMC4 document (no image bytes) and the (image name, "colour shape") it shows."""
+    texts = ["This page shows some shapes."]
+    image_info: list[dict[str, object]] = []
+    shown = []
+    for j in range(images):
+        color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
+        texts.append(f"Here is a {color} {shape}.")
+        name = f"{rng.getrandbits(48):012x}.jpg"
+        shown.append((name, f"{color} {shape}"))
+        image_info.append(
+            {
+                "image_name": name,
+                "raw_url": f"{doc_url}/{j}.jpg",
+                "matched_text_index": j + 1,
+                "matched_sim": 0.3,
+                "face_detections": None,
+            }
+        )
+    sims = [[0.3 if t == j + 1 else 0.12 for t in range(len(texts))] for j in range(images)]
+    doc = {
+        "text_list": texts,
+        "url": doc_url,
+        "could_have_url_duplicate": int(duplicate),
+        "image_info": image_info,
+        "similarity_matrix": sims,
+    }
+    return doc, shown
+
+
+def write_raw_mmc4(
+    root: Path,
+    *,
+    shards: int = 3,
+    docs_per_shard: int = 6,
+    images_per_doc: int = 2,
+    seed: int = 0,
+    image_size: int = 128,
+    image_sizes: tuple[int, int] | None = None,
+    quality: int = 90,
+    noise: int = 60,
+    missing_shards: tuple[int, ...] = (),
+    missing_image_rate: float = 0.0,
+    truncated_rate: float = 0.0,
+    bad_lines_per_shard: int = 0,
+    duplicate_rate: float = 0.0,
+) -> RawMmc4:
+    """Write raw MMC4 as downloaded: `docs/docs_shard_{i}_v2.jsonl.zip`, `images/{i}/<name>.jpg`.
+
+    Damage for tests: `missing_shards` zips are not written (their position still counts in the
+    image layout), some images are never downloaded or cut off mid-file, and bad JSON lines sit
+    among the documents. `image_sizes` draws each image's side in that range (benchmarks).
+    """
+    rng = random.Random(f"raw-mmc4-{seed}")
+    docs_dir, image_dir = root / "docs", root / "images"
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    zips: list[Path] = []
+    written = missing = truncated = bad = 0
+    for shard in range(shards):
+        lines: list[str] = []
+        for i in range(docs_per_shard):
+            doc_url = f"https://example.invalid/{shard}/{i}"
+            duplicate = rng.random() < duplicate_rate
+            doc, shown = raw_mmc4_document(rng, doc_url, images_per_doc, duplicate)
+            lines.append(json.dumps(doc))
+            for name, what in shown:
+                roll = rng.random()
+                if shard in missing_shards:
+                    continue
+                if roll < missing_image_rate:
+                    missing += 1
+                    continue
+                color, shape = what.split()
+                side = rng.randint(*image_sizes) if image_sizes else image_size
+                image = shape_image(color, shape, side, rng, noise=noise)
+                buffer = io.BytesIO()
+                image.save(buffer, format="JPEG", quality=quality)
+                data = buffer.getvalue()
+                if roll < missing_image_rate + truncated_rate:
+                    data = data[: len(data) // 2]
+                    truncated += 1
+                (image_dir / str(shard)).mkdir(exist_ok=True)
+                (image_dir / str(shard) / name).write_bytes(data)
+                written += 1
+        if shard in missing_shards:
+            continue
+        for b in range(bad_lines_per_shard):
+            lines.insert(min(2 + 3 * b, len(lines)), '{"text_list": ["cut off"')
+            bad += 1
+        path = docs_dir / f"docs_shard_{shard}_v2.jsonl.zip"
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            info = zipfile.ZipInfo(f"docs_shard_{shard}_v2.jsonl", date_time=(2023, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, "".join(line + "\n" for line in lines))
+        zips.append(path)
+    spec = str(docs_dir / f"docs_shard_{{0..{shards - 1}}}_v2.jsonl.zip")
+    return RawMmc4(spec, image_dir, zips, written, missing, truncated, bad)

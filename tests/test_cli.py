@@ -71,6 +71,15 @@ def test_json_reports_problems_with_lines(write_recipe: WriteRecipe) -> None:
     ]
 
 
+def test_json_reports_typing_problems(write_recipe: WriteRecipe) -> None:
+    path = write_recipe('[model]\npreset = "tiny"\n[data.laion]\nshards = "x.tar"\nbatchsize = 3\n')
+    result = runner.invoke(app, ["validate-config", str(path), "--json"])
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["ok"] is False
+    assert [(p["key"], p["line"]) for p in data["problems"]] == [("data.laion.batchsize", 5)]
+
+
 def test_set_and_world_size_options(write_recipe: WriteRecipe) -> None:
     args = ["validate-config", str(RECIPES / "tiny-cpu.toml"), "--json", "--nproc-per-node", "2"]
     result = runner.invoke(app, [*args, "--set", "data.laion.train_num_samples=16"])
@@ -85,7 +94,10 @@ def test_set_and_world_size_options(write_recipe: WriteRecipe) -> None:
     assert data["plan"]["world_size"] == 2
     bad = runner.invoke(app, [*args, "--set", "optim.lr=-1"])
     assert bad.exit_code == 1
-    assert "optim.lr (from --set)" in bad.stderr
+    (problem,) = json.loads(bad.stdout)["problems"]
+    assert (problem["key"], problem["source"], problem["line"]) == ("optim.lr", "from --set", None)
+    plain = runner.invoke(app, [*args[:-3], "--set", "optim.lr=-1"])
+    assert "optim.lr (from --set): Input should be greater than 0" in plain.stderr
 
 
 def test_usage_errors_exit_2() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -56,7 +57,7 @@ def validate_config(
     Every problem is reported at once with its TOML key and line. Exit 0 when the recipe is
     valid (warnings allowed), 1 when it has errors, 2 on usage errors.
     """
-    from flamingo_cli.errors import UsageError
+    from flamingo_cli.errors import Problem, ProblemsFound, UsageError
     from flamingo_cli.recipe.load import Override, parse_override
     from flamingo_cli.ui import console as ui
     from flamingo_cli.ui.errors import render_problems
@@ -78,26 +79,38 @@ def validate_config(
         if nnodes is not None:
             overrides.append(Override("distributed.nnodes", nnodes, "from --nnodes"))
 
-        import_problems = []
-        if from_openflamingo is not None:
-            from flamingo_cli.recipe.openflamingo import recipe_from_openflamingo
+        with contextlib.ExitStack() as stack:
+            import_problems: list[Problem] = []
+            if from_openflamingo is not None:
+                from flamingo_cli.recipe.openflamingo import recipe_from_openflamingo
 
-            imported = recipe_from_openflamingo(from_openflamingo)
-            import_problems = imported.problems
-            if out is not None:
+                imported = recipe_from_openflamingo(from_openflamingo)
+                import_problems = imported.problems
+                if out is None:
+                    if not json_:
+                        ui.console.out(imported.toml, highlight=False)
+                    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flamingo-")))
+                    out = tmp / "openflamingo-import.toml"
                 out.write_text(imported.toml, encoding="utf-8")
-                ui.info(f"wrote {out}")
                 recipe = out
-            else:
+
+            from flamingo_cli.recipe.validate import validate_recipe
+
+            assert recipe is not None
+            try:
+                report = validate_recipe(recipe, overrides, check_shards=check_shards)
+            except ProblemsFound as found:
                 if not json_:
-                    ui.console.out(imported.toml, highlight=False)
-                recipe = Path(tempfile.mkdtemp(prefix="flamingo-")) / "openflamingo-import.toml"
-                recipe.write_text(imported.toml, encoding="utf-8")
-
-        from flamingo_cli.recipe.validate import validate_recipe
-
-        assert recipe is not None
-        report = validate_recipe(recipe, overrides, check_shards=check_shards)
+                    raise
+                problems = [*import_problems, *found.problems]
+                ui.print_json(
+                    {
+                        "recipe": str(recipe),
+                        "ok": False,
+                        "problems": [p.to_dict() for p in problems],
+                    }
+                )
+                raise typer.Exit(1) from None
         problems = [*import_problems, *report.problems]
         ok = report.ok and not any(p.severity == "error" for p in import_problems)
         if json_:

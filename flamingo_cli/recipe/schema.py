@@ -26,13 +26,17 @@ class ModelConfig(_Section):
     )
     vision_encoder: str = Field("ViT-L-14", description="open_clip model name")
     vision_pretrained: str | None = Field(
-        "openai", description="open_clip pretrained tag or a local weights file"
+        "openai",
+        description='open_clip pretrained tag, a local weights file, or "none" for random weights',
     )
     lm_path: str | None = Field(None, description="Hugging Face LM name or local directory")
     tokenizer_path: str | None = Field(None, description="defaults to lm_path")
     trust_remote_code: bool = False
     cross_attn_every_n_layers: PositiveInt = 1
     freeze_lm_embeddings: bool = False
+    train_backbones: bool = Field(
+        False, description="train every parameter, backbones included (tiny CPU quickstart)"
+    )
     gradient_checkpointing: bool = False
     init_from: str | None = Field(
         None, description="OpenFlamingo or flamingo checkpoint to fine-tune from (not a resume)"

@@ -2,23 +2,202 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from types import TracebackType
 
 from flamingo_cli.shards.sizes import SIZES_FILE
 
 FIXED_MTIME = 0  # byte-identical reruns: no wall-clock time in the archive
+TMP_MARKER = ".tmp-"
 
 
 def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}")
 
 
 Sample = Mapping[str, str | bytes]
+
+
+def member_bytes(size: int) -> int:
+    """Bytes one tar member of `size` data bytes takes: a header block plus padded data."""
+    return tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def sample_bytes(sample: Sample) -> int:
+    """Bytes a sample adds to a tar written by `TarWriter`."""
+    return sum(
+        member_bytes(len(data))
+        for ext, data in sample.items()
+        if not ext.startswith("__") and isinstance(data, bytes)
+    )
+
+
+class TarWriter:
+    """A tar shard written one sample at a time under a temporary name, renamed on `close`.
+
+    Members get fixed mtime, owner and mode, so the same samples give the same bytes. Leaving
+    the `with` block through an exception removes the temporary file and keeps no shard.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.samples = 0
+        self._tmp = _tmp_name(self.path)
+        self._raw = self._tmp.open("wb")
+        # The writer owns both handles: `close`/`abort` (or the `with` block) closes them.
+        self._tar = tarfile.open(fileobj=self._raw, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes of the tar so far (its end-of-archive padding not included)."""
+        return self._tar.offset
+
+    def write(self, sample: Sample) -> int:
+        """Append one sample ({"__key__": key, ext: bytes, ...}); return the bytes it added."""
+        key = sample["__key__"]
+        key_text = key.decode() if isinstance(key, bytes) else str(key)
+        before = self._tar.offset
+        for ext, data in sample.items():
+            if ext.startswith("__"):
+                continue
+            if not isinstance(data, bytes):
+                raise TypeError(f"member {key_text}.{ext} must be bytes")
+            info = tarfile.TarInfo(f"{key_text}.{ext}")
+            info.size = len(data)
+            info.mtime = FIXED_MTIME
+            info.mode = 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._add(info, data)
+        self.samples += 1
+        return self._tar.offset - before
+
+    def _add(self, info: tarfile.TarInfo, data: bytes) -> None:
+        """What `TarFile.addfile` does (same bytes), without copying `data` in small chunks."""
+        tar = self._tar
+        header = info.tobuf(tar.format, tar.encoding, tar.errors)
+        padding = -len(data) % tarfile.BLOCKSIZE
+        self._raw.write(header)
+        self._raw.write(data)
+        self._raw.write(b"\0" * padding)
+        tar.offset += len(header) + len(data) + padding
+
+    def close(self) -> int:
+        """Finish the archive and give it its final name; return the file size in bytes."""
+        self._tar.close()
+        self._raw.close()
+        self._tmp.replace(self.path)
+        return self.path.stat().st_size
+
+    def abort(self) -> None:
+        """Drop the unfinished archive."""
+        self._tar.close()
+        self._raw.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> TarWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class SplitTarWriter:
+    """Samples spread over numbered shards, a new one started when a size limit would be passed.
+
+    `name(k)` gives the path of part k. A part holds at most `max_samples` samples and at most
+    `max_bytes` bytes unless a single sample is larger. Each part is a `TarWriter`; `parts`
+    lists (path, samples, file bytes) of the finished ones.
+    """
+
+    def __init__(
+        self,
+        name: Callable[[int], Path],
+        *,
+        max_samples: int | None = None,
+        max_bytes: int | None = None,
+        on_new_part: Callable[[int], None] | None = None,
+    ) -> None:
+        self._name = name
+        self._max_samples = max_samples
+        self._max_bytes = max_bytes
+        self._on_new_part = on_new_part
+        self._current: TarWriter | None = None
+        self.parts: list[tuple[Path, int, int]] = []
+
+    @property
+    def part(self) -> int:
+        """Index of the part the next sample goes to when it fits."""
+        return len(self.parts)
+
+    def fits(self, sample: Sample) -> bool:
+        """Whether `sample` goes into the open part (False when a new part must start)."""
+        current = self._current
+        if current is None or current.samples == 0:
+            return current is not None
+        if self._max_samples is not None and current.samples >= self._max_samples:
+            return False
+        # 2 end blocks; tarfile pads the archive to a multiple of its record size on close.
+        end = (
+            -(
+                -(current.bytes_written + sample_bytes(sample) + 2 * tarfile.BLOCKSIZE)
+                // tarfile.RECORDSIZE
+            )
+            * tarfile.RECORDSIZE
+        )
+        return self._max_bytes is None or end <= self._max_bytes
+
+    def write(self, sample: Sample) -> int:
+        """Write `sample`, starting a new part first when it does not fit."""
+        if not self.fits(sample):
+            self._finish()
+            self._current = TarWriter(self._name(len(self.parts)))
+            if self._on_new_part is not None:
+                self._on_new_part(len(self.parts))
+        assert self._current is not None
+        return self._current.write(sample)
+
+    def _finish(self) -> None:
+        if self._current is not None:
+            size = self._current.close()
+            self.parts.append((self._current.path, self._current.samples, size))
+            self._current = None
+
+    def close(self) -> list[tuple[Path, int, int]]:
+        """Finish the open part; return every part written."""
+        self._finish()
+        return self.parts
+
+    def abort(self) -> None:
+        if self._current is not None:
+            self._current.abort()
+            self._current = None
+
+    def __enter__(self) -> SplitTarWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def write_tar(path: str | Path, samples: Iterable[Sample]) -> int:
@@ -27,31 +206,10 @@ def write_tar(path: str | Path, samples: Iterable[Sample]) -> int:
     Members are written in the sample's key order with fixed mtime, owner and mode; the file
     appears under its name only once complete.
     """
-    path = Path(path)
-    tmp = _tmp_name(path)
-    count = 0
-    with (
-        tmp.open("wb") as raw,
-        tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar,
-    ):
+    with TarWriter(path) as writer:
         for sample in samples:
-            key = sample["__key__"]
-            key_text = key.decode() if isinstance(key, bytes) else str(key)
-            for ext, data in sample.items():
-                if ext.startswith("__"):
-                    continue
-                if not isinstance(data, bytes):
-                    raise TypeError(f"member {key_text}.{ext} must be bytes")
-                info = tarfile.TarInfo(f"{key_text}.{ext}")
-                info.size = len(data)
-                info.mtime = FIXED_MTIME
-                info.mode = 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tar.addfile(info, io.BytesIO(data))
-            count += 1
-    tmp.replace(path)
-    return count
+            writer.write(sample)
+    return writer.samples
 
 
 def write_json_atomic(path: str | Path, data: object) -> None:

@@ -1,0 +1,233 @@
+"""`flamingo convert mmc4|laion`: raw downloads to training shards (parallel, resumable)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from flamingo_cli.cli.common import JsonOption, user_errors
+
+if TYPE_CHECKING:
+    from flamingo_cli.convert.images import ImageOptions
+    from flamingo_cli.convert.runner import ConvertReport
+
+convert_app = typer.Typer(
+    name="convert",
+    help="Convert raw MMC4 / LAION downloads into WebDataset training shards.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+
+
+class Layout(str, Enum):
+    by_index = "index"
+    shard_number = "shard-number"
+    flat = "flat"
+
+
+class Reencode(str, Enum):
+    none = "none"
+    jpeg = "jpeg"
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(convert_app, name="convert")
+
+
+OutOption = Annotated[
+    Path, typer.Option("--out", "-o", file_okay=False, help="Output directory for the shards.")
+]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option("--workers", "-w", min=1, help="Worker processes (default: all cores)."),
+]
+OverwriteOption = Annotated[
+    bool, typer.Option("--overwrite", help="Redo every shard instead of resuming.")
+]
+StrictOption = Annotated[
+    bool,
+    typer.Option("--strict", help="Exit 1 when anything was skipped (inputs, lines, samples)."),
+]
+ReencodeOption = Annotated[
+    Reencode,
+    typer.Option("--reencode", help="Keep original image bytes (none) or re-encode to JPEG."),
+]
+QualityOption = Annotated[
+    int, typer.Option("--quality", min=1, max=100, help="JPEG quality with --reencode jpeg.")
+]
+MaxSideOption = Annotated[
+    int | None,
+    typer.Option("--max-side", min=1, help="With --reencode jpeg: shrink the longer side to N."),
+]
+
+
+def _image_options(reencode: Reencode, quality: int, max_side: int | None) -> ImageOptions:
+    from flamingo_cli.convert.images import ImageOptions
+    from flamingo_cli.errors import UsageError
+
+    if max_side is not None and reencode is Reencode.none:
+        raise UsageError("--max-side needs --reencode jpeg", fix="add --reencode jpeg")
+    return ImageOptions(
+        reencode="jpeg" if reencode is Reencode.jpeg else "none", quality=quality, max_side=max_side
+    )
+
+
+def _finish(report: ConvertReport, json_: bool, strict: bool) -> None:
+    from flamingo_cli.ui import console as ui
+    from flamingo_cli.ui.convert import render_convert_report
+
+    if json_:
+        ui.print_json(report.to_dict())
+    else:
+        render_convert_report(report)
+    failed = report.totals["inputs_failed"]
+    if failed or (strict and report.skipped):
+        if not json_:
+            reason = f"{failed} input(s) failed" if failed else f"{report.skipped} item(s) skipped"
+            ui.err_console.print(f"[bold red]error[/]: {reason}")
+        raise typer.Exit(1)
+
+
+@convert_app.command("mmc4")
+def mmc4(
+    docs_spec: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="DOCS_SPEC",
+            help="Document files: brace spec of .zip (one .jsonl each) or .jsonl, '::' joins "
+            "specs; several arguments are joined the same way.",
+        ),
+    ],
+    image_dir: Annotated[
+        str, typer.Option("--image-dir", help="MMC4 image folder (<image_dir>/<idx>/<name>).")
+    ],
+    out: OutOption,
+    image_layout: Annotated[
+        Layout,
+        typer.Option(
+            "--image-layout",
+            help="index: <image_dir>/<position in DOCS_SPEC>/, shard-number: "
+            "<image_dir>/<N of shard_N>/, flat: <image_dir>/.",
+        ),
+    ] = Layout.by_index,
+    workers: WorkersOption = None,
+    docs_per_shard: Annotated[
+        int | None,
+        typer.Option("--docs-per-shard", min=1, help="Split each input into shards of N docs."),
+    ] = None,
+    max_shard_bytes: Annotated[
+        int | None,
+        typer.Option(
+            "--max-shard-bytes", min=1, help="Split each input into shards of <= N bytes."
+        ),
+    ] = None,
+    min_images: Annotated[
+        int, typer.Option("--min-images", min=0, help="Drop documents with fewer images found.")
+    ] = 0,
+    drop_url_duplicates: Annotated[
+        bool,
+        typer.Option(
+            "--drop-url-duplicates", help="Drop documents with could_have_url_duplicate = 1."
+        ),
+    ] = False,
+    reencode: ReencodeOption = Reencode.none,
+    quality: QualityOption = 95,
+    max_side: MaxSideOption = None,
+    overwrite: OverwriteOption = False,
+    strict: StrictOption = False,
+    json_: JsonOption = False,
+) -> None:
+    """Convert raw MMC4 documents and images into interleaved tar shards.
+
+    Each input file gives <stem>.tar (<stem>-<k>.tar when split), one <stem>-<line>.json sample per document, with image_base64 added to every image found. Also writes sizes.json and manifest.json; a rerun skips complete shards.
+
+    Exit 0 on success, 1 when an input failed (or, with --strict, anything was skipped), 2 on usage errors.
+    """
+    with user_errors():
+        from flamingo_cli.convert.mmc4 import Mmc4Options, convert_mmc4
+        from flamingo_cli.ui.convert import convert_progress
+
+        options = Mmc4Options(
+            image_dir=image_dir,
+            image_layout=image_layout.value,
+            image=_image_options(reencode, quality, max_side),
+            min_images=min_images,
+            drop_url_duplicates=drop_url_duplicates,
+            docs_per_shard=docs_per_shard,
+            max_shard_bytes=max_shard_bytes,
+        )
+        with convert_progress("mmc4", "docs", enabled=not json_) as progress:
+            report = convert_mmc4(
+                "::".join(docs_spec),
+                out,
+                options,
+                workers=workers,
+                overwrite=overwrite,
+                on_progress=progress,
+            )
+        _finish(report, json_, strict)
+
+
+@convert_app.command("laion")
+def laion(
+    src: Annotated[
+        str,
+        typer.Argument(
+            metavar="SRC",
+            help="img2dataset output (folder or brace spec of .tar), a folder of images with "
+            ".txt captions, or a .csv/.tsv/.parquet/.jsonl table of (image, caption).",
+        ),
+    ],
+    out: OutOption,
+    workers: WorkersOption = None,
+    samples_per_shard: Annotated[
+        int | None,
+        typer.Option(
+            "--samples-per-shard",
+            min=1,
+            help="img2dataset input: split each tar into shards of N; folder/table: N per shard "
+            "(default 10000).",
+        ),
+    ] = None,
+    image_column: Annotated[
+        str | None, typer.Option("--image-column", help="Table column with image paths.")
+    ] = None,
+    caption_column: Annotated[
+        str | None, typer.Option("--caption-column", help="Table column with captions.")
+    ] = None,
+    reencode: ReencodeOption = Reencode.none,
+    quality: QualityOption = 95,
+    max_side: MaxSideOption = None,
+    overwrite: OverwriteOption = False,
+    strict: StrictOption = False,
+    json_: JsonOption = False,
+) -> None:
+    """Convert image-caption pairs into img2dataset-layout tar shards (image, .txt, .json).
+
+    Checks img2dataset tars against their _stats.json and drops samples without an image or caption. Also writes sizes.json and manifest.json; a rerun skips complete shards.
+
+    Exit 0 on success, 1 when an input failed (or, with --strict, anything was skipped), 2 on usage errors.
+    """
+    with user_errors():
+        from flamingo_cli.convert.laion import LaionOptions, convert_laion
+        from flamingo_cli.ui.convert import convert_progress
+
+        options = LaionOptions(
+            image=_image_options(reencode, quality, max_side),
+            samples_per_shard=samples_per_shard,
+            image_column=image_column,
+            caption_column=caption_column,
+        )
+        with convert_progress("laion", "samples", enabled=not json_) as progress:
+            report = convert_laion(
+                src,
+                out,
+                options,
+                workers=workers,
+                overwrite=overwrite,
+                on_progress=progress,
+            )
+        _finish(report, json_, strict)

@@ -1,0 +1,510 @@
+"""`convert laion`: image-caption pairs to img2dataset-layout tar shards.
+
+Sources: img2dataset output (tar + `_stats.json` per shard), a folder of images with
+same-stem `.txt` captions, or a CSV/Parquet/JSONL table of (image path, caption).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import posixpath
+import tarfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flamingo_cli.convert.images import IMAGE_EXTENSIONS, CorruptImage, ImageOptions, prepare_image
+from flamingo_cli.convert.runner import (
+    ConvertReport,
+    ProgressCallback,
+    ProgressSink,
+    ShardRecord,
+    TaskRecord,
+    open_error_is_missing,
+    run_tasks,
+)
+from flamingo_cli.errors import ConvertError, OpenerError, Problem
+from flamingo_cli.shards.opener import open_url
+from flamingo_cli.shards.spec import expand_spec, local_path, url_kind
+from flamingo_cli.shards.tar import split_member
+from flamingo_cli.shards.write import SplitTarWriter, TarWriter, write_json_atomic
+
+STRICT_KEYS = (
+    "dropped_no_image",
+    "dropped_no_caption",
+    "images_corrupt",
+    "count_mismatch",
+    "stats_missing",
+)
+DEFAULT_SAMPLES_PER_SHARD = 10_000
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".jsonl")
+IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "filepath", "img")
+CAPTION_COLUMNS = ("caption", "text", "txt", "alt", "TEXT")
+
+
+@dataclass(frozen=True)
+class LaionOptions:
+    """What decides the output bytes besides the inputs."""
+
+    image: ImageOptions = field(default_factory=ImageOptions)
+    samples_per_shard: int | None = None
+    image_column: str | None = None
+    caption_column: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {**self.image.to_dict(), "samples_per_shard": self.samples_per_shard}
+
+
+def _stem(url: str) -> str:
+    return posixpath.basename(url).removesuffix(".tar").replace(".", "_")
+
+
+def _read_optional(url: str) -> bytes | None:
+    try:
+        with open_url(url) as handle:
+            return handle.read()
+    except OpenerError as exc:
+        if open_error_is_missing(exc):
+            return None
+        raise
+
+
+def _image_member(sample: dict[str, bytes]) -> str | None:
+    return next((ext for ext in sample if ext.lower() in IMAGE_EXTENSIONS), None)
+
+
+@dataclass(frozen=True)
+class Img2DatasetTask:
+    """One img2dataset tar: checked against its `_stats.json`, cleaned, optionally split."""
+
+    url: str
+    options: LaionOptions
+    weight: int = 0
+
+    @property
+    def name(self) -> str:
+        return _stem(self.url)
+
+    @property
+    def input(self) -> str:
+        return self.url
+
+    def fingerprint(self) -> dict[str, object]:
+        return {"input": self.url, **self.options.to_dict()}
+
+    def output_names(self) -> list[str]:
+        return [f"{self.name}-[0-9]*.tar" if self.options.samples_per_shard else f"{self.name}.tar"]
+
+    def _path(self, out_dir: Path, part: int) -> Path:
+        suffix = f"-{part}" if self.options.samples_per_shard else ""
+        return out_dir / f"{self.name}{suffix}.tar"
+
+    def run(self, out_dir: Path, progress: ProgressSink) -> TaskRecord:
+        record = TaskRecord(self.name, self.url, self.fingerprint(), "converted")
+        if url_kind(self.url) == "local" and not local_path(self.url).is_file():
+            record.status = "missing"
+            record.problem(Problem("shard not found; skipped", file=self.url, severity="warning"))
+            return record
+        stats_url = self.url.removesuffix(".tar") + "_stats.json"
+        raw_stats = _read_optional(stats_url)
+        expected: int | None = None
+        if raw_stats is None:
+            record.counts["stats_missing"] += 1
+            record.problem(
+                Problem(
+                    f"no {posixpath.basename(stats_url)} beside the shard: img2dataset may not "
+                    "have finished it; its samples are converted anyway",
+                    file=self.url,
+                    severity="warning",
+                    fix="rerun img2dataset for this shard if it was interrupted",
+                )
+            )
+        else:
+            try:
+                expected = int(json.loads(raw_stats)["successes"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConvertError(f"{stats_url} has no readable `successes` count: {exc}") from exc
+        track = self.weight > 0
+        counts_by_part: dict[int, Counter[str]] = {}
+        with SplitTarWriter(
+            lambda k: self._path(out_dir, k), max_samples=self.options.samples_per_shard
+        ) as writer:
+            for sample, size in _tar_samples(self.url):
+                counts: Counter[str] = Counter()
+                out = self._convert(sample, counts)
+                if out is not None:
+                    writer.write(out)
+                counts_by_part.setdefault(writer.part, Counter()).update(counts)
+                record.counts.update(counts)
+                progress(size if track else 0, 1 if out else 0, counts["image_bytes"])
+        samples_in = record.counts["samples_in"]
+        if expected is not None and samples_in != expected:
+            record.counts["count_mismatch"] += 1
+            record.problem(
+                Problem(
+                    f"the tar holds {samples_in} samples but _stats.json says successes = "
+                    f"{expected}",
+                    file=self.url,
+                    severity="warning",
+                    fix="the shard may be truncated or was rewritten; re-download it to be sure",
+                )
+            )
+        for k, (path, samples, size) in enumerate(writer.parts):
+            stats = dict(sorted(counts_by_part.get(k, Counter()).items()))
+            record.shards.append(ShardRecord(path.name, samples, size, stats))
+        return record
+
+    def _convert(self, sample: dict[str, bytes], counts: Counter[str]) -> dict[str, bytes] | None:
+        counts["samples_in"] += 1
+        image_ext = _image_member(sample)
+        if image_ext is None:
+            counts["dropped_no_image"] += 1
+            return None
+        if not sample.get("txt", b"").strip():
+            counts["dropped_no_caption"] += 1
+            return None
+        data = sample[image_ext]
+        counts["image_bytes"] += len(data)
+        try:
+            checked = prepare_image(data, self.options.image)
+        except CorruptImage:
+            counts["images_corrupt"] += 1
+            return None
+        out: dict[str, bytes] = {}
+        for ext, value in sample.items():
+            if ext == image_ext:
+                out["jpg" if self.options.image.reencode == "jpeg" else ext] = checked.data
+            else:
+                out[ext] = value
+        counts["samples_out"] += 1
+        return {"__key__": sample["__key__"], **out}
+
+
+def _tar_samples(url: str) -> Iterator[tuple[dict[str, bytes], int]]:
+    """Samples of a tar stream ({"__key__": key, ext: bytes}) and the bytes each took."""
+    current: dict[str, bytes] | None = None
+    size = 0
+    try:
+        with (
+            open_url(url) as handle,
+            tarfile.open(fileobj=handle, mode="r|") as archive,
+        ):
+            for member in archive:
+                if not member.isfile():
+                    continue
+                key, ext = split_member(member.name)
+                reader = archive.extractfile(member)
+                assert reader is not None
+                data = reader.read()
+                if current is None or current["__key__"] != key.encode() or ext in current:
+                    if current is not None:
+                        yield current, size
+                    current, size = {"__key__": key.encode()}, 0
+                current[ext] = data
+                size += 512 + len(data)
+    except tarfile.TarError as exc:
+        raise ConvertError(
+            f"cannot read tar shard {url}: {exc}", fix="re-download or rewrite the shard"
+        ) from exc
+    if current is not None:
+        yield current, size
+
+
+@dataclass(frozen=True)
+class PairItem:
+    """One image and its caption (given, or in a caption file), with where it came from."""
+
+    image: str
+    caption: str | None
+    caption_file: str | None
+    origin: str
+    line: int | None = None
+
+
+@dataclass(frozen=True)
+class PairChunkTask:
+    """A fixed slice of a folder or table listing written as one img2dataset-style shard."""
+
+    source: str
+    chunk: int
+    items: tuple[PairItem, ...]
+    options: LaionOptions
+    key_digits: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.chunk:05d}"
+
+    @property
+    def input(self) -> str:
+        return f"{self.source} [{self.name}]"
+
+    @property
+    def weight(self) -> int:
+        return len(self.items)
+
+    def fingerprint(self) -> dict[str, object]:
+        listing = json.dumps([list(vars(i).values()) for i in self.items]).encode()
+        return {
+            "input": self.source,
+            "chunk": self.chunk,
+            "items_sha256": hashlib.sha256(listing).hexdigest(),
+            **self.options.to_dict(),
+        }
+
+    def output_names(self) -> list[str]:
+        return [f"{self.name}.tar", f"{self.name}_stats.json"]
+
+    def run(self, out_dir: Path, progress: ProgressSink) -> TaskRecord:
+        record = TaskRecord(self.name, self.input, self.fingerprint(), "converted")
+        path = out_dir / f"{self.name}.tar"
+        with TarWriter(path) as writer:
+            for index, item in enumerate(self.items):
+                counts: Counter[str] = Counter()
+                key = f"{self.name}{index:0{self.key_digits}d}"
+                sample = self._convert(key, item, counts, record)
+                if sample is not None:
+                    writer.write(sample)
+                record.counts.update(counts)
+                progress(1, 1 if sample else 0, counts["image_bytes"])
+        size = path.stat().st_size
+        if writer.samples:
+            stats = dict(sorted(record.counts.items()))
+            record.shards.append(ShardRecord(path.name, writer.samples, size, stats))
+            write_json_atomic(
+                out_dir / f"{self.name}_stats.json",
+                {
+                    "count": len(self.items),
+                    "successes": writer.samples,
+                    "failed_to_download": record.counts["dropped_no_image"],
+                    "failed_to_resize": record.counts["images_corrupt"],
+                    "status_dict": {"success": writer.samples},
+                },
+            )
+        else:
+            path.unlink()
+        return record
+
+    def _convert(
+        self, key: str, item: PairItem, counts: Counter[str], record: TaskRecord
+    ) -> dict[str, str | bytes] | None:
+        counts["samples_in"] += 1
+        data = _read_optional(item.image)
+        if data is None:
+            counts["dropped_no_image"] += 1
+            record.problem(
+                Problem(
+                    f"image {item.image} not found; sample skipped",
+                    file=item.origin,
+                    line=item.line,
+                    severity="warning",
+                )
+            )
+            return None
+        counts["image_bytes"] += len(data)
+        caption = item.caption
+        if caption is None and item.caption_file is not None:
+            raw = _read_optional(item.caption_file)
+            caption = raw.decode("utf-8", errors="replace") if raw is not None else None
+        if caption is None or not caption.strip():
+            counts["dropped_no_caption"] += 1
+            record.problem(
+                Problem(
+                    f"no caption for {item.image}; sample skipped",
+                    file=item.origin,
+                    line=item.line,
+                    severity="warning",
+                    fix="add the caption (a same-stem .txt file or the table's caption cell)",
+                )
+            )
+            return None
+        try:
+            checked = prepare_image(data, self.options.image)
+        except CorruptImage as exc:
+            counts["images_corrupt"] += 1
+            record.problem(
+                Problem(
+                    f"image {item.image} is damaged ({exc}); sample skipped",
+                    file=item.origin,
+                    line=item.line,
+                    severity="warning",
+                )
+            )
+            return None
+        meta = {
+            "key": key,
+            "url": item.image,
+            "caption": caption,
+            "status": "success",
+            "error_message": None,
+            "width": checked.width,
+            "height": checked.height,
+            "original_width": checked.width,
+            "original_height": checked.height,
+            "exif": None,
+            "sha256": hashlib.sha256(checked.data).hexdigest(),
+        }
+        counts["samples_out"] += 1
+        return {
+            "__key__": key,
+            checked.extension: checked.data,
+            "txt": caption.encode(),
+            "json": json.dumps(meta).encode(),
+        }
+
+
+def _join(base: str, path: str) -> str:
+    if url_kind(path) != "local" or path.startswith("/") or path.startswith("file://"):
+        return path
+    return posixpath.join(base, path) if base else path
+
+
+def _pick(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str) -> str:
+    if wanted is not None:
+        if wanted not in columns:
+            raise ConvertError(
+                f"the table has no column {wanted!r} (columns: {', '.join(columns)})",
+                fix=f"pass --{what}-column with one of those names",
+            )
+        return wanted
+    for name in candidates:
+        if name in columns:
+            return name
+    raise ConvertError(
+        f"cannot tell which column holds the {what} (columns: {', '.join(columns)})",
+        fix=f"pass --{what}-column NAME",
+    )
+
+
+def table_rows(url: str, options: LaionOptions) -> list[PairItem]:
+    """(image, caption) rows of a CSV/TSV/Parquet/JSONL table; relative paths from its folder."""
+    base = posixpath.dirname(url)
+    with open_url(url) as handle:
+        raw = handle.read()
+    rows: list[tuple[int, dict[str, object]]] = []
+    if url.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(raw))
+        rows = [(i + 1, r) for i, r in enumerate(table.to_pylist())]
+        columns: list[str] = list(table.column_names)
+    elif url.endswith(".jsonl"):
+        for number, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise ConvertError(
+                    f"{url}:{number}: not a JSON object ({exc})", fix="repair the line"
+                ) from exc
+            if not isinstance(row, dict):
+                raise ConvertError(f"{url}:{number}: not a JSON object", fix="repair the line")
+            rows.append((number, row))
+        columns = sorted({k for _, r in rows for k in r})
+    else:
+        delimiter = "\t" if url.endswith(".tsv") else ","
+        reader = csv.DictReader(io.StringIO(raw.decode("utf-8-sig")), delimiter=delimiter)
+        columns = list(reader.fieldnames or [])
+        rows = [(reader.line_num, dict(r)) for r in reader]
+    image_col = _pick(columns, options.image_column, IMAGE_COLUMNS, "image")
+    caption_col = _pick(columns, options.caption_column, CAPTION_COLUMNS, "caption")
+    items = []
+    for number, row in rows:
+        image, caption = row.get(image_col), row.get(caption_col)
+        items.append(
+            PairItem(
+                _join(base, str(image)) if image else "",
+                None if caption is None else str(caption),
+                None,
+                url,
+                number,
+            )
+        )
+    return items
+
+
+def folder_items(directory: Path) -> list[PairItem]:
+    """Images under `directory` (sorted by relative path) with their same-stem `.txt` captions."""
+    items = []
+    for path in sorted(directory.rglob("*"), key=lambda p: p.relative_to(directory).as_posix()):
+        if path.is_file() and path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
+            items.append(PairItem(str(path), None, str(path.with_suffix(".txt")), str(path)))
+    return items
+
+
+def plan_laion(src: str, options: LaionOptions) -> list[Img2DatasetTask] | list[PairChunkTask]:
+    """Tasks for `src`: one per img2dataset tar, or one per fixed slice of a folder or table."""
+    is_local = url_kind(src) == "local"
+    if is_local and not any(c in src for c in "{*?[") and not local_path(src).exists():
+        raise ConvertError(f"SRC {src} does not exist", fix="check the path")
+    if src.endswith(TABLE_SUFFIXES):
+        return _chunks(src, table_rows(src, options), options)
+    if options.image_column or options.caption_column:
+        raise ConvertError("--image-column/--caption-column only apply to a table source")
+    if is_local and local_path(src).is_dir():
+        directory = local_path(src)
+        tars = sorted(directory.glob("*.tar"))
+        if not tars:
+            items = folder_items(directory)
+            if not items:
+                raise ConvertError(
+                    f"{src} holds no .tar shards and no images",
+                    fix="give img2dataset output, a folder of images with .txt captions, or a table",
+                )
+            return _chunks(src, items, options)
+        urls = [str(t) for t in tars]
+    else:
+        urls = expand_spec(src)
+    bad = [u for u in urls if not u.endswith(".tar")]
+    if bad or not urls:
+        raise ConvertError(
+            f"SRC {src!r} is neither img2dataset .tar shards, a folder nor a table"
+            + (f" (not a .tar: {', '.join(bad[:3])})" if bad else ""),
+            fix="give shards/{00000..00099}.tar, a directory, or a .csv/.parquet/.jsonl table",
+        )
+    return [
+        Img2DatasetTask(
+            u,
+            options,
+            local_path(u).stat().st_size
+            if url_kind(u) == "local" and local_path(u).is_file()
+            else 0,
+        )
+        for u in urls
+    ]
+
+
+def _chunks(source: str, items: list[PairItem], options: LaionOptions) -> list[PairChunkTask]:
+    per = options.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD
+    digits = max(4, len(str(per - 1)))
+    return [
+        PairChunkTask(source, k, tuple(items[start : start + per]), options, digits)
+        for k, start in enumerate(range(0, len(items), per))
+    ]
+
+
+def convert_laion(
+    src: str,
+    out_dir: str | Path,
+    options: LaionOptions,
+    *,
+    workers: int | None = None,
+    overwrite: bool = False,
+    on_progress: ProgressCallback | None = None,
+) -> ConvertReport:
+    """Convert image-caption pairs into img2dataset-layout shards, sizes.json and manifest.json."""
+    tasks = plan_laion(src, options)
+    return run_tasks(
+        tasks,
+        out_dir,
+        kind="laion",
+        workers=workers,
+        overwrite=overwrite,
+        on_progress=on_progress,
+        strict_keys=STRICT_KEYS,
+    )

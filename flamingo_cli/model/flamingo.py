@@ -1,0 +1,262 @@
+"""The Flamingo model: open_clip vision tower -> perceiver resampler -> cross-attention in an LM."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from flamingo_cli.model.layers import GatedCrossAttention, PerceiverResampler
+from flamingo_cli.model.lm import (
+    FlamingoDecoderLayer,
+    MediaState,
+    input_embeddings,
+    insert_cross_attention,
+    output_embeddings,
+)
+from flamingo_cli.model.tokenizer import SpecialTokens
+
+
+@dataclass(frozen=True)
+class FlamingoConfig:
+    """Sizes of the Flamingo layers; the defaults are OpenFlamingo's (fixed in its code)."""
+
+    cross_attn_every_n_layers: int = 1
+    perceiver_depth: int = 6
+    perceiver_latents: int = 64
+    perceiver_heads: int = 8
+    perceiver_dim_head: int = 64
+    cross_attn_heads: int = 8
+    cross_attn_dim_head: int = 64
+    ff_mult: int = 4
+
+
+class FlamingoModel(nn.Module):
+    """Vision encoder, perceiver and an LM with gated cross-attention before its decoder layers.
+
+    `images` are (B, N, 3, H, W), zero-padded to N per sample; the k-th `<image>` token of a
+    sample uses image k, and each text token sees only the most recent image at or before it.
+    """
+
+    def __init__(
+        self,
+        vision_encoder: nn.Module,
+        lm: nn.Module,
+        special_tokens: SpecialTokens,
+        *,
+        vision_dim: int,
+        config: FlamingoConfig = FlamingoConfig(),
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.special_tokens = special_tokens
+        self.vision_encoder = vision_encoder
+        self.perceiver = PerceiverResampler(
+            vision_dim,
+            depth=config.perceiver_depth,
+            num_latents=config.perceiver_latents,
+            heads=config.perceiver_heads,
+            dim_head=config.perceiver_dim_head,
+            ff_mult=config.ff_mult,
+        )
+        self.lm = lm
+        lang_dim = int(input_embeddings(lm).weight.shape[1])
+        self._media = MediaState()
+
+        def make_block() -> GatedCrossAttention:
+            return GatedCrossAttention(
+                lang_dim,
+                vision_dim,
+                heads=config.cross_attn_heads,
+                dim_head=config.cross_attn_dim_head,
+                ff_mult=config.ff_mult,
+            )
+
+        path, layers = insert_cross_attention(
+            lm, make_block, config.cross_attn_every_n_layers, self._media
+        )
+        self.decoder_layers_path = path
+        self._layers = [layer for layer in layers if isinstance(layer, FlamingoDecoderLayer)]
+
+    # -- structure -----------------------------------------------------------------------
+
+    @property
+    def decoder_layers(self) -> list[FlamingoDecoderLayer]:
+        """The wrapped decoder layers, in order."""
+        return list(self._layers)
+
+    def cross_attention_blocks(self) -> list[GatedCrossAttention]:
+        return [layer.gated_cross_attn for layer in self._layers if layer.gated_cross_attn]
+
+    def shard_units(self) -> list[nn.Module]:
+        """Modules to shard one by one (FSDP2 `fully_shard`), innermost first; the caller then
+        shards the root. Vision blocks, the perceiver, each decoder layer with its block.
+        `generate` is not `forward`: register it with FSDP2's `register_fsdp_forward_method`."""
+        units: list[nn.Module] = []
+        transformer = getattr(self.vision_encoder, "transformer", None)
+        blocks = getattr(transformer, "resblocks", None)
+        if isinstance(blocks, nn.ModuleList):
+            units.extend(blocks)
+        units.append(self.perceiver)
+        units.extend(self._layers)
+        return units
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute activations in backward: perceiver layers, cross-attention blocks and the
+        LM's own decoder layers (through transformers' gradient checkpointing). Use this rather
+        than wrapping the shard units from outside: the wrappers read the image latents from
+        the model during its forward only, so a recomputation in backward would find none."""
+        self.perceiver.activation_checkpointing = enabled
+        for layer in self._layers:
+            layer.activation_checkpointing = enabled
+        lm: Any = self.lm
+        if not getattr(lm, "supports_gradient_checkpointing", False):
+            return
+        kwargs = {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            if enabled:
+                lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                lm.activation_checkpointing_disable()
+        elif enabled:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            lm.gradient_checkpointing_disable()
+
+    # -- forward -------------------------------------------------------------------------
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """(B, N, 3, H, W) pixels -> (B, N, latents, D) perceiver output."""
+        if images.ndim != 5:
+            raise ValueError(f"images must be (B, N, 3, H, W), got shape {tuple(images.shape)}")
+        batch, count = images.shape[:2]
+        train_vision = any(p.requires_grad for p in self.vision_encoder.parameters())
+        with torch.set_grad_enabled(train_vision and torch.is_grad_enabled()):
+            _, tokens = self.vision_encoder(images.flatten(0, 1))
+        latents: Tensor = self.perceiver(tokens.unflatten(0, (batch, count)))
+        return latents
+
+    def media_index(self, input_ids: Tensor, start: Tensor | None = None) -> Tensor:
+        """Per token, the 1-based number of the most recent `<image>` at or before it (0: none);
+        `start` (B,) counts images seen before these tokens (decoding with a cache)."""
+        index = (input_ids == self.special_tokens.image).cumsum(dim=1)
+        return index if start is None else index + start.unsqueeze(1)
+
+    @contextmanager
+    def _conditioned(self, latents: Tensor | None, media_index: Tensor) -> Iterator[None]:
+        state = self._media
+        state.latents, state.media_index, state.active = latents, media_index, True
+        try:
+            yield
+        finally:
+            state.latents, state.media_index, state.active = None, None, False
+
+    def forward(
+        self,
+        images: Tensor | None,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        use_media: bool = True,
+    ) -> Any:
+        """Returns the LM's output (`.logits`; `.loss` when labels are given: shifted
+        cross-entropy, -100 ignored). `use_media=False` removes the media: cross-attention
+        outputs zero everywhere (images may be None), as for text before the first image."""
+        if use_media:
+            if images is None:
+                raise ValueError("images are required unless use_media=False")
+            latents: Tensor | None = self.encode_images(images)
+        else:
+            latents = None
+        with self._conditioned(latents, self.media_index(input_ids)):
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    # -- generation ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        max_new_tokens: int = 20,
+        eos_token_ids: Sequence[int] | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Continue each prompt (left-padded when lengths differ); images are encoded once and
+        the LM's key/value cache is reused across steps. Stops a sequence at any of
+        `eos_token_ids` (default `<|endofchunk|>`, as OpenFlamingo; `()` never stops) and pads
+        it afterwards. Returns prompt + new tokens, (B, T + at most max_new_tokens)."""
+        stops = torch.tensor(
+            [self.special_tokens.endofchunk] if eos_token_ids is None else list(eos_token_ids),
+            device=input_ids.device,
+            dtype=input_ids.dtype,
+        )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        latents = self.encode_images(images)
+        takes_positions = "position_ids" in inspect.signature(self.lm.forward).parameters
+        sequence, mask = input_ids, attention_mask
+        step_ids, seen = input_ids, torch.zeros_like(input_ids[:, 0])
+        finished = torch.zeros_like(input_ids[:, 0], dtype=torch.bool)
+        cache: Any = None
+        for _ in range(max_new_tokens):
+            index = self.media_index(step_ids, seen)
+            kwargs: dict[str, Any] = {}
+            if takes_positions:
+                positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+                kwargs["position_ids"] = positions[:, -step_ids.shape[1] :]
+            with self._conditioned(latents, index):
+                out = self.lm(
+                    input_ids=step_ids,
+                    attention_mask=mask,
+                    past_key_values=cache,
+                    use_cache=True,
+                    **kwargs,
+                )
+            cache, seen = out.past_key_values, index[:, -1]
+            logits = out.logits[:, -1, :].float()
+            next_ids = self._pick(logits, do_sample, temperature, top_k, generator)
+            next_ids = next_ids.masked_fill(finished, self.special_tokens.pad)
+            finished = finished | torch.isin(next_ids, stops)
+            sequence = torch.cat((sequence, next_ids.unsqueeze(1)), dim=1)
+            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+            step_ids = next_ids.unsqueeze(1)
+            if bool(finished.all()):
+                break
+        return sequence
+
+    @staticmethod
+    def _pick(
+        logits: Tensor,
+        do_sample: bool,
+        temperature: float,
+        top_k: int | None,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        if not do_sample:
+            return logits.argmax(dim=-1)
+        logits = logits / temperature
+        if top_k is not None:
+            threshold = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < threshold, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    # -- embeddings ----------------------------------------------------------------------
+
+    def input_embeddings(self) -> nn.Embedding:
+        return input_embeddings(self.lm)
+
+    def output_embeddings(self) -> nn.Module | None:
+        return output_embeddings(self.lm)

@@ -1,0 +1,157 @@
+"""Flamingo's own layers: perceiver resampler and gated cross-attention (FORMATS 5.7).
+
+Attention runs through `scaled_dot_product_attention`; every linear layer is bias-free and every
+feed-forward is LayerNorm -> Linear(x mult) -> exact GELU -> Linear, as in OpenFlamingo, so
+released weights load one to one (see `openflamingo.py` for the key names).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+class FeedForward(nn.Module):
+    """Pre-norm MLP with a `mult` times wider hidden layer."""
+
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc_in = nn.Linear(dim, dim * mult, bias=False)
+        self.fc_out = nn.Linear(dim * mult, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.fc_out(F.gelu(self.fc_in(self.norm(x))))
+        return out
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    """(..., L, heads * d) -> (..., heads, L, d)."""
+    return x.view(*x.shape[:-1], heads, -1).transpose(-3, -2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    """(..., heads, L, d) -> (..., L, heads * d)."""
+    return x.transpose(-3, -2).flatten(-2)
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to the image tokens and to themselves (keys and values from both)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.q_proj = nn.Linear(dim, heads * dim_head, bias=False)
+        self.kv_proj = nn.Linear(dim, 2 * heads * dim_head, bias=False)
+        self.out_proj = nn.Linear(heads * dim_head, dim, bias=False)
+
+    def forward(self, media: Tensor, latents: Tensor) -> Tensor:
+        """media (M, v, D), latents (M, n, D) -> update for the latents (M, n, D)."""
+        media = self.norm_media(media)
+        latents = self.norm_latents(latents)
+        q = _split_heads(self.q_proj(latents), self.heads)
+        k, v = self.kv_proj(torch.cat((media, latents), dim=-2)).chunk(2, dim=-1)
+        out = F.scaled_dot_product_attention(
+            q, _split_heads(k, self.heads), _split_heads(v, self.heads)
+        )
+        result: Tensor = self.out_proj(_merge_heads(out))
+        return result
+
+
+class PerceiverLayer(nn.Module):
+    """One resampler layer: attention then feed-forward, both residual."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, ff_mult: int) -> None:
+        super().__init__()
+        self.attn = PerceiverAttention(dim, heads, dim_head)
+        self.ff = FeedForward(dim, ff_mult)
+
+    def forward(self, media: Tensor, latents: Tensor) -> Tensor:
+        latents = latents + self.attn(media, latents)
+        out: Tensor = latents + self.ff(latents)
+        return out
+
+
+class PerceiverResampler(nn.Module):
+    """Turns each image's patch tokens into a fixed number of learned latents."""
+
+    def __init__(
+        self, dim: int, *, depth: int, num_latents: int, heads: int, dim_head: int, ff_mult: int
+    ) -> None:
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(num_latents, dim))
+        self.layers = nn.ModuleList(
+            PerceiverLayer(dim, heads, dim_head, ff_mult) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.activation_checkpointing = False
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens (B, N, v, D) for N images per sample -> latents (B, N, n, D)."""
+        batch, images = tokens.shape[:2]
+        media = tokens.flatten(0, 1)
+        latents = self.latents.expand(media.shape[0], -1, -1)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                latents = checkpoint(layer, media, latents, use_reentrant=False)
+            else:
+                latents = layer(media, latents)
+        out: Tensor = self.norm(latents.view(batch, images, *latents.shape[1:]))
+        return out
+
+
+class MaskedCrossAttention(nn.Module):
+    """Text attends to the latents of one image: the most recent `<image>` at or before it.
+
+    `media_index[b, t]` is the 1-based number of that image (0: no image yet). Tokens without a
+    valid image get an exact zero output: their attention row is opened to every key (so no
+    backend sees an all-masked row and returns NaN) and the result is then zeroed.
+    """
+
+    def __init__(self, dim: int, dim_visual: int, heads: int, dim_head: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.q_proj = nn.Linear(dim, heads * dim_head, bias=False)
+        self.kv_proj = nn.Linear(dim_visual, 2 * heads * dim_head, bias=False)
+        self.out_proj = nn.Linear(heads * dim_head, dim, bias=False)
+
+    def forward(self, x: Tensor, media: Tensor, media_index: Tensor) -> Tensor:
+        """x (B, T, D), media (B, N, n, Dv), media_index (B, T) -> (B, T, D)."""
+        images, latents = media.shape[1:3]
+        q = _split_heads(self.q_proj(self.norm(x)), self.heads)
+        k, v = self.kv_proj(media.flatten(1, 2)).chunk(2, dim=-1)
+        key_image = torch.arange(1, images + 1, device=x.device).repeat_interleave(latents)
+        has_image = (media_index > 0) & (media_index <= images)
+        allowed = (media_index.unsqueeze(-1) == key_image) | ~has_image.unsqueeze(-1)
+        out = F.scaled_dot_product_attention(
+            q,
+            _split_heads(k, self.heads),
+            _split_heads(v, self.heads),
+            attn_mask=allowed.unsqueeze(1),
+        )
+        out = _merge_heads(out).masked_fill(~has_image.unsqueeze(-1), 0.0)
+        result: Tensor = self.out_proj(out)
+        return result
+
+
+class GatedCrossAttention(nn.Module):
+    """Masked cross-attention then feed-forward, each scaled by tanh of a gate that starts at 0."""
+
+    def __init__(self, dim: int, dim_visual: int, heads: int, dim_head: int, ff_mult: int) -> None:
+        super().__init__()
+        self.attn = MaskedCrossAttention(dim, dim_visual, heads, dim_head)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = FeedForward(dim, ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor, media: Tensor | None, media_index: Tensor) -> Tensor:
+        """With `media=None` (media switched off) the attention branch contributes nothing."""
+        if media is not None:
+            x = x + self.attn(x, media, media_index) * self.attn_gate.tanh()
+        out: Tensor = x + self.ff(x) * self.ff_gate.tanh()
+        return out

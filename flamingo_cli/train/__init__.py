@@ -1,0 +1,1 @@
+"""Training: launch under torchrun, distributed set-up, the dual-dataset loop, checkpoints."""

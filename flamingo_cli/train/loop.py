@@ -1,0 +1,180 @@
+"""The training step of FORMATS 5.6 with our differences (5.9), one optimizer step at a time.
+
+Per micro-step: LAION forward/backward, then MMC4 forward/backward, each loss times its
+multiplier over the accumulation steps; gradients are reduced once per optimizer step. Then the
+embedding-row gradient mask, one clip on the global norm, and AdamW (skipped on every rank when
+the norm is not finite). Distributed set-up, precision and logging happen before the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from flamingo_cli.train.distributed import DistInfo, all_agree, gradient_sync
+
+
+class Batch(Protocol):
+    images: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1; checked (and agreed on by all ranks) at step boundaries."""
+
+    requested: bool = False
+
+    def install(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self.requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step measured."""
+
+    losses: dict[str, float]
+    grad_norm: float
+    skipped: bool
+    samples: int
+    tokens: int
+    data_wait_s: float
+    elapsed_s: float
+
+
+@dataclass
+class LoopConfig:
+    gradient_accumulation_steps: int
+    loss_multipliers: dict[str, float]
+    max_grad_norm: float
+    precision: str
+    grad_masks: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
+
+
+def autocast_for(
+    precision: str, device: torch.device, strategy: str
+) -> contextlib.AbstractContextManager[Any]:
+    """Autocast for amp_bf16 and fp16 always, for bf16 unless FSDP2 casts the parameters."""
+    if precision == "amp_bf16" or (precision == "bf16" and strategy != "fsdp"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def global_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip all gradients together on their global norm; works on FSDP2's sharded DTensors."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if callable(full) else norm)
+
+
+def optimizer_step(
+    model: nn.Module,
+    batches: Sequence[Mapping[str, Batch]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    config: LoopConfig,
+    info: DistInfo,
+    strategy: str,
+    scaler: torch.amp.GradScaler | None = None,
+    data_wait_s: float = 0.0,
+) -> StepResult:
+    """Run the micro-steps of one optimizer step; every rank calls it with its own batches."""
+    start = time.perf_counter()
+    accum = config.gradient_accumulation_steps
+    totals: dict[str, float] = {}
+    samples = tokens = 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    for micro, named in enumerate(batches):
+        last = micro == len(batches) - 1
+        with gradient_sync(model, enabled=last):
+            for name, batch in named.items():
+                with autocast_for(config.precision, info.device, strategy):
+                    out = model(
+                        batch.images.to(info.device, non_blocking=True),
+                        batch.input_ids.to(info.device, non_blocking=True),
+                        batch.attention_mask.to(info.device, non_blocking=True),
+                        labels=batch.labels.to(info.device, non_blocking=True),
+                    )
+                loss = out.loss * config.loss_multipliers[name] / accum
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                totals[name] = totals.get(name, 0.0) + float(out.loss.detach()) / len(batches)
+                samples += int(batch.input_ids.shape[0])
+                tokens += int(batch.attention_mask.sum())
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    for param, mask in config.grad_masks:
+        if param.grad is not None:
+            param.grad.mul_(mask)
+    grad_norm = global_grad_norm(params, config.max_grad_norm)
+    skipped = not math.isfinite(grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    elif not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return StepResult(
+        losses=totals,
+        grad_norm=grad_norm,
+        skipped=skipped,
+        samples=samples,
+        tokens=tokens,
+        data_wait_s=data_wait_s,
+        elapsed_s=time.perf_counter() - start + data_wait_s,
+    )
+
+
+def accumulation_windows(
+    iterators: Mapping[str, Iterator[Batch]], start: int, total: int, accum: int
+) -> Iterator[tuple[int, list[dict[str, Batch]], float]]:
+    """Yield (batches consumed so far, the micro-batches of one optimizer step, seconds spent
+    waiting for data). Windows end at multiples of `accum` and at `total`, so a resumed epoch
+    (`start` > 0, always at a window boundary) regroups exactly as the uninterrupted one did.
+    """
+    index = start
+    while index < total:
+        window: list[dict[str, Batch]] = []
+        waited = 0.0
+        while index < total and (not window or index % accum != 0):
+            tick = time.perf_counter()
+            window.append({name: next(it) for name, it in iterators.items()})
+            waited += time.perf_counter() - tick
+            index += 1
+        yield index, window, waited
+
+
+def metrics_of(result: StepResult, lr: float, counters: dict[str, int]) -> dict[str, Any]:
+    """The metrics line of one optimizer step."""
+    metrics: dict[str, Any] = {f"loss/{k}": v for k, v in result.losses.items()}
+    metrics.update(
+        lr=lr,
+        grad_norm=result.grad_norm,
+        skipped=int(result.skipped),
+        samples_per_s=result.samples / max(result.elapsed_s, 1e-9),
+        tokens_per_s=result.tokens / max(result.elapsed_s, 1e-9),
+        data_wait=result.data_wait_s / max(result.elapsed_s, 1e-9),
+    )
+    metrics.update({f"dropped/{k}": v for k, v in counters.items()})
+    return metrics
+
+
+def should_stop(flag: StopFlag, info: DistInfo) -> bool:
+    return all_agree(flag.requested, info)

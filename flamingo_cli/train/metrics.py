@@ -1,0 +1,99 @@
+"""Where training metrics go: metrics.jsonl always, wandb when the recipe asks."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any, Protocol
+
+from flamingo_cli.recipe.schema import Recipe
+
+
+class MetricsSink(Protocol):
+    def log(self, step: int, metrics: dict[str, Any]) -> None: ...
+
+    def save_checkpoint(self, path: Path) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """One JSON object per line, flushed as written, so a crash loses no logged step."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a", encoding="utf-8")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self._file.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
+        self._file.flush()
+
+    def save_checkpoint(self, path: Path) -> None:
+        return None
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class WandbSink:
+    """wandb run tied to the run directory, so a resumed run continues the same wandb run."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path) -> None:
+        import wandb
+
+        settings = recipe.logging
+        run_dir.mkdir(parents=True, exist_ok=True)
+        id_file = run_dir / "wandb-id.txt"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        self._wandb = wandb
+        self._upload = settings.save_checkpoints_to_wandb
+        self._run = wandb.init(
+            project=settings.wandb_project,
+            entity=settings.wandb_entity,
+            name=recipe.run.name,
+            id=run_id,
+            resume="allow",
+            mode=settings.wandb_mode,
+            dir=str(run_dir),
+            config=recipe.model_dump(mode="json"),
+        )
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self._run.log(metrics, step=step)
+
+    def save_checkpoint(self, path: Path) -> None:
+        if self._upload:
+            artifact = self._wandb.Artifact(f"{self._run.id}-{path.name}", type="model")
+            artifact.add_dir(str(path))
+            self._run.log_artifact(artifact)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class Sinks:
+    """All sinks of rank 0 as one."""
+
+    def __init__(self, sinks: list[MetricsSink]) -> None:
+        self.sinks = sinks
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.log(step, metrics)
+
+    def save_checkpoint(self, path: Path) -> None:
+        for sink in self.sinks:
+            sink.save_checkpoint(path)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def open_sinks(recipe: Recipe, run_dir: Path) -> Sinks:
+    sinks: list[MetricsSink] = [JsonlSink(run_dir / "metrics.jsonl")]
+    if recipe.logging.wandb:
+        sinks.append(WandbSink(recipe, run_dir))
+    return Sinks(sinks)

@@ -1,0 +1,122 @@
+"""Progress bar and summary table of `flamingo convert`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from flamingo_cli.ui.console import console, err_console, settings
+from flamingo_cli.ui.errors import render_problems
+
+if TYPE_CHECKING:
+    from flamingo_cli.convert.runner import ConvertReport, ProgressState
+
+
+class _Rates(ProgressColumn):
+    """Samples per second and image MB per second since the start."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        elapsed = task.elapsed or 0.0
+        samples = task.fields.get("samples", 0)
+        mb = task.fields.get("image_bytes", 0) / 1e6
+        if elapsed <= 0:
+            return Text("")
+        return Text(
+            f"{samples / elapsed:,.0f} {self.unit}/s  {mb / elapsed:,.1f} MB/s", style="cyan"
+        )
+
+
+@contextmanager
+def convert_progress(
+    label: str, unit: str, *, enabled: bool = True
+) -> Iterator[Callable[[ProgressState], None] | None]:
+    """A progress bar on stderr, shown from the first update (hidden under --quiet and --json).
+
+    Yields the callback the library calls, or None when nothing is shown.
+    """
+    if not enabled or settings.verbosity < 0:
+        yield None
+        return
+    progress = Progress(
+        TextColumn(f"[bold]{label}[/]"),
+        BarColumn(),
+        TextColumn("{task.fields[tasks]}"),
+        _Rates(unit),
+        TimeRemainingColumn(),
+        console=err_console,
+    )
+    task_id = progress.add_task(label, total=None, tasks="", samples=0, image_bytes=0)
+
+    def update(state: ProgressState) -> None:
+        if not progress.live.is_started:
+            progress.start()
+        progress.update(
+            task_id,
+            total=state.work_total or None,
+            completed=state.work_done,
+            tasks=f"{state.tasks_done}/{state.tasks_total} inputs",
+            samples=state.samples,
+            image_bytes=state.image_bytes,
+        )
+
+    try:
+        yield update
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+
+
+_LABELS = {
+    "docs_in": "documents read",
+    "docs_out": "documents written",
+    "samples_in": "samples read",
+    "samples_out": "samples written",
+    "bad_lines": "bad JSON lines (skipped)",
+    "dropped_url_duplicate": "dropped: URL duplicate",
+    "dropped_min_images": "dropped: too few images",
+    "dropped_no_image": "dropped: no image",
+    "dropped_no_caption": "dropped: no caption",
+    "images_found": "images found",
+    "images_missing": "images missing",
+    "images_corrupt": "images corrupt",
+    "count_mismatch": "shards whose count differs from _stats.json",
+    "stats_missing": "shards without _stats.json",
+    "inputs": "inputs",
+    "inputs_reused": "inputs already complete (skipped)",
+    "inputs_missing": "inputs missing",
+    "inputs_failed": "inputs failed",
+    "shards": "shards written",
+}
+
+
+def render_convert_report(report: ConvertReport) -> None:
+    """Problems on stderr, then one table of totals and the rates."""
+    problems = report.problems
+    if problems and settings.verbosity >= 0:
+        render_problems(problems)
+        hidden = sum(r.problems_total for r in report.records) - len(problems)
+        if hidden > 0:
+            err_console.print(f"... and {hidden} more (see manifest.d/ for the counts)")
+    totals = report.totals
+    table = Table(title=f"convert {report.kind} -> {report.out_dir}", title_justify="left")
+    table.add_column("", style="bold")
+    table.add_column("count", justify="right")
+    for key, label in _LABELS.items():
+        if key in totals and (totals[key] or key in ("inputs", "shards")):
+            table.add_row(label, f"{totals[key]:,}")
+    elapsed = max(report.elapsed_s, 1e-9)
+    image_mb = totals["image_bytes"] / 1e6
+    table.add_row("image data read", f"{image_mb:,.1f} MB")
+    table.add_row("shard data written", f"{totals['shard_bytes'] / 1e6:,.1f} MB")
+    table.add_row("time", f"{report.elapsed_s:,.1f} s")
+    table.add_row("image MB/s", f"{image_mb / elapsed:,.1f}")
+    console.print(table)
