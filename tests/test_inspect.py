@@ -222,7 +222,7 @@ def test_corrupt_image_in_a_pair_shard(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     report = run(str(path), deep=True)
     finding = only(report, "image")
-    assert finding.key == "000000001"
+    assert (finding.key, finding.offset) == ("000000001", offsets(path)["000000001.png"][0])
     assert finding.reason.startswith(".png cannot be decoded: ")
     deep = report.groups[0].deep
     assert deep is not None and (deep.samples, deep.failed) == (4, 1)
@@ -247,7 +247,7 @@ def test_wrong_similarity_matrix_shape(tmp_path: Path) -> None:
 
     report = run(str(mmc4(tmp_path / "sim.tar", edit=damage)), deep=True)
     finding = only(report, "similarity-shape")
-    assert finding.key == "mmc4-00000-0000"
+    assert (finding.key, finding.offset) == ("mmc4-00000-0000", 0)  # the sample's first header
     assert finding.reason == ("similarity_matrix is 1x3, expected 2x3 (images x sentences)")
 
 

@@ -98,7 +98,7 @@ def _scan(url: str, settings: ScanSettings, report: ShardReport) -> None:
         assert key is not None
         samples.append((key, ext_sets[found], start))
         if deep is not None:
-            _deep_check(url, key, data, settings, report, deep)
+            _deep_check(url, key, start, data, settings, report, deep)
 
     want = (lambda name: True) if settings.deep else None
     add_ext = all_exts.append
@@ -232,6 +232,7 @@ def _check_members(
 def _deep_check(
     url: str,
     key: str,
+    offset: int,
     members: dict[str, bytes],
     settings: ScanSettings,
     report: ShardReport,
@@ -244,7 +245,9 @@ def _deep_check(
     for issue in view.issues:
         if issue.check == "missing-member":
             continue  # reported by the structural check
-        report.add(Finding(url, issue.check, issue.reason, key=key, severity=issue.severity))
+        report.add(
+            Finding(url, issue.check, issue.reason, key=key, offset=offset, severity=issue.severity)
+        )
     _count(view, settings, stats)
 
 
