@@ -494,3 +494,26 @@ def test_corrupt_header_after_many_members(tmp_path: Path) -> None:
     finding = only(report, "corrupt-header")
     assert finding.offset == bad
     assert report.groups[0].total("samples") == 4500
+
+
+def test_chatgpt_documents_are_checked(tmp_path: Path) -> None:
+    images = [
+        json.loads(s["json"])["image_info"][0]["image_base64"]  # type: ignore[arg-type]
+        for s in mmc4_samples(0, 2, seed=0)
+    ]
+    doc = {
+        "is_gpt": True,
+        "example": "A cat _!_IMAGE1_!_ sits. Then a dog _!_IMAGE2_!_ runs.",
+        "image_map": {
+            "_!_IMAGE1_!_": {"base64_image": images[0]},
+            "_!_IMAGE2_!_": {"base64_image": "not base64!"},
+        },
+    }
+    path = tmp_path / "gpt.tar"
+    write_tar(path, [{"__key__": "gpt-0", "json": json.dumps(doc).encode()}])
+    report = run(str(path), deep=True)
+    finding = only(report, "base64")
+    assert (finding.key, finding.reason.split(":")[0]) == ("gpt-0", "image_map['_!_IMAGE2_!_']")
+    deep = report.groups[0].deep
+    assert deep is not None
+    assert (deep.images_per_sample, deep.kept_per_sample) == ({1: 1}, {1: 1})
