@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 BLOCK = 512
 _CHUNK = 1 << 20
 _REGULAR = (b"0", b"\0", b"7")
+_REGULAR_CODES = (48, 0, 55)  # the same type flags as byte values
+_PLAIN = frozenset((48, 0))
 _CHECKSUM_BATCH = 4096
 _WINDOW = 4096  # bytes read at a header: it and the small members after it
 
@@ -216,8 +218,10 @@ class TarReader:
         new_member = tuple.__new__  # TarMember(...) without the generated __new__: hot path
         window_start, window = 0, b""
         offset = 0
+        pending = _CHECKSUM_BATCH
         long_name: str | None = None
         pax: dict[str, str] = {}
+        special = False  # a long name or pax header applies to the next member
         while True:  # the hot loop: one iteration per member, kept lean on purpose
             if offset + BLOCK > size:
                 if offset >= size:
@@ -237,8 +241,11 @@ class TarReader:
                 break
             add_header(offset)
             add_block(block)
-            if len(blocks) >= _CHECKSUM_BATCH and self._bad_checksum(headers, blocks, members):
-                return members
+            pending -= 1
+            if not pending:
+                pending = _CHECKSUM_BATCH
+                if self._bad_checksum(headers, blocks, members):
+                    return members
             try:
                 member_size = int(block[124:135], 8)  # 11 octal digits: what writers emit
             except ValueError:
@@ -248,51 +255,48 @@ class TarReader:
                     message = f"has a corrupt header at byte offset {offset} ({exc})"
                     self._stop("corrupt", offset, message)
                     break
-            kind = block[156:157]
+            kind = block[156]
             data_offset = offset + BLOCK
             if data_offset + member_size > size:
+                regular = kind in _REGULAR_CODES
                 self._stop(
                     "truncated",
                     offset,
                     f"is truncated: the member at byte {offset} needs {member_size} bytes of "
                     f"data, the file ends at byte {size}",
-                    pax.get("path") or long_name or _name(block) if kind in _REGULAR else None,
+                    pax.get("path") or long_name or _name(block) if regular else None,
                 )
                 break
-            if kind in _REGULAR:
-                if long_name is None and not pax:
-                    end = block.find(b"\0", 0, 100)
-                    name = block[: end if end >= 0 else 100]
-                    if block[345] and block[257:263] == b"ustar\0":
-                        name = _name(block).encode("utf-8", "surrogateescape")
-                    fields = (
-                        name.decode("utf-8", "surrogateescape"),
-                        offset,
-                        data_offset,
-                        member_size,
-                    )
-                    add_member(new_member(TarMember, fields))
-                else:
-                    if "size" in pax:
-                        member_size = int(pax["size"])
-                    name_text = pax.get("path") or long_name or _name(block)
-                    add_member(TarMember(name_text, offset, data_offset, member_size))
-                    long_name, pax = None, {}
-            elif kind == b"L":
+            if kind in _PLAIN and not special:  # a plain file: the common case
+                end = block.find(b"\0", 0, 100)
+                name = block[: end if end >= 0 else 100]
+                if block[345] and block[257:263] == b"ustar\0":
+                    name = _name(block).encode("utf-8", "surrogateescape")
+                fields = (name.decode("utf-8", "surrogateescape"), offset, data_offset, member_size)
+                add_member(new_member(TarMember, fields))
+            elif kind in _REGULAR_CODES:
+                if "size" in pax:
+                    member_size = int(pax["size"])
+                name_text = pax.get("path") or long_name or _name(block)
+                add_member(TarMember(name_text, offset, data_offset, member_size))
+                long_name, pax, special = None, {}, False
+            elif kind == 76:  # L: GNU long name of the next member
                 long_name = (
                     os.pread(fd, member_size, data_offset)
                     .split(b"\0", 1)[0]
                     .decode("utf-8", "surrogateescape")
                 )
-            elif kind == b"x":
+                special = True
+            elif kind == 120:  # x: pax extended header of the next member
                 try:
                     pax = _pax(os.pread(fd, member_size, data_offset))
+                    special = True
                 except _Corrupt as exc:
                     message = f"has a corrupt pax header at byte offset {offset} ({exc})"
                     self._stop("corrupt", offset, message)
                     break
             else:
-                long_name, pax = None, {}
+                long_name, pax, special = None, {}, False
             offset = data_offset + (member_size + 511) // 512 * 512
         self._bad_checksum(headers, blocks, members)
         return members
