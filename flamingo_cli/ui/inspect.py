@@ -12,8 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from flamingo_cli.inspect.report import DeepStats, GroupReport, InspectReport, ShardReport
-from flamingo_cli.ui.console import console, err_console, info, settings
-from flamingo_cli.ui.plan import _bytes
+from flamingo_cli.ui.console import console, err_console, format_bytes, info, settings
 
 CLEAN_ROWS = 20  # clean shards listed per group unless --verbose
 
@@ -63,7 +62,7 @@ def _shard_table(group: GroupReport) -> Table:
     table.add_column("shard", footer=f"{len(shards)} shard(s)")
     table.add_column("samples", justify="right", footer=f"{group.total('samples'):,}")
     table.add_column("members", justify="right", footer=f"{group.total('members'):,}")
-    table.add_column("size", justify="right", footer=_bytes(group.total("bytes")))
+    table.add_column("size", justify="right", footer=format_bytes(group.total("bytes")))
     table.add_column("extensions", footer=escape(_extensions(group.extensions)), overflow="fold")
     table.add_column("sizes.json", justify="right")
     table.add_column("problems", footer=_problems(group.total("errors"), group.total("warnings")))
@@ -79,7 +78,7 @@ def _shard_table(group: GroupReport) -> Table:
             escape(posixpath.basename(shard.url) or shard.url),
             f"{shard.samples:,}",
             f"{shard.members:,}",
-            _bytes(shard.bytes),
+            format_bytes(shard.bytes),
             escape(_extensions(shard.extensions)),
             "-" if shard.sizes_json is None else f"{shard.sizes_json:,}",
             _problems(shard.errors, shard.warnings),
