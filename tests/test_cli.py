@@ -166,3 +166,14 @@ def test_no_colour_codes_when_piped() -> None:
     )
     assert done.returncode == 0
     assert "\x1b[" not in done.stdout + done.stderr
+
+
+def test_format_bytes() -> None:
+    from flamingo_cli.ui.console import format_bytes
+
+    assert [format_bytes(n) for n in (512, 1536, 40 * 2**30, 3 * 2**40)] == [
+        "512 B",
+        "1.5 KiB",
+        "40.0 GiB",
+        "3.0 TiB",
+    ]

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from flamingo_cli import __version__
-from flamingo_cli.cli import convert, validate
+from flamingo_cli.cli import convert, inspect, validate
 
 app = typer.Typer(
     name="flamingo",
@@ -49,6 +49,7 @@ def _global_options(
 
 validate.register(app)
 convert.register(app)
+inspect.register(app)
 
 
 def main() -> None:

@@ -43,6 +43,15 @@ def detail(message: str) -> None:
         err_console.print(message, style="dim")
 
 
+def format_bytes(n: float) -> str:
+    """Binary units with one decimal: 512 B, 1.5 KiB, 37.3 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def print_json(data: Any) -> None:
     """Machine-readable output on stdout: plain JSON, never styled."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")

@@ -5,15 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from flamingo_cli.recipe.plan import Plan
-from flamingo_cli.ui.console import console
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    raise AssertionError("unreachable")
+from flamingo_cli.ui.console import console, format_bytes
 
 
 def render_plan(plan: Plan, title: str) -> None:
@@ -39,7 +31,10 @@ def render_plan(plan: Plan, title: str) -> None:
     row("samples drawn per epoch", [f"{d.samples_drawn_per_epoch:,}" for d in ds])
     row("loader workers per rank", [str(d.workers) for d in ds])
     row("shards per worker", [f"{d.shards_per_worker:.2f}" for d in ds])
-    row("shuffle buffers per node (est.)", [_bytes(d.shuffle_buffer_bytes_per_node) for d in ds])
+    row(
+        "shuffle buffers per node (est.)",
+        [format_bytes(d.shuffle_buffer_bytes_per_node) for d in ds],
+    )
     console.print(table)
     console.print(
         f"world size {plan.world_size} ({plan.nnodes} node(s) x {plan.nproc_per_node} process(es)); "

@@ -1,0 +1,123 @@
+"""`flamingo inspect-shards`: audit shards fast from tar headers, or decode every sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flamingo_cli.cli.common import JsonOption, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect-shards")(inspect_shards)
+
+
+def inspect_shards(
+    specs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="SPEC...",
+            help="Shards: brace patterns, globs, directories, `a::b`, local paths or URLs.",
+            show_default=False,
+        ),
+    ] = None,
+    deep: Annotated[
+        bool,
+        typer.Option("--deep", help="Decode every sample: JSON, base64, images, texts, matrices."),
+    ] = False,
+    json_: JsonOption = False,
+    write_sizes: Annotated[
+        bool,
+        typer.Option("--write-sizes", help="Write or update sizes.json from the counts."),
+    ] = False,
+    preview: Annotated[
+        Path | None,
+        typer.Option(
+            "--preview",
+            dir_okay=False,
+            metavar="FILE",
+            help="Write one self-contained HTML page showing samples as the model sees them.",
+        ),
+    ] = None,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Samples in the preview.")] = 12,
+    seed: Annotated[int, typer.Option("--seed", help="Seed that picks the preview samples.")] = 0,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            "--recipe",
+            dir_okay=False,
+            help="Inspect the recipe's training and eval shards with its filters.",
+        ),
+    ] = None,
+    sim_threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--sim-threshold",
+            help="Image-sentence similarity threshold (default: the recipe's, else 0.24).",
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option("--tokenizer", metavar="PATH", help="Count tokens with this tokenizer."),
+    ] = None,
+    max_errors: Annotated[
+        int, typer.Option("--max-errors", min=1, help="List at most this many findings.")
+    ] = 1000,
+    allow_pipe: Annotated[
+        bool,
+        typer.Option("--allow-pipe", help="Allow `pipe:` specs (they run shell commands)."),
+    ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", min=1, help="Processes scanning shards (default: CPU count)."),
+    ] = None,
+) -> None:
+    """Count samples and find damaged shards; with --deep, find every sample that fails.
+
+    Fast mode reads only tar headers. Exit 0 when no errors were found, 1 when some were,
+    2 on usage errors.
+    """
+    from flamingo_cli.errors import UsageError
+    from flamingo_cli.inspect.run import (
+        InspectOptions,
+        groups_from_recipe,
+        groups_from_specs,
+    )
+    from flamingo_cli.inspect.run import inspect_shards as run_inspect
+    from flamingo_cli.ui import console as ui
+    from flamingo_cli.ui.inspect import render_report, shard_progress
+
+    with user_errors():
+        if not specs and recipe is None:
+            raise UsageError(
+                "give shard SPECs or --recipe RECIPE",
+                fix="flamingo inspect-shards 'shards/{00000..00009}.tar'",
+            )
+        options = InspectOptions(
+            deep=deep,
+            write_sizes=write_sizes,
+            sim_threshold=sim_threshold,
+            tokenizer=tokenizer,
+            max_errors=max_errors,
+            allow_pipe=allow_pipe,
+            workers=workers,
+        )
+        groups = groups_from_specs(specs or [], options)
+        if recipe is not None:
+            groups += groups_from_recipe(recipe, options)
+        total = len({url for group in groups for url in group.urls})
+        with shard_progress(0 if json_ else total) as progress:
+            report = run_inspect(groups, options, progress)
+        if preview is not None:
+            from flamingo_cli.inspect.preview import write_preview
+
+            write_preview(report, groups, preview, samples=samples, seed=seed)
+            report.preview = str(preview)
+        if json_:
+            ui.print_json(report.to_dict())
+        else:
+            render_report(report)
+        if not report.ok:
+            raise typer.Exit(1)

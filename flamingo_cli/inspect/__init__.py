@@ -1,0 +1,1 @@
+"""`inspect-shards`: shard scanning and checks, the report model, and the HTML preview."""
