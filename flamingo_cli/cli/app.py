@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from flamingo_cli import __version__
-from flamingo_cli.cli import convert, inspect, validate
+from flamingo_cli.cli import convert, inspect, train, validate
 
 app = typer.Typer(
     name="flamingo",
@@ -50,6 +50,7 @@ def _global_options(
 validate.register(app)
 convert.register(app)
 inspect.register(app)
+train.register(app)
 
 
 def main() -> None:

@@ -182,11 +182,17 @@ def resize_embeddings(lm: nn.Module, size: int) -> None:
     """
     resize: Any = getattr(lm, "resize_token_embeddings", None)
     if resize is not None:
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity(hf_logging.ERROR)  # its notice on mean-initialised rows
         try:
             resize(size)
             return
         except NotImplementedError:
             pass
+        finally:
+            hf_logging.set_verbosity(verbosity)
     name, old = _embedding_by_inspection(lm)
     if output_embeddings(lm) is not None:
         raise FlamingoError(

@@ -157,7 +157,7 @@ def save_checkpoint(
                 shutil.rmtree(stale)
         tmp.mkdir()
     _barrier(info)
-    dcp_save({"train": state}, checkpoint_id=str(tmp))
+    dcp_save({"train": state}, checkpoint_id=str(tmp), no_dist=info.world_size == 1)
     (tmp / f"rank{info.rank}.json").write_text(json.dumps(rank_state), encoding="utf-8")
     _barrier(info)
     if info.is_main:
@@ -175,7 +175,7 @@ def save_checkpoint(
 
 def load_checkpoint(path: Path, state: TrainState, info: DistInfo) -> dict[str, Any] | None:
     """Load into `state`; return this rank's saved state, or None when the world size changed."""
-    dcp_load({"train": state}, checkpoint_id=str(path))
+    dcp_load({"train": state}, checkpoint_id=str(path), no_dist=info.world_size == 1)
     meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
     rank_file = path / f"rank{info.rank}.json"
     if meta.get("world_size") != info.world_size or not rank_file.is_file():

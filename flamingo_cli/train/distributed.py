@@ -154,3 +154,13 @@ def all_agree(flag: bool, info: DistInfo) -> bool:
     value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=info.device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """The mean of each value over all ranks (every rank must call it with the same keys)."""
+    if info.world_size == 1 or not dist.is_initialized() or not values:
+        return dict(values)
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=info.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return {k: float(v) / info.world_size for k, v in zip(keys, tensor.tolist(), strict=True)}

@@ -49,6 +49,7 @@ class StepResult:
     """What one optimizer step measured."""
 
     losses: dict[str, float]
+    lr: float
     grad_norm: float
     skipped: bool
     samples: int
@@ -97,6 +98,7 @@ def optimizer_step(
 ) -> StepResult:
     """Run the micro-steps of one optimizer step; every rank calls it with its own batches."""
     start = time.perf_counter()
+    lr = float(optimizer.param_groups[0]["lr"])
     accum = config.gradient_accumulation_steps
     totals: dict[str, float] = {}
     samples = tokens = 0
@@ -133,6 +135,7 @@ def optimizer_step(
     scheduler.step()
     return StepResult(
         losses=totals,
+        lr=lr,
         grad_norm=grad_norm,
         skipped=skipped,
         samples=samples,
@@ -161,11 +164,11 @@ def accumulation_windows(
         yield index, window, waited
 
 
-def metrics_of(result: StepResult, lr: float, counters: dict[str, int]) -> dict[str, Any]:
+def metrics_of(result: StepResult, counters: dict[str, int]) -> dict[str, Any]:
     """The metrics line of one optimizer step."""
     metrics: dict[str, Any] = {f"loss/{k}": v for k, v in result.losses.items()}
     metrics.update(
-        lr=lr,
+        lr=result.lr,
         grad_norm=result.grad_norm,
         skipped=int(result.skipped),
         samples_per_s=result.samples / max(result.elapsed_s, 1e-9),

@@ -1,0 +1,319 @@
+"""One rank's training run: build everything, resume, loop over epochs, checkpoint, export.
+
+Set-up happens here, in order, before the loop: process group, model (same seed on every
+rank), sharding, optimizer and schedule, loaders, resume or `init_from`, metrics sinks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from flamingo_cli.data.loader import TrainLoader, make_loader
+from flamingo_cli.errors import FlamingoError
+from flamingo_cli.model.factory import build_model
+from flamingo_cli.model.flamingo import FlamingoModel
+from flamingo_cli.model.openflamingo import (
+    load_openflamingo_checkpoint,
+)
+from flamingo_cli.model.params import checkpoint_parameter_names, embedding_grad_mask
+from flamingo_cli.recipe.load import LoadedRecipe
+from flamingo_cli.recipe.plan import make_plan
+from flamingo_cli.train.checkpoint import (
+    TrainState,
+    load_checkpoint,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from flamingo_cli.train.distributed import (
+    DistInfo,
+    apply_parallelism,
+    init_distributed,
+    mean_across_ranks,
+    teardown,
+)
+from flamingo_cli.train.export import export_weights
+from flamingo_cli.train.loop import (
+    LoopConfig,
+    StopFlag,
+    accumulation_windows,
+    metrics_of,
+    optimizer_step,
+    should_stop,
+)
+from flamingo_cli.train.metrics import Sinks, open_sinks
+from flamingo_cli.train.optim import build_optimizer
+from flamingo_cli.train.schedule import build_scheduler
+
+FINISHED = "FINISHED"
+
+
+class TrainEvents(Protocol):
+    """What rank 0 reports while training (the CLI renders it; other ranks report nothing)."""
+
+    def started(self, total_steps: int, start_step: int) -> None: ...
+
+    def step(self, step: int, metrics: dict[str, Any]) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+
+class _Silent:
+    def started(self, total_steps: int, start_step: int) -> None:
+        return None
+
+    def step(self, step: int, metrics: dict[str, Any]) -> None:
+        return None
+
+    def message(self, text: str) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """How a rank's run ended."""
+
+    run_dir: Path
+    step: int
+    total_steps: int
+    stopped_early: bool
+    last_checkpoint: Path | None
+    metrics: dict[str, Any]
+
+
+def run_dir_of(loaded: LoadedRecipe) -> Path:
+    return Path(loaded.recipe.run.output_dir) / loaded.recipe.run.name
+
+
+def check_device_support(precision: str) -> None:
+    """Checks that need torch: fp16 needs a GPU, bf16 needs hardware support."""
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise FlamingoError(
+            'run.precision = "fp16" needs a GPU (it trains with a gradient scaler)',
+            fix='use "bf16" or "amp_bf16" on CPUs, or "fp32"',
+        )
+
+
+def _grad_masks(
+    model: FlamingoModel, wrapped: nn.Module
+) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """The embedding-row mask, laid out like the (possibly sharded) embedding parameter."""
+    mask = embedding_grad_mask(model)
+    if mask is None:
+        return []
+    weight = model.input_embeddings().weight
+    assert isinstance(weight, nn.Parameter)
+    placements = getattr(weight, "placements", None)
+    if placements is not None:  # an FSDP2 DTensor: shard the mask the same way
+        from torch.distributed.tensor import distribute_tensor
+
+        mesh = getattr(weight, "device_mesh")  # noqa: B009
+        mask = distribute_tensor(mask.to(weight.device), mesh, placements)
+    return [(weight, mask.to(weight.device))]
+
+
+def _import_weights(model: FlamingoModel, path: str) -> None:
+    """`model.init_from`: OpenFlamingo's checkpoint.pt, or one of our checkpoint directories."""
+    source = Path(path)
+    if source.is_dir():
+        from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+        state = {
+            k: v for k, v in model.state_dict().items() if k in checkpoint_parameter_names(model)
+        }
+        dcp_load({"train": {"model": state}}, checkpoint_id=str(source), no_dist=True)
+        model.load_state_dict(state, strict=False)
+        return
+    load_openflamingo_checkpoint(model, source)
+
+
+def train_rank(
+    loaded: LoadedRecipe, events: TrainEvents | None = None, *, max_steps: int | None = None
+) -> TrainOutcome:
+    """Train as this process's rank (a single process when not launched distributed).
+
+    `max_steps` stops after that many optimizer steps in all, with a checkpoint, as a
+    preemption signal would.
+    """
+    recipe = loaded.recipe
+    check_device_support(recipe.run.precision)
+    info = init_distributed(recipe.distributed.timeout_s)
+    try:
+        return _train(loaded, info, events if info.is_main and events else _Silent(), max_steps)
+    finally:
+        teardown()
+
+
+def _train(
+    loaded: LoadedRecipe, info: DistInfo, events: TrainEvents, max_steps: int | None
+) -> TrainOutcome:
+    recipe = loaded.recipe
+    run_dir = run_dir_of(loaded)
+    # the recipe's world size is what was planned; the real one is what torchrun started
+    dist_cfg = recipe.distributed.model_copy(
+        update={"nproc_per_node": info.local_world_size, "nnodes": info.nnodes}
+    )
+    recipe = recipe.model_copy(update={"distributed": dist_cfg})
+    plan = make_plan(recipe)
+    torch.manual_seed(recipe.run.seed + info.rank)
+
+    model, transform, tokenizer, special = build_model(recipe.model, seed=recipe.run.seed)
+    if recipe.model.init_from:
+        _import_weights(model, recipe.model.init_from)
+    model.to(info.device)
+    keep = checkpoint_parameter_names(model)
+    wrapped = apply_parallelism(
+        model,
+        model.shard_units(),
+        strategy=recipe.distributed.strategy,
+        sharding=recipe.distributed.sharding,
+        precision=recipe.run.precision,
+        info=info,
+    )
+    optimizer = build_optimizer(wrapped, lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay)
+    scheduler = build_scheduler(
+        optimizer,
+        kind=recipe.optim.scheduler,
+        warmup_steps=recipe.optim.warmup_steps,
+        total_steps=plan.total_optimizer_steps,
+    )
+    loaders: dict[str, TrainLoader] = {
+        name: make_loader(
+            config,
+            tokenizer,
+            special,
+            transform,
+            seed=recipe.run.seed,
+            rank=info.rank,
+            world_size=info.world_size,
+            allow_pipe=recipe.data.allow_pipe,
+        )
+        for name, config in recipe.datasets().items()
+    }
+    progress = {"step": 0, "epoch": 0}
+    state = TrainState(wrapped, optimizer, scheduler, keep=lambda k: k in keep, progress=progress)
+    resume = resolve_resume(run_dir, recipe.run.resume)
+    if resume is not None:
+        rank_state = load_checkpoint(resume, state, info)
+        if rank_state is None:
+            events.message(
+                f"resuming {resume} on a different world size: weights and optimizer reshard, "
+                "the data restarts the interrupted epoch's sample stream (not exact)"
+            )
+        else:
+            for name, loader in loaders.items():
+                loader.load_state_dict(rank_state["loaders"][name])
+            set_rng_state(rank_state["rng"])
+
+    events.started(plan.total_optimizer_steps, progress["step"])
+    loop_config = LoopConfig(
+        gradient_accumulation_steps=recipe.optim.gradient_accumulation_steps,
+        loss_multipliers={name: cfg.loss_multiplier for name, cfg in recipe.datasets().items()},
+        max_grad_norm=recipe.optim.max_grad_norm,
+        precision=recipe.run.precision,
+        grad_masks=_grad_masks(model, wrapped),
+    )
+    scaler = torch.amp.GradScaler("cuda") if recipe.run.precision == "fp16" else None
+    stop = StopFlag()
+    stop.install()
+    sinks: Sinks | None = open_sinks(recipe, run_dir) if info.is_main else None
+    recipe_text = loaded.path.read_text(encoding="utf-8")
+    last_checkpoint: Path | None = resume
+    last_metrics: dict[str, Any] = {}
+    accum = recipe.optim.gradient_accumulation_steps
+    stopped = False
+
+    def checkpoint() -> Path:
+        rank_state = {
+            "loaders": {name: loader.state_dict() for name, loader in loaders.items()},
+            "rng": rng_state(),
+        }
+        path = save_checkpoint(
+            run_dir,
+            progress["step"],
+            state,
+            rank_state,
+            info,
+            recipe_text=recipe_text,
+            keep_last=recipe.run.keep_last,
+        )
+        if sinks is not None:
+            sinks.save_checkpoint(path)
+        return path
+
+    try:
+        for epoch in range(progress["epoch"], recipe.run.num_epochs):
+            progress["epoch"] = epoch
+            for loader in loaders.values():
+                loader.set_epoch(epoch)
+            iterators = {name: iter(loader) for name, loader in loaders.items()}
+            total = min(loader.num_batches for loader in loaders.values())
+            start = min(loader.batches for loader in loaders.values())
+            for index, window, waited in accumulation_windows(iterators, start, total, accum):
+                result = optimizer_step(
+                    wrapped,
+                    window,
+                    optimizer,
+                    scheduler,
+                    loop_config,
+                    info,
+                    recipe.distributed.strategy,
+                    scaler,
+                    waited,
+                )
+                progress["step"] += 1
+                step = progress["step"]
+                if step % recipe.run.log_every == 0 or index == total:
+                    counters = {
+                        f"{name}/{reason}": count
+                        for name, loader in loaders.items()
+                        for reason, count in loader.dropped.items()
+                    }
+                    result.losses = mean_across_ranks(result.losses, info)
+                    last_metrics = metrics_of(result, counters)
+                    last_metrics["epoch"] = epoch
+                    if sinks is not None:
+                        sinks.log(step, last_metrics)
+                    events.step(step, last_metrics)
+                at_end = index == total
+                if (
+                    recipe.run.checkpoint_every
+                    and step % recipe.run.checkpoint_every == 0
+                    and not at_end
+                ):
+                    last_checkpoint = checkpoint()
+                if should_stop(stop, info) or (max_steps is not None and step >= max_steps):
+                    if at_end:  # the epoch is complete: resume at the next one
+                        progress["epoch"] = epoch + 1
+                    last_checkpoint = checkpoint()
+                    stopped = True
+                    break
+            for it in iterators.values():
+                close = getattr(it, "close", None)
+                if callable(close):
+                    close()
+            if stopped:
+                break
+            progress["epoch"] = epoch + 1
+            last_checkpoint = checkpoint()
+        if not stopped:
+            export_weights(wrapped, keep, run_dir, info)
+            if info.is_main:
+                (run_dir / FINISHED).write_text(f"{progress['step']}\n", encoding="utf-8")
+    finally:
+        if sinks is not None:
+            sinks.close()
+    return TrainOutcome(
+        run_dir,
+        progress["step"],
+        plan.total_optimizer_steps,
+        stopped,
+        last_checkpoint,
+        last_metrics,
+    )
