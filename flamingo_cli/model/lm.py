@@ -8,6 +8,7 @@ forward runs unchanged and calls the wrappers as it would call its layers.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -185,7 +186,7 @@ def resize_embeddings(lm: nn.Module, size: int) -> None:
         from transformers.utils import logging as hf_logging
 
         verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity(hf_logging.ERROR)  # its notice on mean-initialised rows
+        hf_logging.set_verbosity(logging.ERROR)  # its notice on mean-initialised rows
         try:
             resize(size)
             return
