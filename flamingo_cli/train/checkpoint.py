@@ -182,3 +182,16 @@ def load_checkpoint(path: Path, state: TrainState, info: DistInfo) -> dict[str, 
         return None
     loaded: dict[str, Any] = json.loads(rank_file.read_text(encoding="utf-8"))
     return loaded
+
+
+def load_model_weights(model: nn.Module, keep: set[str], path: Path) -> None:
+    """Load only the model part of a checkpoint directory into an unwrapped model, on any
+    number of processes (each reads what it needs; no collective). For `init_from` and eval."""
+    if not (path / COMPLETE).is_file():
+        raise FlamingoError(
+            f"{path} is not a complete flamingo checkpoint (no {COMPLETE} marker)",
+            fix="pick a directory under <run>/checkpoints/ that has COMPLETE, or 'latest'",
+        )
+    state = {k: v for k, v in model.state_dict().items() if k in keep}
+    dcp_load({"train": {"model": state}}, checkpoint_id=str(path), no_dist=True)
+    model.load_state_dict(state, strict=False)

@@ -60,9 +60,13 @@ def rendezvous_for(
 
 
 def torchrun_command(
-    rdzv: Rendezvous, recipe_path: Path, worker_args: Sequence[str], log_dir: Path
+    rdzv: Rendezvous,
+    recipe_path: Path,
+    worker_args: Sequence[str],
+    log_dir: Path,
+    module: str = "flamingo_cli.train.worker",
 ) -> list[str]:
-    """The `python -m torch.distributed.run` command that starts every rank of this node."""
+    """The `python -m torch.distributed.run` command starting `module` on every rank here."""
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     if rdzv.nnodes == 1 and rdzv.endpoint is None:
         cmd += ["--standalone"]
@@ -91,7 +95,7 @@ def torchrun_command(
         "--local-ranks-filter",
         "0",
         "-m",
-        "flamingo_cli.train.worker",
+        module,
         str(recipe_path),
         *worker_args,
     ]

@@ -26,6 +26,7 @@ from flamingo_cli.recipe.plan import make_plan
 from flamingo_cli.train.checkpoint import (
     TrainState,
     load_checkpoint,
+    load_model_weights,
     resolve_resume,
     rng_state,
     save_checkpoint,
@@ -122,15 +123,9 @@ def _import_weights(model: FlamingoModel, path: str) -> None:
     """`model.init_from`: OpenFlamingo's checkpoint.pt, or one of our checkpoint directories."""
     source = Path(path)
     if source.is_dir():
-        from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
-
-        state = {
-            k: v for k, v in model.state_dict().items() if k in checkpoint_parameter_names(model)
-        }
-        dcp_load({"train": {"model": state}}, checkpoint_id=str(source), no_dist=True)
-        model.load_state_dict(state, strict=False)
-        return
-    load_openflamingo_checkpoint(model, source)
+        load_model_weights(model, checkpoint_parameter_names(model), source)
+    else:
+        load_openflamingo_checkpoint(model, source)
 
 
 def train_rank(
