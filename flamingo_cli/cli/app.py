@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from flamingo_cli import __version__
-from flamingo_cli.cli import convert, inspect, train, validate
+from flamingo_cli.cli import convert, eval_loss, inspect, train, validate
 
 app = typer.Typer(
     name="flamingo",
@@ -51,6 +51,7 @@ validate.register(app)
 convert.register(app)
 inspect.register(app)
 train.register(app)
+eval_loss.register(app)
 
 
 def main() -> None:

@@ -12,7 +12,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from flamingo_cli.data.labels import interleaved_labels, pair_labels
-from flamingo_cli.data.pipeline import Batch, RawSample, ShardStream, StreamSpec, StreamStart
+from flamingo_cli.data.pipeline import (
+    Batch,
+    Collate,
+    Preprocess,
+    RawSample,
+    ShardStream,
+    StreamSpec,
+    StreamStart,
+)
 from flamingo_cli.data.preprocess import (
     Context,
     ImageTransform,
@@ -75,6 +83,20 @@ def _preprocess_document(
     ctx: Context, config: Mmc4Config, raw: RawSample, rng: random.Random
 ) -> Sample:
     return preprocess_document(raw, ctx, config, rng)
+
+
+def sample_functions(config: LaionConfig | Mmc4Config, ctx: Context) -> tuple[Preprocess, Collate]:
+    """The per-sample preprocessing and the batch collation of a dataset (picklable, for
+    DataLoader workers)."""
+    if isinstance(config, LaionConfig):
+        return (
+            functools.partial(_preprocess_pair, ctx, config),
+            functools.partial(collate_pairs, tokens=ctx.tokens),
+        )
+    return (
+        functools.partial(_preprocess_document, ctx, config),
+        functools.partial(collate_documents, tokens=ctx.tokens, slots=config.max_num_images),
+    )
 
 
 class TrainLoader:
@@ -181,21 +203,7 @@ class TrainLoader:
             drawn=tuple(self._drawn),
             dropped=tuple(dict(d) for d in self._worker_dropped),
         )
-        if isinstance(config, LaionConfig):
-            return ShardStream(
-                spec,
-                start,
-                functools.partial(_preprocess_pair, self.ctx, config),
-                functools.partial(collate_pairs, tokens=self.ctx.tokens),
-            )
-        return ShardStream(
-            spec,
-            start,
-            functools.partial(_preprocess_document, self.ctx, config),
-            functools.partial(
-                collate_documents, tokens=self.ctx.tokens, slots=config.max_num_images
-            ),
-        )
+        return ShardStream(spec, start, *sample_functions(config, self.ctx))
 
     def __iter__(self) -> Iterator[Batch]:
         if self.remaining <= 0:

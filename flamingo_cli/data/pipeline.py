@@ -162,6 +162,19 @@ def open_shards(
             yield {**item, "stream": stream}
 
 
+def read_stages(
+    urls: Sequence[str], *, allow_pipe: bool, handler: Callable[[BaseException], bool]
+) -> list[Any]:
+    """The stages that turn shard URLs, in the given order, into raw samples (dicts of members);
+    tar errors go to `handler`, which returns True to skip and go on."""
+    return [
+        wds.SimpleShardList(list(urls)),
+        functools.partial(open_shards, allow_pipe=allow_pipe, handler=handler),
+        functools.partial(tar_file_expander, handler=handler),
+        functools.partial(group_by_keys, handler=handler),
+    ]
+
+
 def number_and_skip(
     src: Iterable[RawSample], *, skip: int, progress: list[int], on_skipped: Callable[[], None]
 ) -> Iterator[tuple[int, RawSample]]:
@@ -296,10 +309,7 @@ class ShardStream(IterableDataset[Batch]):
             urls = pass_urls(spec, worker, index)
             before = (progress[0], progress[1])
             reader = wds.DataPipeline(
-                wds.SimpleShardList(urls),
-                functools.partial(open_shards, allow_pipe=spec.allow_pipe, handler=handler),
-                functools.partial(tar_file_expander, handler=handler),
-                functools.partial(group_by_keys, handler=handler),
+                *read_stages(urls, allow_pipe=spec.allow_pipe, handler=handler),
                 wds.shuffle(
                     spec.shuffle_buffer,
                     spec.shuffle_initial,

@@ -76,7 +76,11 @@ class Sample:
 
 @dataclass(frozen=True)
 class Context:
-    """What every sample of a dataset is preprocessed with (no per-sample state)."""
+    """What every sample of a dataset is preprocessed with (no per-sample state).
+
+    `deterministic` (evaluation) turns off every random choice: no flips and no random drop of
+    single-image documents; the generator is then never drawn from.
+    """
 
     tokenizer: PreTrainedTokenizerBase
     tokens: SpecialTokens
@@ -84,6 +88,7 @@ class Context:
     image_shape: tuple[int, int, int]
     draft_size: int | None
     control_strings: tuple[str, ...]
+    deterministic: bool = False
 
     @classmethod
     def create(
@@ -93,6 +98,7 @@ class Context:
         image_transform: ImageTransform,
         *,
         jpeg_draft: bool = True,
+        deterministic: bool = False,
     ) -> Context:
         """Probe the transform once for its output shape (zero padding, draft-mode target)."""
         probe = image_transform(Image.new("RGB", (16, 16)))
@@ -107,6 +113,7 @@ class Context:
             image_shape=shape,
             draft_size=max(shape[1], shape[2]) if jpeg_draft else None,
             control_strings=tuple(sorted((s for s in specials if s), key=len, reverse=True)),
+            deterministic=deterministic,
         )
 
     @property
@@ -192,7 +199,7 @@ def preprocess_pair(
         caption = bytes(sample["txt"]).decode("utf-8")
     except UnicodeDecodeError:
         raise Dropped("bad_caption") from None
-    flip = rng.random() < 0.5
+    flip = not ctx.deterministic and rng.random() < 0.5
     caption = strip_control_tokens(caption, ctx.control_strings).strip()
     ids, mask = _tokenize(
         ctx, f"{IMAGE}{caption}{ENDOFCHUNK}{ctx.eos_token}", config.max_tokens, False
@@ -259,7 +266,9 @@ def interleave_text(sentences: Sequence[str], image_sentences: Sequence[int], eo
 def _mmc4_document(
     key: str, info: dict[str, Any], ctx: Context, config: Mmc4Config, rng: random.Random
 ) -> Sample:
-    drop_draw, flip = rng.random(), rng.random() < 0.5
+    # evaluation: never dropped at random (1.0 > 0.5), never flipped
+    drop_draw = 1.0 if ctx.deterministic else rng.random()
+    flip = not ctx.deterministic and rng.random() < 0.5
     sentences = [strip_control_tokens(str(s), ctx.control_strings) for s in info["text_list"]]
     similarity = info["similarity_matrix"]
     if not isinstance(similarity, list) or any(
@@ -326,7 +335,7 @@ def gpt_text(example: str, keep: Sequence[bool], max_num_images: int, eos: str) 
 def _gpt_document(
     key: str, info: dict[str, Any], ctx: Context, config: Mmc4Config, rng: random.Random
 ) -> Sample:
-    flip = rng.random() < 0.5
+    flip = not ctx.deterministic and rng.random() < 0.5
     example = strip_control_tokens(str(info["example"]), ctx.control_strings)
     image_map = info["image_map"]
     # FORMATS 5.9: the j-th placeholder in the text names the image of the j-th <image> token

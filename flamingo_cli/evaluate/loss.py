@@ -1,0 +1,328 @@
+"""The evaluation loop: exact token-weighted loss over every batch of a dataset, on every rank
+in lockstep, with an optional image ablation evaluated on the same batches.
+
+The loss is the sum of per-token cross-entropies over all target tokens divided by their number
+(not a mean of batch means); ranks add their sums and counts with one all-reduce at the end.
+A rank out of data runs a fully masked padding batch while others still have some, so every
+rank makes the same forward calls (FSDP all-gathers must match).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flamingo_cli.data.eval_loader import DROP_KEYS, EvalLoader
+from flamingo_cli.data.labels import IGNORE
+from flamingo_cli.data.pipeline import Batch, derive_seed
+from flamingo_cli.train.distributed import DistInfo, all_agree
+
+Ablation = Literal["none", "shuffle"]
+ABLATIONS: tuple[Ablation, ...] = ("none", "shuffle")
+Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
+
+# Positions of the sums every rank accumulates (then one all-reduce adds them up).
+_LOSS, _TOKENS, _SAMPLES, _BATCHES, _PADDING, _PAIRED_LOSS, _PAIRED_TOKENS = range(7)
+_ABLATED_LOSS, _ABLATED_SAMPLES, _ALONE = 7, 8, 9
+_COUNTERS = 10
+
+
+class EvalEvents(Protocol):
+    """What the evaluation reports while it runs (rank 0 only; the UI renders it)."""
+
+    def dataset_started(self, name: str, expected_batches: int | None) -> None: ...
+
+    def batch_done(self, name: str, batches: int) -> None: ...
+
+    def dataset_done(self, result: DatasetLoss) -> None: ...
+
+
+@dataclass(frozen=True)
+class DatasetLoss:
+    """The held-out loss of one dataset over all ranks.
+
+    `loss` is nats per target token over every evaluated sample; with an ablation,
+    `ablated_loss` is the loss of the same batches without (or with shuffled) images and `gap`
+    is `ablated_loss` minus the loss with images over the same samples (positive: images
+    help). `batches` counts real batches over all ranks, `padding_batches` the masked ones.
+    """
+
+    dataset: str
+    shards: int
+    samples: int
+    target_tokens: int
+    batches: int
+    padding_batches: int
+    loss: float
+    perplexity: float
+    seconds: float
+    ablation: Ablation | None = None
+    ablated_loss: float | None = None
+    gap: float | None = None
+    ablated_samples: int = 0
+    note: str | None = None
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "shards": self.shards,
+            "samples": self.samples,
+            "target_tokens": self.target_tokens,
+            "batches": self.batches,
+            "padding_batches": self.padding_batches,
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "seconds": self.seconds,
+            "ablation": self.ablation,
+            "ablated_loss": self.ablated_loss,
+            "gap": self.gap,
+            "ablated_samples": self.ablated_samples,
+            "note": self.note,
+            "dropped": dict(self.dropped),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DatasetLoss:
+        return cls(**{**data, "dropped": dict(data.get("dropped") or {})})
+
+
+def token_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum of next-token cross-entropies over the target tokens (labels != -100), and their
+    number; position t predicts label t + 1, as the LM's own loss shifts them."""
+    shifted_logits = logits[:, :-1].float()
+    shifted_labels = labels[:, 1:].to(shifted_logits.device)
+    total = F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+        shifted_labels.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+    return total, (shifted_labels != IGNORE).sum()
+
+
+def derangement(n: int, rng: random.Random) -> list[int]:
+    """A random permutation with no fixed point (Sattolo's algorithm: one n-cycle); n >= 2."""
+    order = list(range(n))
+    for i in range(n - 1, 0, -1):
+        j = rng.randrange(i)
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+def shuffled_images(batch: Batch, seed: int) -> Tensor | None:
+    """Each sample gets another sample's whole image set (a derangement within the batch, drawn
+    from the seed and the batch's keys); None for a batch of one sample."""
+    rows = int(batch.images.shape[0])
+    if rows < 2:
+        return None
+    order = derangement(rows, random.Random(derive_seed("shuffle-images", seed, *batch.keys)))
+    return batch.images[order]
+
+
+def _loss_of(
+    model: nn.Module,
+    batch: Batch,
+    images: Tensor,
+    info: DistInfo,
+    autocast: Autocast,
+    *,
+    use_media: bool,
+) -> tuple[float, int]:
+    device = info.device
+    with autocast():
+        out = model(
+            images.to(device),
+            batch.input_ids.to(device),
+            batch.attention_mask.to(device),
+            use_media=use_media,
+        )
+    total, count = token_loss_sum(out.logits, batch.labels.to(device))
+    return float(total), int(count)
+
+
+def _no_autocast() -> contextlib.AbstractContextManager[Any]:
+    return contextlib.nullcontext()
+
+
+def evaluate_dataset(
+    model: nn.Module,
+    loader: EvalLoader,
+    info: DistInfo,
+    *,
+    ablation: Ablation | None = None,
+    max_batches: int | None = None,
+    autocast: Autocast = _no_autocast,
+    seed: int = 0,
+    events: EvalEvents | None = None,
+    expected_batches: int | None = None,
+) -> DatasetLoss:
+    """Evaluate every batch of `loader` (at most `max_batches` per rank); collective: every
+    rank calls it with its own loader and gets the same result. The model is put in eval mode
+    for the duration and gradients are off."""
+    start = time.perf_counter()
+    sums = [0.0] * (_COUNTERS + len(DROP_KEYS))
+    was_training = model.training
+    model.eval()
+    if events is not None:
+        events.dataset_started(loader.name, expected_batches)
+    steps = 0
+    iterator = iter(loader)
+    try:
+        with torch.no_grad():
+            while max_batches is None or steps < max_batches:
+                batch = next(iterator, None)
+                if not all_agree(batch is not None, info):
+                    break
+                real = batch is not None
+                if batch is None:
+                    batch = loader.padding_batch()
+                loss, tokens = _loss_of(model, batch, batch.images, info, autocast, use_media=True)
+                sums[_LOSS] += loss
+                sums[_TOKENS] += tokens
+                if real:
+                    sums[_SAMPLES] += len(batch.keys)
+                    sums[_BATCHES] += 1
+                else:
+                    sums[_PADDING] += 1
+                if ablation is not None:
+                    _ablate(model, batch, info, autocast, ablation, seed, real, loss, tokens, sums)
+                steps += 1
+                if events is not None:
+                    events.batch_done(loader.name, steps)
+    finally:
+        close = getattr(iterator, "close", None)
+        if callable(close):
+            close()
+        model.train(was_training)
+    for i, key in enumerate(DROP_KEYS):
+        sums[_COUNTERS + i] = float(loader.dropped.get(key, 0))
+    sums = _sum_across_ranks(sums, info)
+    result = _result(loader, sums, ablation, time.perf_counter() - start)
+    if events is not None:
+        events.dataset_done(result)
+    return result
+
+
+def _ablate(
+    model: nn.Module,
+    batch: Batch,
+    info: DistInfo,
+    autocast: Autocast,
+    ablation: Ablation,
+    seed: int,
+    real: bool,
+    loss: float,
+    tokens: int,
+    sums: list[float],
+) -> None:
+    """The same batch without its images (`none`) or with another sample's (`shuffle`); a
+    batch of one real sample cannot be shuffled and is left out of the comparison."""
+    if ablation == "none":
+        ablated, _ = _loss_of(model, batch, batch.images, info, autocast, use_media=False)
+        paired = True
+    else:
+        images = shuffled_images(batch, seed)
+        paired = images is not None
+        # the second forward runs on every rank all the same, so the calls stay in lockstep
+        ablated, _ = _loss_of(
+            model,
+            batch,
+            batch.images if images is None else images,
+            info,
+            autocast,
+            use_media=True,
+        )
+    if not real:
+        return
+    if paired:
+        sums[_PAIRED_LOSS] += loss
+        sums[_PAIRED_TOKENS] += tokens
+        sums[_ABLATED_LOSS] += ablated
+        sums[_ABLATED_SAMPLES] += len(batch.keys)
+    else:
+        sums[_ALONE] += len(batch.keys)
+
+
+def _sum_across_ranks(values: list[float], info: DistInfo) -> list[float]:
+    if info.world_size == 1 or not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return [float(v) for v in tensor.tolist()]
+
+
+def _per_token(total: float, tokens: float) -> float:
+    return total / tokens if tokens else math.nan
+
+
+def _perplexity(loss: float) -> float:
+    if math.isnan(loss):
+        return math.nan
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def _result(
+    loader: EvalLoader, sums: list[float], ablation: Ablation | None, seconds: float
+) -> DatasetLoss:
+    loss = _per_token(sums[_LOSS], sums[_TOKENS])
+    dropped = {
+        key: int(sums[_COUNTERS + i]) for i, key in enumerate(DROP_KEYS) if sums[_COUNTERS + i]
+    }
+    ablated = gap = None
+    note = None
+    if ablation is not None:
+        ablated = _per_token(sums[_ABLATED_LOSS], sums[_PAIRED_TOKENS])
+        gap = ablated - _per_token(sums[_PAIRED_LOSS], sums[_PAIRED_TOKENS])
+        alone = int(sums[_ALONE])
+        if alone:
+            note = (
+                f"{alone} sample(s) were alone in their batch: with nobody to swap images with, "
+                "they are left out of the shuffle comparison"
+            )
+    return DatasetLoss(
+        dataset=loader.name,
+        shards=len(loader.urls),
+        samples=int(sums[_SAMPLES]),
+        target_tokens=int(sums[_TOKENS]),
+        batches=int(sums[_BATCHES]),
+        padding_batches=int(sums[_PADDING]),
+        loss=loss,
+        perplexity=_perplexity(loss),
+        seconds=seconds,
+        ablation=ablation,
+        ablated_loss=ablated,
+        gap=gap,
+        ablated_samples=int(sums[_ABLATED_SAMPLES]),
+        note=note,
+        dropped=dropped,
+    )
+
+
+def evaluate_during_training(
+    model: nn.Module,
+    loaders: Mapping[str, EvalLoader],
+    info: DistInfo,
+    *,
+    autocast: Autocast = _no_autocast,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """The held-out loss of each eval loader as metrics `eval/loss/<dataset>`, for the training
+    loop to log every `run.eval_every` steps. Collective: every rank calls it at the same step
+    with its (possibly FSDP- or DDP-wrapped) model; training mode is restored afterwards."""
+    return {
+        f"eval/loss/{name}": evaluate_dataset(
+            model, loader, info, autocast=autocast, max_batches=max_batches
+        ).loss
+        for name, loader in loaders.items()
+    }

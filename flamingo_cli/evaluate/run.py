@@ -1,0 +1,321 @@
+"""`eval-loss` as a library call: pick the eval shards, load the weights, evaluate on this
+process's rank (one process, or each rank torchrun started), return a typed report."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flamingo_cli.errors import FlamingoError, UsageError
+from flamingo_cli.evaluate.loss import Ablation, DatasetLoss, EvalEvents, evaluate_dataset
+from flamingo_cli.recipe.load import LoadedRecipe
+from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config, Recipe, ShardSpec
+from flamingo_cli.shards.sizes import known_counts
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from flamingo_cli.data.eval_loader import EvalLoader
+    from flamingo_cli.data.preprocess import ImageTransform
+    from flamingo_cli.model.flamingo import FlamingoModel
+    from flamingo_cli.model.tokenizer import SpecialTokens
+    from flamingo_cli.train.distributed import DistInfo
+
+DATASETS = ("laion", "mmc4")
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    """One dataset to evaluate: its preprocessing settings and the shards to read."""
+
+    name: str
+    config: LaionConfig | Mmc4Config
+    shards: ShardSpec
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Held-out losses of a checkpoint, one entry per dataset."""
+
+    recipe: str
+    checkpoint: str
+    weights: str
+    world_size: int
+    datasets: list[DatasetLoss]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe,
+            "checkpoint": self.checkpoint,
+            "weights": self.weights,
+            "world_size": self.world_size,
+            "datasets": [d.to_dict() for d in self.datasets],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvalReport:
+        return cls(
+            recipe=str(data["recipe"]),
+            checkpoint=str(data["checkpoint"]),
+            weights=str(data["weights"]),
+            world_size=int(data["world_size"]),
+            datasets=[DatasetLoss.from_dict(d) for d in data["datasets"]],
+        )
+
+
+def eval_targets(
+    recipe: Recipe, shards: str | None = None, dataset: str | None = None
+) -> list[EvalTarget]:
+    """The datasets to evaluate: the recipe's `eval_shards`, or `shards` for one dataset."""
+    configs = recipe.datasets()
+    if dataset is not None and dataset not in DATASETS:
+        raise UsageError(f"--dataset {dataset!r} is not a dataset", fix="use laion or mmc4")
+    if dataset is not None and dataset not in configs:
+        raise UsageError(
+            f"--dataset {dataset}: the recipe has no [data.{dataset}] section, whose "
+            "preprocessing settings the evaluation uses",
+            fix=f"add [data.{dataset}] to the recipe, or choose --dataset "
+            f"{' or '.join(configs) or 'laion'}",
+        )
+    if shards is not None:
+        if dataset is None:
+            if len(configs) != 1:
+                raise UsageError(
+                    "--shards needs --dataset laion|mmc4 when the recipe has both datasets",
+                    fix="say which kind of samples the shards hold, e.g. --dataset mmc4",
+                )
+            dataset = next(iter(configs))
+        return [EvalTarget(dataset, configs[dataset], shards)]
+    chosen = {dataset: configs[dataset]} if dataset is not None else configs
+    targets = [
+        EvalTarget(name, config, config.eval_shards)
+        for name, config in chosen.items()
+        if config.eval_shards is not None
+    ]
+    if not targets:
+        which = f"data.{dataset}.eval_shards" if dataset else "data.<dataset>.eval_shards"
+        raise UsageError(
+            f"the recipe sets no eval shards ({which})",
+            fix=f"set {which} in the recipe or with --set, or give --shards SPEC "
+            "(with --dataset when the recipe has both datasets)",
+        )
+    return targets
+
+
+def resolve_checkpoint(loaded: LoadedRecipe, checkpoint: str) -> Path:
+    """`latest`: the newest complete checkpoint of the recipe's run; else an existing path."""
+    from flamingo_cli.train.checkpoint import resolve_resume
+    from flamingo_cli.train.run import run_dir_of
+
+    if checkpoint == "latest":
+        run_dir = run_dir_of(loaded)
+        found = resolve_resume(run_dir, "auto")
+        if found is None:
+            raise FlamingoError(
+                f"--checkpoint latest: no complete checkpoint under {run_dir / 'checkpoints'}",
+                fix="train the recipe first, pass the same run.output_dir/run.name overrides as "
+                "training did, or give --checkpoint DIR|FILE",
+            )
+        return found
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FlamingoError(
+            f"--checkpoint {checkpoint} does not exist",
+            fix="give a checkpoint directory (<run>/checkpoints/step-N), an exported "
+            "flamingo.pt or OpenFlamingo checkpoint.pt, or 'latest'",
+        )
+    return path
+
+
+def load_weights(model: FlamingoModel, path: Path) -> str:
+    """Load a checkpoint into an unwrapped model; returns what kind of checkpoint it was.
+
+    A directory is one of our DCP checkpoints; a file is our exported `flamingo.pt` (our
+    parameter names) or an OpenFlamingo `checkpoint.pt` (its names), told apart by the keys.
+    """
+    import torch
+
+    from flamingo_cli.model.openflamingo import load_openflamingo_state_dict, to_openflamingo_key
+    from flamingo_cli.model.params import checkpoint_parameter_names
+    from flamingo_cli.train.checkpoint import load_model_weights
+
+    if path.is_dir():
+        with warnings.catch_warnings():
+            # DCP's notice that it reads in a single process, which is what we want
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            load_model_weights(model, checkpoint_parameter_names(model), path)
+        return "flamingo checkpoint"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        raise FlamingoError(
+            f"cannot read {path} as a weights file: {exc}",
+            fix="give a checkpoint directory, an exported flamingo.pt or an OpenFlamingo "
+            "checkpoint.pt",
+        ) from exc
+    if not isinstance(state, dict) or not state:
+        raise FlamingoError(f"{path} does not hold a state dict")
+    ours = set(model.state_dict())
+    if all(isinstance(k, str) and k in ours for k in state):
+        # our names: map them to OpenFlamingo's to share its checks (shapes, missing layers)
+        state = {to_openflamingo_key(k): v for k, v in state.items()}
+        kind = "flamingo export"
+    else:
+        kind = "OpenFlamingo checkpoint"
+    load_openflamingo_state_dict(model, state)
+    return kind
+
+
+def expected_batches(
+    urls: list[str], batch_size: int, world_size: int, max_batches: int | None
+) -> int | None:
+    """Batches per rank when sizes.json knows every shard (before drops), for progress bars."""
+    counts = known_counts(urls)
+    if len(counts) != len(urls):
+        return max_batches
+    batches = math.ceil(sum(counts.values()) / (batch_size * world_size))
+    return batches if max_batches is None else min(batches, max_batches)
+
+
+def make_eval_loaders(
+    targets: list[EvalTarget],
+    tokenizer: PreTrainedTokenizerBase,
+    tokens: SpecialTokens,
+    transform: ImageTransform,
+    info: DistInfo,
+    *,
+    allow_pipe: bool = False,
+    batch_size: int | None = None,
+    no_single: bool = False,
+) -> dict[str, EvalLoader]:
+    """One evaluation loader per target, for this rank."""
+    from flamingo_cli.data.eval_loader import make_eval_loader
+
+    return {
+        t.name: make_eval_loader(
+            t.name,
+            t.config,
+            t.shards,
+            tokenizer,
+            tokens,
+            transform,
+            rank=info.rank,
+            world_size=info.world_size,
+            batch_size=batch_size,
+            allow_pipe=allow_pipe,
+            no_single=no_single,
+        )
+        for t in targets
+    }
+
+
+def recipe_eval_loaders(
+    recipe: Recipe,
+    tokenizer: PreTrainedTokenizerBase,
+    tokens: SpecialTokens,
+    transform: ImageTransform,
+    info: DistInfo,
+) -> dict[str, EvalLoader]:
+    """Loaders of the recipe's `eval_shards` (datasets without them are skipped), for the
+    periodic evaluation during training."""
+    targets = [
+        EvalTarget(name, config, config.eval_shards)
+        for name, config in recipe.datasets().items()
+        if config.eval_shards is not None
+    ]
+    return make_eval_loaders(
+        targets, tokenizer, tokens, transform, info, allow_pipe=recipe.data.allow_pipe
+    )
+
+
+def evaluate_loss(
+    loaded: LoadedRecipe,
+    checkpoint: str,
+    *,
+    shards: str | None = None,
+    dataset: str | None = None,
+    max_batches: int | None = None,
+    ablation: Ablation | None = None,
+    batch_size: int | None = None,
+    events: EvalEvents | None = None,
+) -> EvalReport:
+    """Evaluate a checkpoint (`latest`, a directory or a file) on this process's rank.
+
+    Collective when launched with several processes: every rank evaluates its share and all
+    get the same report. The model is built as training built it (same seed), then the
+    checkpoint's parameters are loaded over it.
+    """
+    from flamingo_cli.model.factory import build_model
+    from flamingo_cli.train.distributed import apply_parallelism, init_distributed, teardown
+    from flamingo_cli.train.loop import autocast_for
+
+    recipe = loaded.recipe
+    targets = eval_targets(recipe, shards, dataset)
+    if ablation == "shuffle":
+        for t in targets:
+            if (batch_size or t.config.batch_size) < 2:
+                raise UsageError(
+                    f"--ablate-images shuffle swaps images between the samples of a batch, "
+                    f"and the {t.name} batch size is 1",
+                    fix="give --batch-size 2 or more",
+                )
+    source = resolve_checkpoint(loaded, checkpoint)
+    info = init_distributed(recipe.distributed.timeout_s)
+    try:
+        model, transform, tokenizer, special = build_model(recipe.model, seed=recipe.run.seed)
+        if recipe.model.init_from:
+            load_weights(model, Path(recipe.model.init_from))
+        kind = load_weights(model, source)
+        model.to(info.device)
+        strategy = (
+            "fsdp" if recipe.distributed.strategy == "fsdp" and info.world_size > 1 else "none"
+        )
+        wrapped = apply_parallelism(
+            model,
+            model.shard_units(),
+            strategy=strategy,
+            sharding=recipe.distributed.sharding,
+            precision=recipe.run.precision,
+            info=info,
+        )
+        loaders = make_eval_loaders(
+            targets,
+            tokenizer,
+            special,
+            transform,
+            info,
+            allow_pipe=recipe.data.allow_pipe,
+            batch_size=batch_size,
+            no_single=ablation == "shuffle",
+        )
+        results = []
+        for name, loader in loaders.items():
+            result = evaluate_dataset(
+                wrapped,
+                loader,
+                info,
+                ablation=ablation,
+                max_batches=max_batches,
+                autocast=lambda: autocast_for(recipe.run.precision, info.device, strategy),
+                seed=recipe.run.seed,
+                events=events if info.is_main else None,
+                expected_batches=expected_batches(
+                    list(loader.urls), loader.batch_size, info.world_size, max_batches
+                ),
+            )
+            if result.target_tokens == 0:
+                raise FlamingoError(
+                    f"no {name} sample with target tokens was evaluated "
+                    f"(dropped: {result.dropped or 'none'})",
+                    fix="run `flamingo inspect-shards` on the eval shards: they are empty, "
+                    "unreadable, or every sample is dropped by the filters",
+                )
+            results.append(result)
+    finally:
+        teardown()
+    return EvalReport(str(loaded.path), str(source), kind, info.world_size, results)
