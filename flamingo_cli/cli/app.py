@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from flamingo_cli import __version__
-from flamingo_cli.cli import convert, eval_loss, inspect, train, validate
+from flamingo_cli.cli import convert, eval_loss, inspect, quickstart, train, validate
 
 app = typer.Typer(
     name="flamingo",
@@ -52,6 +52,7 @@ convert.register(app)
 inspect.register(app)
 train.register(app)
 eval_loss.register(app)
+quickstart.register(app)
 
 
 def main() -> None:

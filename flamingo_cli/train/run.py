@@ -15,6 +15,8 @@ from torch import nn
 
 from flamingo_cli.data.loader import TrainLoader, make_loader
 from flamingo_cli.errors import FlamingoError
+from flamingo_cli.evaluate.loss import evaluate_during_training
+from flamingo_cli.evaluate.run import recipe_eval_loaders
 from flamingo_cli.model.factory import build_model
 from flamingo_cli.model.flamingo import FlamingoModel
 from flamingo_cli.model.openflamingo import (
@@ -44,6 +46,7 @@ from flamingo_cli.train.loop import (
     LoopConfig,
     StopFlag,
     accumulation_windows,
+    autocast_for,
     metrics_of,
     optimizer_step,
     should_stop,
@@ -191,6 +194,11 @@ def _train(
         )
         for name, config in recipe.datasets().items()
     }
+    eval_loaders = (
+        recipe_eval_loaders(recipe, tokenizer, special, transform, info)
+        if recipe.run.eval_every
+        else {}
+    )
     progress = {"step": 0, "epoch": 0}
     state = TrainState(wrapped, optimizer, scheduler, keep=lambda k: k in keep, progress=progress)
     resume = resolve_resume(run_dir, recipe.run.resume)
@@ -264,6 +272,16 @@ def _train(
                 )
                 progress["step"] += 1
                 step = progress["step"]
+                eval_metrics: dict[str, float] = {}
+                if eval_loaders and step % recipe.run.eval_every == 0:  # every rank, same step
+                    eval_metrics = evaluate_during_training(
+                        wrapped,
+                        eval_loaders,
+                        info,
+                        autocast=lambda: autocast_for(
+                            recipe.run.precision, info.device, recipe.distributed.strategy
+                        ),
+                    )
                 if step % recipe.run.log_every == 0 or index == total:
                     counters = {
                         f"{name}/{reason}": count
@@ -273,9 +291,14 @@ def _train(
                     result.losses = mean_across_ranks(result.losses, info)
                     last_metrics = metrics_of(result, counters)
                     last_metrics["epoch"] = epoch
+                    last_metrics.update(eval_metrics)
                     if sinks is not None:
                         sinks.log(step, last_metrics)
                     events.step(step, last_metrics)
+                elif eval_metrics:
+                    if sinks is not None:
+                        sinks.log(step, eval_metrics)
+                    events.step(step, eval_metrics)
                 at_end = index == total
                 if (
                     recipe.run.checkpoint_every

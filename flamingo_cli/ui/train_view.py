@@ -27,15 +27,23 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         parts.append(f"{metrics['tokens_per_s']:.0f} tok/s")
     if "data_wait" in metrics:
         parts.append(f"data wait {100 * metrics['data_wait']:.0f}%")
+    held_out = [
+        f"{k.removeprefix('eval/loss/')} {v:.4f}"
+        for k, v in metrics.items()
+        if k.startswith("eval/loss/")
+    ]
+    if held_out:
+        parts.append("eval " + " ".join(held_out))
     return "  ".join(parts)
 
 
 class TrainDisplay:
     """Context manager receiving the training loop's events (see `train.run.TrainEvents`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, enabled: bool = True) -> None:
         self.total = 0
-        self.live = console.is_terminal and settings.verbosity >= 0
+        self.enabled = enabled and settings.verbosity >= 0
+        self.live = console.is_terminal and self.enabled
         self._progress: Progress | None = None
         self._task: TaskID | None = None
 
@@ -63,13 +71,13 @@ class TrainDisplay:
         text = format_metrics(metrics)
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=step, metrics=text)
-        elif settings.verbosity >= 0:
+        elif self.enabled:
             console.print(f"step {step}/{self.total}  {text}", highlight=False, soft_wrap=True)
 
     def message(self, text: str) -> None:
         if self._progress is not None:
             self._progress.console.print(text, highlight=False, soft_wrap=True)
-        elif settings.verbosity >= 0:
+        elif self.enabled:
             console.print(text, highlight=False, soft_wrap=True)
 
     def __exit__(

@@ -1,0 +1,70 @@
+"""`flamingo quickstart` output: a numbered line per stage, then the losses and the verdict."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.markup import escape
+
+from flamingo_cli.ui.console import console, err_console, settings
+from flamingo_cli.ui.eval_view import loss_table
+
+if TYPE_CHECKING:
+    from flamingo_cli.quickstart import QuickstartResult, StageResult
+
+
+class StageLines:
+    """Announces each stage as `[k/n] name: what` and its summary when it ends (stderr)."""
+
+    def __init__(self, stages: tuple[str, ...], *, enabled: bool = True) -> None:
+        self.stages = stages
+        self.enabled = enabled and settings.verbosity >= 0
+
+    def started(self, name: str, what: str) -> None:
+        if self.enabled:
+            number = self.stages.index(name) + 1 if name in self.stages else 0
+            err_console.print(f"[bold cyan][{number}/{len(self.stages)}] {name}[/]: {escape(what)}")
+
+    def finished(self, stage: StageResult) -> None:
+        if self.enabled:
+            err_console.print(
+                f"  [green]done[/] {escape(stage.summary)} [dim]({stage.seconds:.1f} s)[/]"
+            )
+
+
+def render_quickstart(result: QuickstartResult) -> None:
+    """Held-out losses with and without images, the gap against its threshold, what to try next."""
+    if result.evaluation is not None:
+        console.print(
+            loss_table(result.evaluation.datasets, "Held-out loss, with and without images")
+        )
+    gap = result.caption_gap
+    shown = "-" if gap is None else f"{gap:.3f}"
+    if result.passed:
+        console.print(
+            f"[bold green]The model uses the images[/]: on held-out captions they are worth "
+            f"{shown} nats per token (at least {result.min_gap} expected), "
+            f"in {result.seconds:.0f} s."
+        )
+    else:
+        console.print(
+            f"[bold red]The images are worth only {shown} nats per caption token[/] "
+            f"(at least {result.min_gap} expected)."
+        )
+    runs = result.directory / "runs"
+    console.print(
+        f"Everything is under {escape(str(result.directory))}: raw/ (generated downloads), "
+        f"shards/ (converted), runs/ (checkpoints, metrics.jsonl, export/).",
+        soft_wrap=True,
+    )
+    sets = " ".join(
+        f"--set {escape(o)}" for o in result.overrides if o.startswith("run.output_dir")
+    )
+    console.print(
+        f"Evaluate again: flamingo eval-loss {escape(str(result.recipe))} --checkpoint "
+        f"{escape(str(runs / 'tiny-cpu' / 'export' / 'flamingo.pt'))} --shards "
+        f"{escape(str(result.directory / 'shards' / 'laion-heldout'))} --dataset laion "
+        f"--ablate-images shuffle {sets}",
+        soft_wrap=True,
+        highlight=False,
+    )
