@@ -95,7 +95,7 @@ def eval_targets(
     targets = [
         EvalTarget(name, config, config.eval_shards)
         for name, config in chosen.items()
-        if config.eval_shards is not None
+        if config.eval_shards
     ]
     if not targets:
         which = f"data.{dataset}.eval_shards" if dataset else "data.<dataset>.eval_shards"
@@ -226,7 +226,7 @@ def recipe_eval_loaders(
     targets = [
         EvalTarget(name, config, config.eval_shards)
         for name, config in recipe.datasets().items()
-        if config.eval_shards is not None
+        if config.eval_shards
     ]
     return make_eval_loaders(
         targets, tokenizer, tokens, transform, info, allow_pipe=recipe.data.allow_pipe
