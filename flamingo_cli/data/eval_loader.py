@@ -210,10 +210,6 @@ class EvalLoader:
             open_url(next(u for u in self.urls if url_kind(u) == "pipe"))  # raises, with the fix
         self.dropped: dict[str, int] = {}
 
-    @property
-    def slots(self) -> int:
-        return self.world_size * max(self.config.workers, 1)
-
     def stream(self) -> EvalStream:
         preprocess, collate = sample_functions(self.config, self.ctx)
         return EvalStream(

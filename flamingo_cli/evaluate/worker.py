@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FlamingoError as error:
         render_error(error)
         return error.exit_code
-    if report is not None and _is_rank0():
+    if _is_rank0():
         Path(args.report).write_text(json.dumps(report.to_dict()), encoding="utf-8")
     return 0
 

@@ -215,6 +215,8 @@ def _train(
             set_rng_state(rank_state["rng"])
 
     events.started(plan.total_optimizer_steps, progress["step"])
+    if recipe.run.eval_every and not eval_loaders:
+        events.message("run.eval_every is set but no dataset has eval_shards: no evaluation")
     loop_config = LoopConfig(
         gradient_accumulation_steps=recipe.optim.gradient_accumulation_steps,
         loss_multipliers={name: cfg.loss_multiplier for name, cfg in recipe.datasets().items()},

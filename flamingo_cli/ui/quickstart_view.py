@@ -57,14 +57,11 @@ def render_quickstart(result: QuickstartResult) -> None:
         f"shards/ (converted), runs/ (checkpoints, metrics.jsonl, export/).",
         soft_wrap=True,
     )
-    sets = " ".join(
-        f"--set {escape(o)}" for o in result.overrides if o.startswith("run.output_dir")
-    )
     console.print(
         f"Evaluate again: flamingo eval-loss {escape(str(result.recipe))} --checkpoint "
         f"{escape(str(runs / 'tiny-cpu' / 'export' / 'flamingo.pt'))} --shards "
         f"{escape(str(result.directory / 'shards' / 'laion-heldout'))} --dataset laion "
-        f"--ablate-images shuffle {sets}",
+        "--ablate-images shuffle",
         soft_wrap=True,
         highlight=False,
     )
