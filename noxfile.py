@@ -42,3 +42,12 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package."""
     install_project(session, extras="dev")
     session.run("mypy", "flamingo_cli")
+
+
+@nox.session
+def quickstart(session: nox.Session) -> None:
+    """`flamingo quickstart` end to end in a fresh directory (exit 1 if images do not help)."""
+    install_project(session)
+    session.run(
+        "flamingo", "quickstart", "--dir", session.create_tmp() + "/quickstart", env=OFFLINE
+    )
