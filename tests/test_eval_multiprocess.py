@@ -16,7 +16,7 @@ import torch
 from flamingo_cli.evaluate.run import evaluate_loss
 from flamingo_cli.model.factory import build_model
 from flamingo_cli.model.params import checkpoint_state_dict
-from flamingo_cli.recipe.load import load_recipe
+from flamingo_cli.recipe.load import Override, load_recipe
 from flamingo_cli.shards.write import write_tar
 from flamingo_cli.synthetic import laion_samples, mmc4_samples
 
@@ -89,3 +89,42 @@ def test_two_ranks_match_one_process(tmp_path: Path) -> None:
         assert two["ablated_loss"] == pytest.approx(one.ablated_loss, abs=1e-6)
         assert two["padding_batches"] == 1  # the rank with fewer batches padded once
     assert [d["samples"] for d in sharded["datasets"]] == [16, 5]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_periodic_eval_under_fsdp_training(tmp_path: Path) -> None:
+    """Every rank evaluates at the same steps inside a 2-rank FSDP2 run, training goes on, and
+    the last held-out loss is the one eval-loss gives for the final checkpoint."""
+    sets = [
+        "distributed.strategy=fsdp",
+        "run.eval_every=4",
+        f"run.output_dir={tmp_path / 'runs'}",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "flamingo_cli",
+        "train",
+        str(REPO / "recipes" / "tiny-cpu.toml"),
+    ]
+    command += ["--nproc-per-node", "2", *(a for s in sets for a in ("--set", s))]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    metrics = tmp_path / "runs" / "tiny-cpu" / "metrics.jsonl"
+    evals = {
+        line["step"]: line
+        for line in map(json.loads, metrics.read_text().splitlines())
+        if "eval/loss/laion" in line
+    }
+    assert sorted(evals) == [4, 8]  # 8 steps at world size 2
+    loaded = load_recipe(
+        REPO / "recipes" / "tiny-cpu.toml",
+        [Override("run.output_dir", str(tmp_path / "runs"))],
+    )
+    final = {d.dataset: d.loss for d in evaluate_loss(loaded, "latest").datasets}
+    assert evals[8]["eval/loss/laion"] == pytest.approx(final["laion"], abs=1e-5)
+    assert evals[8]["eval/loss/mmc4"] == pytest.approx(final["mmc4"], abs=1e-5)
