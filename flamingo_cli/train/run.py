@@ -191,15 +191,21 @@ def _train(
         )
         for name, config in recipe.datasets().items()
     }
-    progress = {"step": 0, "epoch": 0}
+    # every key must exist before a resume: DCP restores only the keys of this template
+    progress = {"step": 0, "epoch": 0, **{f"samples_{name}": 0 for name in loaders}}
     state = TrainState(wrapped, optimizer, scheduler, keep=lambda k: k in keep, progress=progress)
     resume = resolve_resume(run_dir, recipe.run.resume)
     if resume is not None:
         rank_state = load_checkpoint(resume, state, info)
         if rank_state is None:
+            for name, loader in loaders.items():
+                loader.set_epoch(progress["epoch"])
+                consumed = progress.get(f"samples_{name}", 0)
+                loader.skip_to(consumed // (loader.config.batch_size * info.world_size))
             events.message(
-                f"resuming {resume} on a different world size: weights and optimizer reshard, "
-                "the data restarts the interrupted epoch's sample stream (not exact)"
+                f"resuming {resume} on another world size or worker count: weights and "
+                "optimizer reshard; the data continues from the global number of samples "
+                "consumed in this epoch, not with exactly the batches an unchanged run would see"
             )
         else:
             for name, loader in loaders.items():
@@ -263,6 +269,10 @@ def _train(
                     waited,
                 )
                 progress["step"] += 1
+                for name, loader in loaders.items():
+                    progress[f"samples_{name}"] = (
+                        loader.batches * loader.config.batch_size * info.world_size
+                    )
                 step = progress["step"]
                 if step % recipe.run.log_every == 0 or index == total:
                     counters = {
@@ -286,6 +296,8 @@ def _train(
                 if should_stop(stop, info) or (max_steps is not None and step >= max_steps):
                     if at_end:  # the epoch is complete: resume at the next one
                         progress["epoch"] = epoch + 1
+                        for name in loaders:
+                            progress[f"samples_{name}"] = 0
                     last_checkpoint = checkpoint()
                     stopped = True
                     break
@@ -296,6 +308,8 @@ def _train(
             if stopped:
                 break
             progress["epoch"] = epoch + 1
+            for name in loaders:
+                progress[f"samples_{name}"] = 0
             last_checkpoint = checkpoint()
         if not stopped:
             export_weights(wrapped, keep, run_dir, info)
