@@ -33,8 +33,10 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "flamingo_cli", "tests", "scripts", "noxfile.py")
-    session.run("ruff", "format", "--check", "flamingo_cli", "tests", "scripts", "noxfile.py")
+    session.run("ruff", "check", "flamingo_cli", "tests", "benchmarks", "scripts", "noxfile.py")
+    session.run(
+        "ruff", "format", "--check", "flamingo_cli", "tests", "benchmarks", "scripts", "noxfile.py"
+    )
 
 
 @nox.session

@@ -23,7 +23,7 @@ import contextlib  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import tempfile  # noqa: E402
-import time
+import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 from typing import Any  # noqa: E402
@@ -135,7 +135,9 @@ def time_openflamingo(model: Any, tokenizer: Any, batches: list[dict[str, Any]])
                 b["mmc4"][0],
                 [
                     (ids[None], mask[None])
-                    for ids, mask in zip(b["mmc4"][1].input_ids, b["mmc4"][1].attention_mask)
+                    for ids, mask in zip(
+                        b["mmc4"][1].input_ids, b["mmc4"][1].attention_mask, strict=True
+                    )
                 ],
             )
             for b in batches

@@ -92,6 +92,66 @@ def test_single_process_trains_checkpoints_and_exports(tmp_path: Path) -> None:
     assert any("gated_cross_attn_layer" in k for k in openflamingo)
 
 
+def test_init_from_an_exported_checkpoint_is_not_a_resume(tmp_path: Path) -> None:
+    trained = tmp_path / "first"
+    train_rank(load_recipe(TINY, [parse_override(f"run.output_dir={trained}")]))
+    exported = trained / "tiny-cpu" / "export" / "checkpoint.pt"
+
+    def first_step(output: Path, *extra: str) -> tuple[float, float]:
+        overrides = [parse_override(f"run.output_dir={output}"), *map(parse_override, extra)]
+        outcome = train_rank(load_recipe(TINY, overrides), max_steps=1)
+        assert outcome.step == 1  # a fresh run, not a resume of the first one
+        return losses(output / "tiny-cpu")[1]
+
+    fresh = first_step(tmp_path / "fresh")
+    tuned = first_step(tmp_path / "tuned", f"model.init_from={exported}")
+    assert sum(tuned) < sum(fresh) - 0.5
+    # our own checkpoint directories work as init_from too, with the same weights
+    directory = first_step(
+        tmp_path / "from-dir",
+        f"model.init_from={trained / 'tiny-cpu' / 'checkpoints' / 'step-00000016'}",
+    )
+    assert directory == pytest.approx(tuned, abs=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["amp_bf16", "bf16"])
+def test_bf16_precisions_train_on_cpu(tmp_path: Path, precision: str) -> None:
+    loaded = load_recipe(
+        TINY,
+        [
+            parse_override(f"run.output_dir={tmp_path}"),
+            parse_override(f"run.precision={precision}"),
+        ],
+    )
+    outcome = train_rank(loaded, max_steps=3)
+    series = losses(tmp_path / "tiny-cpu")
+    assert outcome.step == 3
+    assert all(math.isfinite(v) for pair in series.values() for v in pair)
+
+
+def test_fp16_needs_a_gpu(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    done = flamingo(*train_args(tmp_path, "--set", "run.precision=fp16"))
+    assert done.returncode == 1
+    assert 'run.precision = "fp16" needs a GPU' in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_wandb_offline_run_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    overrides = [
+        parse_override(f"run.output_dir={tmp_path}"),
+        parse_override("logging.wandb=true"),
+        parse_override('logging.wandb_mode="offline"'),
+        parse_override('logging.wandb_project="flamingo-tests"'),
+    ]
+    train_rank(load_recipe(TINY, overrides), max_steps=2)
+    run = tmp_path / "tiny-cpu"
+    run_id = (run / "wandb-id.txt").read_text().strip()
+    assert list((run / "wandb").glob(f"offline-run-*-{run_id}")), list((run / "wandb").iterdir())
+
+
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """2-rank FSDP2: 6 steps straight; 3 steps then stop; resume to 6; resume on 1 process."""

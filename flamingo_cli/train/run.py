@@ -192,7 +192,12 @@ def _train(
         for name, config in recipe.datasets().items()
     }
     # every key must exist before a resume: DCP restores only the keys of this template
-    progress = {"step": 0, "epoch": 0, **{f"samples_{name}": 0 for name in loaders}}
+    progress = {
+        "step": 0,
+        "epoch": 0,
+        "skipped_steps": 0,
+        **{f"samples_{name}": 0 for name in loaders},
+    }
     state = TrainState(wrapped, optimizer, scheduler, keep=lambda k: k in keep, progress=progress)
     resume = resolve_resume(run_dir, recipe.run.resume)
     if resume is not None:
@@ -269,6 +274,7 @@ def _train(
                     waited,
                 )
                 progress["step"] += 1
+                progress["skipped_steps"] += int(result.skipped)
                 for name, loader in loaders.items():
                     progress[f"samples_{name}"] = (
                         loader.batches * loader.config.batch_size * info.world_size
@@ -283,6 +289,7 @@ def _train(
                     result.losses = mean_across_ranks(result.losses, info)
                     last_metrics = metrics_of(result, counters)
                     last_metrics["epoch"] = epoch
+                    last_metrics["skipped_steps"] = progress["skipped_steps"]
                     if sinks is not None:
                         sinks.log(step, last_metrics)
                     events.step(step, last_metrics)
