@@ -44,3 +44,19 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package."""
     install_project(session, extras="dev")
     session.run("mypy", "flamingo_cli")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Every benchmark against its baseline, at sizes that finish in minutes on 2 cores."""
+    install_project(session)
+    runs = {
+        "convert": ["--docs", "1000"],
+        "inspect": ["--gb", "0.5"],
+        "loader": ["--docs", "60"],
+        "train_step": ["--steps", "6"],
+    }
+    for name, args in runs.items():
+        if session.posargs and name not in session.posargs:
+            continue
+        session.run("python", f"benchmarks/{name}.py", *args, env=OFFLINE)
