@@ -112,3 +112,19 @@ def test_non_finite_gradient_norm_skips_the_step() -> None:
     second = optimizer_step(model, [{"laion": batch}], optimizer, scheduler, config, info, "none")
     assert not second.skipped
     assert not torch.equal(before[0], model.gated_cross_attn.weight)
+
+
+def test_plain_progress_lines_show_metrics_and_eta(capsys: pytest.CaptureFixture[str]) -> None:
+    from flamingo_cli.ui.train_view import TrainDisplay
+
+    metrics = {"loss/laion": 2.5, "loss/mmc4": 3.25, "lr": 1e-4, "grad_norm": 0.5, "data_wait": 0.1}
+    with TrainDisplay() as display:
+        assert not display.live  # pytest's stdout is not a terminal
+        display.started(total_steps=4, start_step=0)
+        display.step(1, metrics)
+        display.step(2, metrics)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (
+        "step 1/4  laion 2.5000  mmc4 3.2500  lr 1.00e-04  gnorm 0.500  data wait 10%  eta ?"
+    )
+    assert lines[1].startswith("step 2/4  laion 2.5000") and " eta 0:00:0" in lines[1]
