@@ -29,9 +29,11 @@ from flamingo_cli.convert.runner import (
 )
 from flamingo_cli.errors import ConvertError, OpenerError, Problem
 from flamingo_cli.shards.opener import open_url
+from flamingo_cli.shards.cluster import Partition, RayOptions
 from flamingo_cli.shards.spec import expand_spec, local_path, url_kind
 from flamingo_cli.shards.tar import split_member
-from flamingo_cli.shards.write import SplitTarWriter, TarWriter, write_json_atomic
+from flamingo_cli.shards.store import OutputDir
+from flamingo_cli.shards.write import SplitTarWriter
 
 STRICT_KEYS = (
     "dropped_no_image",
@@ -99,11 +101,11 @@ class Img2DatasetTask:
     def output_names(self) -> list[str]:
         return [f"{self.name}-[0-9]*.tar" if self.options.samples_per_shard else f"{self.name}.tar"]
 
-    def _path(self, out_dir: Path, part: int) -> Path:
+    def _shard_name(self, part: int) -> str:
         suffix = f"-{part}" if self.options.samples_per_shard else ""
-        return out_dir / f"{self.name}{suffix}.tar"
+        return f"{self.name}{suffix}.tar"
 
-    def run(self, out_dir: Path, progress: ProgressSink) -> TaskRecord:
+    def run(self, dest: OutputDir, progress: ProgressSink) -> TaskRecord:
         record = TaskRecord(self.name, self.url, self.fingerprint(), "converted")
         if url_kind(self.url) == "local" and not local_path(self.url).is_file():
             record.status = "missing"
@@ -131,7 +133,8 @@ class Img2DatasetTask:
         track = self.weight > 0
         counts_by_part: dict[int, Counter[str]] = {}
         with SplitTarWriter(
-            lambda k: self._path(out_dir, k), max_samples=self.options.samples_per_shard
+            lambda k: dest.open_sink(self._shard_name(k)),
+            max_samples=self.options.samples_per_shard,
         ) as writer:
             for sample, size in _tar_samples(self.url):
                 counts: Counter[str] = Counter()
@@ -153,9 +156,9 @@ class Img2DatasetTask:
                     fix="the shard may be truncated or was rewritten; re-download it to be sure",
                 )
             )
-        for k, (path, samples, size) in enumerate(writer.parts):
+        for k, (name, samples, size) in enumerate(writer.parts):
             stats = dict(sorted(counts_by_part.get(k, Counter()).items()))
-            record.shards.append(ShardRecord(path.name, samples, size, stats))
+            record.shards.append(ShardRecord(name, samples, size, stats))
         return record
 
     def _convert(self, sample: dict[str, bytes], counts: Counter[str]) -> dict[str, bytes] | None:
@@ -259,10 +262,9 @@ class PairChunkTask:
     def output_names(self) -> list[str]:
         return [f"{self.name}.tar", f"{self.name}_stats.json"]
 
-    def run(self, out_dir: Path, progress: ProgressSink) -> TaskRecord:
+    def run(self, dest: OutputDir, progress: ProgressSink) -> TaskRecord:
         record = TaskRecord(self.name, self.input, self.fingerprint(), "converted")
-        path = out_dir / f"{self.name}.tar"
-        with TarWriter(path) as writer:
+        with dest.tar_writer(f"{self.name}.tar") as writer:
             for index, item in enumerate(self.items):
                 counts: Counter[str] = Counter()
                 key = f"{self.name}{index:0{self.key_digits}d}"
@@ -271,12 +273,11 @@ class PairChunkTask:
                     writer.write(sample)
                 record.counts.update(counts)
                 progress(1, 1 if sample else 0, counts["image_bytes"])
-        size = path.stat().st_size
         if writer.samples:
             stats = dict(sorted(record.counts.items()))
-            record.shards.append(ShardRecord(path.name, writer.samples, size, stats))
-            write_json_atomic(
-                out_dir / f"{self.name}_stats.json",
+            record.shards.append(ShardRecord(writer.name, writer.samples, writer.size, stats))
+            dest.write_json(
+                f"{self.name}_stats.json",
                 {
                     "count": len(self.items),
                     "successes": writer.samples,
@@ -286,7 +287,7 @@ class PairChunkTask:
                 },
             )
         else:
-            path.unlink()
+            dest.remove([writer.name])
         return record
 
     def _convert(
@@ -496,8 +497,12 @@ def convert_laion(
     workers: int | None = None,
     overwrite: bool = False,
     on_progress: ProgressCallback | None = None,
+    partition: Partition | None = None,
+    ray: RayOptions | None = None,
 ) -> ConvertReport:
-    """Convert image-caption pairs into img2dataset-layout shards, sizes.json and manifest.json."""
+    """Convert image-caption pairs into img2dataset-layout shards, sizes.json and manifest.json.
+
+    With a `partition` only this node's inputs are converted (see `run_tasks`)."""
     tasks = plan_laion(src, options)
     return run_tasks(
         tasks,
@@ -507,4 +512,6 @@ def convert_laion(
         overwrite=overwrite,
         on_progress=on_progress,
         strict_keys=STRICT_KEYS,
+        partition=partition,
+        ray=ray,
     )

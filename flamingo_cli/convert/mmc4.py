@@ -31,7 +31,9 @@ from flamingo_cli.convert.runner import (
 )
 from flamingo_cli.errors import ConvertError, OpenerError, Problem
 from flamingo_cli.shards.opener import open_url
+from flamingo_cli.shards.cluster import Partition, RayOptions
 from flamingo_cli.shards.spec import expand_spec, local_path, url_kind
+from flamingo_cli.shards.store import OutputDir
 from flamingo_cli.shards.write import SplitTarWriter
 
 ImageLayout = Literal["index", "shard-number", "flat"]
@@ -116,9 +118,9 @@ class Mmc4Task:
     def output_names(self) -> list[str]:
         return [f"{self.name}-[0-9]*.tar" if self.options.split else f"{self.name}.tar"]
 
-    def shard_path(self, out_dir: Path, part: int) -> Path:
+    def shard_name(self, part: int) -> str:
         suffix = f"-{part}" if self.options.split else ""
-        return out_dir / f"{self.name}{suffix}.tar"
+        return f"{self.name}{suffix}.tar"
 
     def image_prefix(self) -> str:
         layout = self.options.image_layout
@@ -128,7 +130,7 @@ class Mmc4Task:
         number = self.index if layout == "index" else shard_number(self.url)
         return f"{root}/{number}"
 
-    def run(self, out_dir: Path, progress: ProgressSink) -> TaskRecord:
+    def run(self, dest: OutputDir, progress: ProgressSink) -> TaskRecord:
         record = TaskRecord(self.name, self.url, self.fingerprint(), "converted")
         if not self.exists:
             return _missing(record)
@@ -141,7 +143,7 @@ class Mmc4Task:
         counts_by_part: dict[int, Counter[str]] = {}
         track = self.weight > 0
         with SplitTarWriter(
-            lambda k: self.shard_path(out_dir, k),
+            lambda k: dest.open_sink(self.shard_name(k)),
             max_samples=self.options.docs_per_shard,
             max_bytes=self.options.max_shard_bytes,
         ) as writer:
@@ -154,9 +156,9 @@ class Mmc4Task:
                 counts_by_part.setdefault(writer.part, Counter()).update(counts)
                 record.counts.update(counts)
                 progress(size if track else 0, 1 if sample else 0, counts["image_bytes"])
-        for k, (path, samples, size) in enumerate(writer.parts):
+        for k, (name, samples, size) in enumerate(writer.parts):
             stats = dict(sorted(counts_by_part.get(k, Counter()).items()))
-            record.shards.append(ShardRecord(path.name, samples, size, stats))
+            record.shards.append(ShardRecord(name, samples, size, stats))
         return record
 
     def _read_ahead(
@@ -408,8 +410,12 @@ def convert_mmc4(
     workers: int | None = None,
     overwrite: bool = False,
     on_progress: ProgressCallback | None = None,
+    partition: Partition | None = None,
+    ray: RayOptions | None = None,
 ) -> ConvertReport:
-    """Convert raw MMC4 documents into interleaved shards, sizes.json and manifest.json."""
+    """Convert raw MMC4 documents into interleaved shards, sizes.json and manifest.json.
+
+    With a `partition` only this node's inputs are converted (see `run_tasks`)."""
     if url_kind(options.image_dir) == "local" and not local_path(options.image_dir).is_dir():
         raise ConvertError(
             f"--image-dir {options.image_dir} is not a directory",
@@ -424,4 +430,6 @@ def convert_mmc4(
         overwrite=overwrite,
         on_progress=on_progress,
         strict_keys=STRICT_KEYS,
+        partition=partition,
+        ray=ray,
     )
