@@ -30,8 +30,8 @@ from flamingo_cli.convert.runner import (
     run_tasks,
 )
 from flamingo_cli.errors import ConvertError, OpenerError, Problem
-from flamingo_cli.shards.opener import open_url
 from flamingo_cli.shards.cluster import Partition, RayOptions
+from flamingo_cli.shards.opener import open_url
 from flamingo_cli.shards.spec import expand_spec, local_path, url_kind
 from flamingo_cli.shards.store import OutputDir
 from flamingo_cli.shards.write import SplitTarWriter

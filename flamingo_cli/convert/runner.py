@@ -228,9 +228,7 @@ def load_records(out: OutputDir, names: Sequence[str]) -> dict[str, TaskRecord]:
 
 def _complete(sizes: Mapping[str, int], record: TaskRecord) -> bool:
     """A finished conversion whose shards all exist with the sizes they had when written."""
-    return record.status == "converted" and all(
-        sizes.get(s.name) == s.bytes for s in record.shards
-    )
+    return record.status == "converted" and all(sizes.get(s.name) == s.bytes for s in record.shards)
 
 
 def _clean(out: OutputDir, task: Task, old: TaskRecord | None) -> None:
@@ -362,13 +360,13 @@ def run_tasks(
     if not overwrite:  # refuse before touching anything
         for task in tasks:
             old = old_records.get(task.name)
-            if old is not None and old.status == "converted":
-                if old.fingerprint != task.fingerprint():
-                    raise ConvertError(
-                        f"{out.url} already holds shards of {task.input} converted with other "
-                        f"options or inputs (record {out.join(_record_name(task.name))})",
-                        fix="pass --overwrite to redo them, or choose another --out directory",
-                    )
+            converted = old is not None and old.status == "converted"
+            if converted and old is not None and old.fingerprint != task.fingerprint():
+                raise ConvertError(
+                    f"{out.url} already holds shards of {task.input} converted with other "
+                    f"options or inputs (record {out.join(_record_name(task.name))})",
+                    fix="pass --overwrite to redo them, or choose another --out directory",
+                )
     sizes = out.file_sizes()
     done: dict[str, TaskRecord] = {}
     pending: list[Task] = []
@@ -612,6 +610,4 @@ def merge_outputs(out_dir: str | Path, *, allow_incomplete: bool = False) -> Mer
     written = not incomplete or allow_incomplete
     if written:
         write_manifest(out, kind)
-    return MergeReport(
-        kind, out.url, len(planned), complete, missing, incomplete, totals, written
-    )
+    return MergeReport(kind, out.url, len(planned), complete, missing, incomplete, totals, written)
