@@ -491,7 +491,7 @@ def _chunks(source: str, items: list[PairItem], options: LaionOptions) -> list[P
 
 def convert_laion(
     src: str,
-    out_dir: str | Path,
+    out_dir: str | Path | OutputDir,
     options: LaionOptions,
     *,
     workers: int | None = None,

@@ -404,7 +404,7 @@ def plan_mmc4(docs_spec: str, options: Mmc4Options) -> list[Mmc4Task]:
 
 def convert_mmc4(
     docs_spec: str,
-    out_dir: str | Path,
+    out_dir: str | Path | OutputDir,
     options: Mmc4Options,
     *,
     workers: int | None = None,

@@ -330,7 +330,7 @@ def _write_plan(out: OutputDir, kind: str, tasks: Sequence[Task]) -> None:
 
 def run_tasks(
     tasks: Sequence[Task],
-    out_dir: str | Path,
+    out_dir: str | Path | OutputDir,
     *,
     kind: str,
     workers: int | None = None,
@@ -559,7 +559,9 @@ class MergeReport:
         }
 
 
-def merge_outputs(out_dir: str | Path, *, allow_incomplete: bool = False) -> MergeReport:
+def merge_outputs(
+    out_dir: str | Path | OutputDir, *, allow_incomplete: bool = False
+) -> MergeReport:
     """Check every input of `plan.json` against the records the nodes wrote, then write
     `manifest.json` and `sizes.json` (only when every input is done, unless `allow_incomplete`).
 

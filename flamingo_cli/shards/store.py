@@ -213,8 +213,10 @@ class FsspecDir(OutputDir):
         self.fs.makedirs(self._key(folder), exist_ok=True)
 
 
-def open_output(location: str | Path) -> OutputDir:
+def open_output(location: str | Path | OutputDir) -> OutputDir:
     """The output location of `--out`: a local directory or an fsspec URL."""
+    if isinstance(location, OutputDir):
+        return location
     text = str(location)
     if url_kind(text) == "pipe":
         raise ConvertError(f"--out {text} is a shell command", fix="give a directory or a URL")
