@@ -8,6 +8,7 @@ location; `plan.json` lists every task, so `merge_outputs` can tell what is stil
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import multiprocessing
 import os
@@ -231,13 +232,15 @@ def _complete(sizes: Mapping[str, int], record: TaskRecord) -> bool:
     return record.status == "converted" and all(sizes.get(s.name) == s.bytes for s in record.shards)
 
 
-def _clean(out: OutputDir, task: Task, old: TaskRecord | None) -> None:
-    """Remove what an earlier, unfinished or outdated run of `task` left behind."""
-    out.remove([_record_name(task.name)])
-    for pattern in task.output_names():
-        out.remove_matching("", f".{pattern}{TMP_MARKER}*")
+def _clean(out: OutputDir, task: Task, old: TaskRecord | None, temporaries: list[str]) -> None:
+    """Remove what an earlier, unfinished or outdated run of `task` left behind.
+
+    `temporaries` are the temporary files of the output location (listed once for all tasks).
+    """
     if old is not None:
-        out.remove([shard.name for shard in old.shards])
+        out.remove([_record_name(task.name), *(shard.name for shard in old.shards)])
+    patterns = [f".{pattern}{TMP_MARKER}*" for pattern in task.output_names()]
+    out.remove([n for n in temporaries if any(fnmatch.fnmatchcase(n, p) for p in patterns)])
 
 
 def _run_one(task: Task, out: OutputDir, progress: ProgressSink) -> TaskRecord:
@@ -368,6 +371,7 @@ def run_tasks(
                     fix="pass --overwrite to redo them, or choose another --out directory",
                 )
     sizes = out.file_sizes()
+    temporaries = [n for n in sizes if n.startswith(".") and TMP_MARKER in n]
     done: dict[str, TaskRecord] = {}
     pending: list[Task] = []
     for task in tasks:
@@ -375,7 +379,7 @@ def run_tasks(
         if old is not None and not overwrite and _complete(sizes, old):
             done[task.name] = old
             continue
-        _clean(out, task, old)
+        _clean(out, task, old, temporaries)
         pending.append(task)
 
     state = ProgressState(

@@ -7,7 +7,6 @@ final key directly; on other fsspec filesystems a temporary key is moved into pl
 
 from __future__ import annotations
 
-import fnmatch
 import posixpath
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -70,11 +69,6 @@ class OutputDir(ABC):
 
     def tar_writer(self, name: str) -> TarWriter:
         return TarWriter(self.open_sink(name))
-
-    def remove_matching(self, folder: str, pattern: str) -> None:
-        """Delete the files in `folder` whose names match the glob `pattern`."""
-        names = sorted(n for n in self.file_sizes(folder) if fnmatch.fnmatchcase(n, pattern))
-        self.remove([posixpath.join(folder, n) if folder else n for n in names])
 
 
 class LocalDir(OutputDir):
