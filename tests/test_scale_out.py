@@ -355,6 +355,16 @@ def test_ray_runs_convert_and_inspect_with_the_same_bytes(
     again = convert_mmc4(raw.docs_spec, out, options, ray=RayOptions())
     assert len(again.reused) == 6  # every converted input; the missing one is looked for again
     assert tree(out) == tree(single)
+    # The command line, in a process of its own: it starts (and stops) its own Ray instance.
+    cli = subprocess.run(
+        [sys.executable, "-m", "flamingo_cli", *convert_args(raw, tmp_path / "cli"), "--ray"],
+        env=clean_env(),
+        capture_output=True,
+        check=False,
+    )
+    assert cli.returncode == 0, cli.stderr.decode()
+    assert json.loads(cli.stdout)["totals"]["docs_out"] == docs_out
+    assert tree(tmp_path / "cli") == tree(single)
 
     spec = [str(shard_root / "laion"), str(shard_root / "mmc4")]
     local = inspect_shards(groups_from_specs(spec, InspectOptions()), InspectOptions(workers=1))
