@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -236,6 +237,28 @@ def test_fsspec_outputs_memory_and_local_equal_the_fast_path(
     local = FsspecDir(f"file://{tmp_path / 'fs'}")
     convert_mmc4(raw.docs_spec, local, options, workers=1)
     assert tree(tmp_path / "fs") == tree(single)
+
+
+def test_laion_folder_on_two_nodes_in_memory_equals_one_local_run(tmp_path: Path) -> None:
+    from flamingo_cli.convert.laion import LaionOptions, convert_laion
+    from flamingo_cli.synthetic import encode, shape_image
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    rng = random.Random(0)
+    for i in range(11):
+        (folder / f"{i:02d}.png").write_bytes(encode(shape_image("red", "circle", 16, rng), "PNG"))
+        if i != 4:  # one image without a caption: a _stats.json with a failure
+            (folder / f"{i:02d}.txt").write_text(f"caption {i}")
+    options = LaionOptions(samples_per_shard=3)
+    convert_laion(str(folder), tmp_path / "one", options, workers=1)
+    url = "memory://scale-test/laion"
+    for rank in (1, 0):
+        convert_laion(str(folder), url, options, workers=1, partition=Partition(2, rank))
+    assert runner.invoke(app, ["convert", "merge", url]).exit_code == 0
+    one = tree(tmp_path / "one")
+    assert memory_tree(url) == one
+    assert sorted(n for n in one if n.endswith(".tar")) == [f"0000{k}.tar" for k in range(4)]
 
 
 def test_fsspec_sink_publishes_only_complete_files() -> None:

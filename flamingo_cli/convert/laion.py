@@ -438,8 +438,12 @@ def folder_items(directory: Path) -> list[PairItem]:
     return items
 
 
-def plan_laion(src: str, options: LaionOptions) -> list[Img2DatasetTask] | list[PairChunkTask]:
-    """Tasks for `src`: one per img2dataset tar, or one per fixed slice of a folder or table."""
+def plan_laion(
+    src: str, options: LaionOptions, partition: Partition | None = None
+) -> list[Img2DatasetTask] | list[PairChunkTask]:
+    """Tasks for `src`: one per img2dataset tar, or one per fixed slice of a folder or table.
+
+    Only the tars of this node's `partition` are looked at (size for the progress bar)."""
     is_local = url_kind(src) == "local"
     if is_local and not any(c in src for c in "{*?[") and not local_path(src).exists():
         raise ConvertError(f"SRC {src} does not exist", fix="check the path")
@@ -468,15 +472,16 @@ def plan_laion(src: str, options: LaionOptions) -> list[Img2DatasetTask] | list[
             + (f" (not a .tar: {', '.join(bad[:3])})" if bad else ""),
             fix="give shards/{00000..00099}.tar, a directory, or a .csv/.parquet/.jsonl table",
         )
+    mine = set((partition or Partition()).select(range(len(urls))))
     return [
         Img2DatasetTask(
             u,
             options,
             local_path(u).stat().st_size
-            if url_kind(u) == "local" and local_path(u).is_file()
+            if i in mine and url_kind(u) == "local" and local_path(u).is_file()
             else 0,
         )
-        for u in urls
+        for i, u in enumerate(urls)
     ]
 
 
@@ -503,7 +508,7 @@ def convert_laion(
     """Convert image-caption pairs into img2dataset-layout shards, sizes.json and manifest.json.
 
     With a `partition` only this node's inputs are converted (see `run_tasks`)."""
-    tasks = plan_laion(src, options)
+    tasks = plan_laion(src, options, partition)
     return run_tasks(
         tasks,
         out_dir,

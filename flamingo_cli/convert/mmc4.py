@@ -383,10 +383,13 @@ def _jsonl_size(url: str) -> int:
         return 0
 
 
-def plan_mmc4(docs_spec: str, options: Mmc4Options) -> list[Mmc4Task]:
+def plan_mmc4(
+    docs_spec: str, options: Mmc4Options, partition: Partition | None = None
+) -> list[Mmc4Task]:
     """One task per file of the expanded spec; `index` is the position the image layout uses.
 
-    A later multi-machine run picks a subset of these tasks; names and indexes stay the same.
+    A multi-machine run picks a subset of these tasks; names and indexes stay the same. Only
+    the files of this node's `partition` are looked at (existence, size for the progress bar).
     """
     urls = expand_spec(docs_spec)
     if not urls:
@@ -394,8 +397,12 @@ def plan_mmc4(docs_spec: str, options: Mmc4Options) -> list[Mmc4Task]:
     if options.image_layout == "shard-number":
         for url in urls:
             shard_number(url)
+    mine = set((partition or Partition()).select(range(len(urls))))
     tasks = []
     for index, url in enumerate(urls):
+        if index not in mine:  # another node's: it runs there, with its own checks
+            tasks.append(Mmc4Task(url, index, options))
+            continue
         local = url_kind(url) == "local"
         exists = not local or local_path(url).is_file()
         tasks.append(Mmc4Task(url, index, options, _jsonl_size(url) if exists else 0, exists))
@@ -421,7 +428,7 @@ def convert_mmc4(
             f"--image-dir {options.image_dir} is not a directory",
             fix="give the folder the MMC4 image download wrote (<image_dir>/<idx>/<name>.jpg)",
         )
-    tasks = plan_mmc4(docs_spec, options)
+    tasks = plan_mmc4(docs_spec, options, partition)
     return run_tasks(
         tasks,
         out_dir,

@@ -7,6 +7,7 @@ final key directly; on other fsspec filesystems a temporary key is moved into pl
 
 from __future__ import annotations
 
+import os
 import posixpath
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -84,16 +85,17 @@ class LocalDir(OutputDir):
         return LocalSink(self.path / name)
 
     def file_sizes(self, folder: str = "") -> dict[str, int]:
-        directory = self.path / folder
-        if not directory.is_dir():
-            return {}
         sizes = {}
-        for entry in directory.iterdir():
-            try:
-                if entry.is_file():
-                    sizes[entry.name] = entry.stat().st_size
-            except FileNotFoundError:  # renamed or removed by another process meanwhile
-                continue
+        try:
+            with os.scandir(self.path / folder) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_file():
+                            sizes[entry.name] = entry.stat().st_size
+                    except FileNotFoundError:  # renamed or removed by another process meanwhile
+                        continue
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
         return sizes
 
     def read(self, names: Sequence[str]) -> dict[str, bytes]:
