@@ -49,7 +49,7 @@ RayOption = Annotated[
     typer.Option(
         "--ray",
         help="One Ray task per input on a Ray cluster (a new local one, or RAY_ADDRESS). "
-        "Needs pip install 'flamingo[ray]'.",
+        "Needs pip install 'flamingo\\[ray]'.",
         rich_help_panel="Many machines",
     ),
 ]

@@ -157,7 +157,8 @@ def inspect_shards(
         groups = groups_from_specs(specs or [], options)
         if recipe is not None:
             groups += groups_from_recipe(recipe, options)
-        total = len(partition.select(list({url: 0 for group in groups for url in group.urls})))
+        urls = list(dict.fromkeys(url for group in groups for url in group.urls))
+        total = len(partition.select(urls))
         with shard_progress(0 if json_ else total) as progress:
             report = run_inspect(groups, options, progress)
         if preview is not None:
