@@ -273,6 +273,44 @@ def test_fsspec_sink_publishes_only_complete_files() -> None:
     failed.file.write(b"partial")
     failed.abort()
     assert sorted(out.fs.find(out.root)) == [f"{out.root}/a.tar"]
+    direct = FsspecDir("memory://scale-test/atomic", direct=True).open_sink("c.tar")
+    direct.file.write(b"partial")
+    direct.abort()
+    assert sorted(out.fs.find(out.root)) == [f"{out.root}/a.tar"]
+
+
+def test_object_store_uploads_appear_only_when_complete() -> None:
+    """An object store (multipart upload, object created when the upload completes): the final
+    key is written directly, and an aborted upload never becomes an object."""
+    from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
+
+    from flamingo_cli.shards.store import FsspecSink
+
+    objects: dict[str, bytes] = {}
+
+    class Upload(AbstractBufferedFile):  # type: ignore[misc]
+        def _initiate_upload(self) -> None:
+            self.parts: list[bytes] = []
+
+        def _upload_chunk(self, final: bool = False) -> bool:
+            self.parts.append(self.buffer.getvalue())
+            if final:
+                objects[self.path] = b"".join(self.parts)
+            return True
+
+    class Store(AbstractFileSystem):  # type: ignore[misc]
+        def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Upload:
+            return Upload(self, path, mode, block_size=16)
+
+    done = FsspecSink(Store(), "bucket/a.tar", direct=True)
+    done.file.write(b"x" * 100)  # several parts uploaded already
+    assert done.file.parts and objects == {}  # type: ignore[attr-defined]
+    assert done.commit() == 100 and objects == {"bucket/a.tar": b"x" * 100}
+    failed = FsspecSink(Store(), "bucket/b.tar", direct=True)
+    failed.file.write(b"y" * 100)
+    failed.abort()
+    del failed
+    assert objects == {"bucket/a.tar": b"x" * 100}
 
 
 def test_ray_missing_gives_the_install_command(

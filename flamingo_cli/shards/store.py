@@ -143,9 +143,14 @@ class FsspecSink:
         return int(size)
 
     def abort(self) -> None:
-        discard = getattr(self._file, "discard", None)
-        if self._direct and callable(discard):
-            discard()  # an unfinished multipart upload is dropped, never published
+        from fsspec.spec import AbstractBufferedFile
+
+        if self._direct and isinstance(self._file, AbstractBufferedFile):
+            # Object store uploads (s3fs, gcsfs, adlfs): cancel the multipart/resumable upload
+            # and mark the file closed, so that neither `close` nor garbage collection
+            # finishes the upload and publishes a partial object.
+            self._file.discard()
+            self._file.closed = True
             return
         self._file.close()
         if self._fs.exists(self._target):
