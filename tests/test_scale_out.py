@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,7 @@ def test_partition_from_flags_and_environment() -> None:
         resolve_partition(3, None, env={})
 
 
-def convert_args(raw: RawMmc4, out: Path | str) -> list[str]:
+def convert_args(raw: RawMmc4, out: Path | str, docs_per_shard: int = 3) -> list[str]:
     return [
         "convert",
         "mmc4",
@@ -109,7 +110,7 @@ def convert_args(raw: RawMmc4, out: Path | str) -> list[str]:
         "--out",
         str(out),
         "--docs-per-shard",
-        "3",
+        str(docs_per_shard),
         "-w",
         "1",
         "--json",
@@ -166,8 +167,8 @@ def test_three_node_processes_then_merge_equal_one_process(
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_killed_node_reruns_only_its_unfinished_part(tmp_path: Path) -> None:
-    big = write_raw_mmc4(tmp_path / "raw", shards=6, docs_per_shard=40, images_per_doc=3)
-    options = Mmc4Options(str(big.image_dir), docs_per_shard=15)
+    big = write_raw_mmc4(tmp_path / "raw", shards=6, docs_per_shard=20)
+    options = Mmc4Options(str(big.image_dir), docs_per_shard=8)
     convert_mmc4(big.docs_spec, tmp_path / "clean", options, workers=1)
     out = tmp_path / "out"
     for rank in (0, 2):  # the other nodes finish
@@ -175,28 +176,37 @@ def test_killed_node_reruns_only_its_unfinished_part(tmp_path: Path) -> None:
         assert not report.manifest_written
     others = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
+    # Node 1 owns inputs 1 and 4. An image of input 4's document 18 is a FIFO nobody writes:
+    # node 1 finishes input 1, publishes input 4's first shards and hangs there until killed.
+    with zipfile.ZipFile(big.zips[4]) as archive:
+        doc = json.loads(archive.read(archive.namelist()[0]).decode().splitlines()[17])
+    image = big.image_dir / "4" / doc["image_info"][0]["image_name"]
+    saved = image.read_bytes()
+    image.unlink()
+    os.mkfifo(image)
     cmd = [
         sys.executable,
         "-m",
         "flamingo_cli",
         "-q",
-        *convert_args(big, out),
-        "--docs-per-shard",
-        "15",
+        *convert_args(big, out, docs_per_shard=8),
         "--num-nodes",
         "3",
         "--node-rank",
         "1",
     ]
     proc = subprocess.Popen(cmd, env=clean_env(), start_new_session=True)
-    first = out / "manifest.d" / "docs_shard_1_v2.json"  # node 1 owns inputs 1 and 4
+    first = out / "manifest.d" / "docs_shard_1_v2.json"
     deadline = time.monotonic() + 60
-    while not first.exists() and time.monotonic() < deadline:
-        time.sleep(0.005)
+    while not (out / "docs_shard_4_v2-1.tar").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert first.exists()
-    assert not (out / "manifest.d" / "docs_shard_4_v2.json").exists(), "make the corpus larger"
+    image.unlink()
+    image.write_bytes(saved)
+    assert first.exists() and (out / "docs_shard_4_v2-0.tar").exists()
+    assert not (out / "manifest.d" / "docs_shard_4_v2.json").exists()
+    assert list(out.glob(".docs_shard_4_v2-2.tar.tmp-*"))  # killed mid-shard
 
     result = runner.invoke(app, ["convert", "merge", str(out), "--json"])
     assert result.exit_code == 1
@@ -210,8 +220,12 @@ def test_killed_node_reruns_only_its_unfinished_part(tmp_path: Path) -> None:
 
     rerun = subprocess.run(cmd, env=clean_env(), capture_output=True, check=False)
     assert rerun.returncode == 0, rerun.stderr.decode()
-    totals = json.loads(rerun.stdout)["totals"]
-    assert (totals["inputs"], totals["inputs_reused"]) == (2, 1)  # its own finished input
+    again = json.loads(rerun.stdout)
+    assert (again["totals"]["inputs"], again["totals"]["inputs_reused"]) == (2, 1)
+    assert [(i["name"], i["status"]) for i in again["inputs"]] == [
+        ("docs_shard_1_v2", "complete"),  # its own finished input, reused
+        ("docs_shard_4_v2", "converted"),  # the one it was killed in, redone
+    ]
     assert {p: p.stat().st_mtime_ns for p in others} == others  # the others' files untouched
     assert runner.invoke(app, ["convert", "merge", str(out)]).exit_code == 0
     assert not list(out.glob(".*tmp-*"))
