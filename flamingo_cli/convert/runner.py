@@ -576,7 +576,8 @@ def merge_outputs(
     if raw_plan is None:
         raise ConvertError(
             f"{out.join(PLAN_FILE)} does not exist: no conversion has started in {out.url}",
-            fix="run `flamingo convert mmc4|laion ... --out` on every node first",
+            fix="run `flamingo convert mmc4|laion ... --out` on every node first (a rerun of an "
+            "older conversion writes plan.json and keeps its complete shards)",
         )
     try:
         plan = json.loads(raw_plan)
