@@ -11,6 +11,7 @@ import typer
 from flamingo_cli.errors import FlamingoError
 
 if TYPE_CHECKING:
+    from flamingo_cli.recipe.load import Override
     from flamingo_cli.shards.cluster import Partition, RayOptions
 
 T = TypeVar("T")
@@ -23,6 +24,15 @@ SetOption = Annotated[
         metavar="KEY=VALUE",
         help="Override a recipe value, e.g. --set optim.lr=3e-4 (repeatable).",
     ),
+]
+
+NprocOption = Annotated[
+    int | None,
+    typer.Option("--nproc-per-node", min=1, help="Processes per node (overrides the recipe)."),
+]
+NnodesOption = Annotated[
+    int | None,
+    typer.Option("--nnodes", min=1, help="Number of nodes (overrides the recipe)."),
 ]
 
 NumNodesOption = Annotated[
@@ -62,6 +72,22 @@ RayAddressOption = Annotated[
         rich_help_panel="Many machines",
     ),
 ]
+
+
+def recipe_overrides(
+    set_: list[str] | None, nproc_per_node: int | None = None, nnodes: int | None = None
+) -> list[Override]:
+    """`--set` values, then the world-size options, as overrides that name their origin."""
+    from flamingo_cli.recipe.load import Override, parse_override
+
+    overrides = [parse_override(s) for s in set_ or []]
+    if nproc_per_node is not None:
+        overrides.append(
+            Override("distributed.nproc_per_node", nproc_per_node, "from --nproc-per-node")
+        )
+    if nnodes is not None:
+        overrides.append(Override("distributed.nnodes", nnodes, "from --nnodes"))
+    return overrides
 
 
 def cluster_options(
