@@ -189,6 +189,7 @@ def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+@pytest.mark.xdist_group("fsdp-runs")  # one worker runs the shared fixture once
 def test_fsdp_resume_is_exact(fsdp_runs: dict[str, Path]) -> None:
     straight = losses(fsdp_runs["straight"])
     resumed = losses(fsdp_runs["resumed"])
@@ -201,6 +202,7 @@ def test_fsdp_resume_is_exact(fsdp_runs: dict[str, Path]) -> None:
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+@pytest.mark.xdist_group("fsdp-runs")  # one worker runs the shared fixture once
 def test_stop_leaves_a_mid_epoch_checkpoint(fsdp_runs: dict[str, Path]) -> None:
     run = fsdp_runs["resumed"]
     assert [c.step for c in list_checkpoints(run)] == [3, 4, 6]  # stop, epoch end, stop
@@ -213,6 +215,7 @@ def test_stop_leaves_a_mid_epoch_checkpoint(fsdp_runs: dict[str, Path]) -> None:
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+@pytest.mark.xdist_group("fsdp-runs")  # one worker runs the shared fixture once
 def test_resume_on_another_world_size_reshards(fsdp_runs: dict[str, Path]) -> None:
     run = fsdp_runs["single"]
     series = losses(run)
