@@ -25,7 +25,7 @@ def install_project(session: nox.Session, extras: str = "test") -> None:
 def tests(session: nox.Session) -> None:
     """The whole test suite, slow and multi-process tests included."""
     install_project(session)
-    args = session.posargs or ["-n", "auto", "--durations=15"]
+    args = session.posargs or ["-n", "auto", "--dist", "loadgroup", "--durations=15"]
     session.run("pytest", *args, env=OFFLINE)
 
 
@@ -33,8 +33,10 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "flamingo_cli", "tests", "scripts", "noxfile.py")
-    session.run("ruff", "format", "--check", "flamingo_cli", "tests", "scripts", "noxfile.py")
+    session.run("ruff", "check", "flamingo_cli", "tests", "benchmarks", "scripts", "noxfile.py")
+    session.run(
+        "ruff", "format", "--check", "flamingo_cli", "tests", "benchmarks", "scripts", "noxfile.py"
+    )
 
 
 @nox.session
@@ -42,6 +44,22 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict on the package."""
     install_project(session, extras="dev")
     session.run("mypy", "flamingo_cli")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Every benchmark against its baseline, at sizes that finish in minutes on 2 cores."""
+    install_project(session)
+    runs = {
+        "convert": ["--docs", "1000"],
+        "inspect": ["--gb", "0.5"],
+        "loader": ["--docs", "60"],
+        "train_step": ["--steps", "6"],
+    }
+    for name, args in runs.items():
+        if session.posargs and name not in session.posargs:
+            continue
+        session.run("python", f"benchmarks/{name}.py", *args, env=OFFLINE)
 
 
 @nox.session

@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 import shutil
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,10 +301,7 @@ def run_quickstart(
         from flamingo_cli.recipe.load import load_recipe
         from flamingo_cli.train.run import train_rank
 
-        with warnings.catch_warnings():
-            # DCP's notice that it saves from a single process, which is what we want here
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            outcome = train_rank(load_recipe(recipe, overrides), train_events)
+        outcome = train_rank(load_recipe(recipe, overrides), train_events)
         losses = {k: v for k, v in outcome.metrics.items() if k.startswith("loss/")}
         shown = ", ".join(f"{k.removeprefix('loss/')} {v:.3f}" for k, v in losses.items())
         return f"{outcome.step} steps, last losses {shown}"

@@ -23,8 +23,8 @@ from flamingo_cli.data.preprocess import (
     preprocess_document,
     preprocess_pair,
     sample_rng,
-    strip_control_tokens,
 )
+from flamingo_cli.data.text import strip_control_tokens
 from flamingo_cli.model.tokenizer import TINY_TOKENIZER, SpecialTokens, load_tokenizer
 from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config
 from flamingo_cli.synthetic import encode, shape_image

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
 from flamingo_cli.errors import FlamingoError
+
+if TYPE_CHECKING:
+    from flamingo_cli.recipe.load import Override
+    from flamingo_cli.shards.cluster import Partition, RayOptions
 
 T = TypeVar("T")
 
@@ -21,6 +25,82 @@ SetOption = Annotated[
         help="Override a recipe value, e.g. --set optim.lr=3e-4 (repeatable).",
     ),
 ]
+
+NprocOption = Annotated[
+    int | None,
+    typer.Option("--nproc-per-node", min=1, help="Processes per node (overrides the recipe)."),
+]
+NnodesOption = Annotated[
+    int | None,
+    typer.Option("--nnodes", min=1, help="Number of nodes (overrides the recipe)."),
+]
+
+NumNodesOption = Annotated[
+    int | None,
+    typer.Option(
+        "--num-nodes",
+        min=1,
+        help="Machines sharing the work; each takes the inputs at positions p with "
+        "p % N == rank (default: from Slurm or torchrun variables, else 1).",
+        rich_help_panel="Many machines",
+    ),
+]
+NodeRankOption = Annotated[
+    int | None,
+    typer.Option(
+        "--node-rank",
+        min=0,
+        help="This machine's rank, 0..N-1 (with --num-nodes).",
+        rich_help_panel="Many machines",
+    ),
+]
+RayOption = Annotated[
+    bool,
+    typer.Option(
+        "--ray",
+        help="One Ray task per input on a Ray cluster (a new local one, or RAY_ADDRESS). "
+        "Needs pip install 'flamingo\\[ray]'.",
+        rich_help_panel="Many machines",
+    ),
+]
+RayAddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="Ray cluster to join, e.g. ray://head:10001 or auto (implies --ray).",
+        rich_help_panel="Many machines",
+    ),
+]
+
+
+def recipe_overrides(
+    set_: list[str] | None, nproc_per_node: int | None = None, nnodes: int | None = None
+) -> list[Override]:
+    """`--set` values, then the world-size options, as overrides that name their origin."""
+    from flamingo_cli.recipe.load import Override, parse_override
+
+    overrides = [parse_override(s) for s in set_ or []]
+    if nproc_per_node is not None:
+        overrides.append(
+            Override("distributed.nproc_per_node", nproc_per_node, "from --nproc-per-node")
+        )
+    if nnodes is not None:
+        overrides.append(Override("distributed.nnodes", nnodes, "from --nnodes"))
+    return overrides
+
+
+def cluster_options(
+    num_nodes: int | None, node_rank: int | None, ray: bool, ray_address: str | None
+) -> tuple[Partition, RayOptions | None]:
+    """This node's partition (flags, then Slurm/torchrun variables) and the Ray settings."""
+    from flamingo_cli.shards.cluster import RayOptions, import_ray, resolve_partition
+
+    partition = resolve_partition(num_nodes, node_rank)
+    if not ray and ray_address is None:
+        return partition, None
+    import_ray()  # fail before any work when Ray is not installed
+    return partition, RayOptions(address=ray_address)
 
 
 @contextmanager

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from enum import Enum
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from flamingo_cli.cli.common import JsonOption, user_errors
+from flamingo_cli.cli.common import (
+    JsonOption,
+    NodeRankOption,
+    NumNodesOption,
+    RayAddressOption,
+    RayOption,
+    cluster_options,
+    user_errors,
+)
 
 if TYPE_CHECKING:
     from flamingo_cli.convert.images import ImageOptions
@@ -38,7 +45,12 @@ def register(app: typer.Typer) -> None:
 
 
 OutOption = Annotated[
-    Path, typer.Option("--out", "-o", file_okay=False, help="Output directory for the shards.")
+    str,
+    typer.Option(
+        "--out",
+        "-o",
+        help="Output directory or fsspec URL (s3://bucket/mmc4, gs://...) for the shards.",
+    ),
 ]
 WorkersOption = Annotated[
     int | None,
@@ -139,10 +151,14 @@ def mmc4(
     overwrite: OverwriteOption = False,
     strict: StrictOption = False,
     json_: JsonOption = False,
+    num_nodes: NumNodesOption = None,
+    node_rank: NodeRankOption = None,
+    ray: RayOption = False,
+    ray_address: RayAddressOption = None,
 ) -> None:
     """Convert raw MMC4 documents and images into interleaved tar shards.
 
-    Each input file gives <stem>.tar (<stem>-<k>.tar when split), one <stem>-<line>.json sample per document, with image_base64 added to every image found. Also writes sizes.json and manifest.json; a rerun skips complete shards.
+    Each input file gives <stem>.tar (<stem>-<k>.tar when split), one <stem>-<line>.json sample per document, with image_base64 added to every image found. Also writes sizes.json and manifest.json; a rerun skips complete shards. With several nodes (--num-nodes, Slurm, torchrun) each converts its part and `flamingo convert merge OUT` writes the manifest.
 
     Exit 0 on success, 1 when an input failed (or, with --strict, anything was skipped), 2 on usage errors.
     """
@@ -150,6 +166,7 @@ def mmc4(
         from flamingo_cli.convert.mmc4 import Mmc4Options, convert_mmc4
         from flamingo_cli.ui.convert import convert_progress
 
+        partition, ray_options = cluster_options(num_nodes, node_rank, ray, ray_address)
         options = Mmc4Options(
             image_dir=image_dir,
             image_layout=image_layout.value,
@@ -167,6 +184,8 @@ def mmc4(
                 workers=workers,
                 overwrite=overwrite,
                 on_progress=progress,
+                partition=partition,
+                ray=ray_options,
             )
         _finish(report, json_, strict)
 
@@ -204,10 +223,14 @@ def laion(
     overwrite: OverwriteOption = False,
     strict: StrictOption = False,
     json_: JsonOption = False,
+    num_nodes: NumNodesOption = None,
+    node_rank: NodeRankOption = None,
+    ray: RayOption = False,
+    ray_address: RayAddressOption = None,
 ) -> None:
     """Convert image-caption pairs into img2dataset-layout tar shards (image, .txt, .json).
 
-    Checks img2dataset tars against their _stats.json and drops samples without an image or caption. Also writes sizes.json and manifest.json; a rerun skips complete shards.
+    Checks img2dataset tars against their _stats.json and drops samples without an image or caption. Also writes sizes.json and manifest.json; a rerun skips complete shards. With several nodes (--num-nodes, Slurm, torchrun) each converts its part and `flamingo convert merge OUT` writes the manifest.
 
     Exit 0 on success, 1 when an input failed (or, with --strict, anything was skipped), 2 on usage errors.
     """
@@ -215,6 +238,7 @@ def laion(
         from flamingo_cli.convert.laion import LaionOptions, convert_laion
         from flamingo_cli.ui.convert import convert_progress
 
+        partition, ray_options = cluster_options(num_nodes, node_rank, ray, ray_address)
         options = LaionOptions(
             image=_image_options(reencode, quality, max_side),
             samples_per_shard=samples_per_shard,
@@ -229,5 +253,43 @@ def laion(
                 workers=workers,
                 overwrite=overwrite,
                 on_progress=progress,
+                partition=partition,
+                ray=ray_options,
             )
         _finish(report, json_, strict)
+
+
+@convert_app.command("merge")
+def merge(
+    out: Annotated[
+        str,
+        typer.Argument(metavar="OUT", help="The --out location every node converted into."),
+    ],
+    allow_incomplete: Annotated[
+        bool,
+        typer.Option(
+            "--allow-incomplete",
+            help="Write manifest.json and sizes.json of the finished inputs even when some "
+            "are not (still exit 0).",
+        ),
+    ] = False,
+    json_: JsonOption = False,
+) -> None:
+    """Assemble manifest.json and sizes.json from the records every node wrote.
+
+    Checks each input of the conversion (plan.json): inputs that do not exist are warnings; inputs not converted yet, failed or with damaged shards are listed by name.
+
+    Exit 0 when every input is done, 1 when some are not (nothing written unless --allow-incomplete), 2 on usage errors.
+    """
+    with user_errors():
+        from flamingo_cli.convert.runner import merge_outputs
+        from flamingo_cli.ui import console as ui
+        from flamingo_cli.ui.convert import render_merge_report
+
+        report = merge_outputs(out, allow_incomplete=allow_incomplete)
+        if json_:
+            ui.print_json(report.to_dict())
+        else:
+            render_merge_report(report)
+        if not report.ok and not allow_incomplete:
+            raise typer.Exit(1)

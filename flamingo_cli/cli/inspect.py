@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from flamingo_cli.cli.common import JsonOption, user_errors
+from flamingo_cli.cli.common import (
+    JsonOption,
+    NodeRankOption,
+    NumNodesOption,
+    RayAddressOption,
+    RayOption,
+    cluster_options,
+    user_errors,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -73,17 +81,32 @@ def inspect_shards(
         int | None,
         typer.Option("--workers", min=1, help="Processes scanning shards (default: CPU count)."),
     ] = None,
+    num_nodes: NumNodesOption = None,
+    node_rank: NodeRankOption = None,
+    ray: RayOption = False,
+    ray_address: RayAddressOption = None,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge",
+            help="The arguments are the nodes' --json reports: join them into one report "
+            "(sizes.json is checked, and written with --write-sizes, here).",
+            rich_help_panel="Many machines",
+        ),
+    ] = False,
 ) -> None:
     """Count samples and find damaged shards; with --deep, find every sample that fails.
 
-    Fast mode reads only tar headers. Exit 0 when no errors were found, 1 when some were,
-    2 on usage errors.
+    Fast mode reads only tar headers. On several nodes (--num-nodes, Slurm, torchrun) each scans its part: save each node's --json output and join them with `inspect-shards --merge REPORT...`.
+
+    Exit 0 when no errors were found, 1 when some were, 2 on usage errors.
     """
     from flamingo_cli.errors import UsageError
     from flamingo_cli.inspect.run import (
         InspectOptions,
         groups_from_recipe,
         groups_from_specs,
+        merge_reports,
     )
     from flamingo_cli.inspect.run import inspect_shards as run_inspect
     from flamingo_cli.ui import console as ui
@@ -95,6 +118,31 @@ def inspect_shards(
                 "give shard SPECs or --recipe RECIPE",
                 fix="flamingo inspect-shards 'shards/{00000..00009}.tar'",
             )
+        if merge:
+            if not specs or recipe is not None or preview is not None:
+                raise UsageError(
+                    "--merge takes the nodes' JSON reports as arguments (no --recipe/--preview)",
+                    fix="flamingo inspect-shards --merge reports/node-*.json",
+                )
+            report = merge_reports(
+                specs,
+                InspectOptions(
+                    write_sizes=write_sizes, max_errors=max_errors, allow_pipe=allow_pipe
+                ),
+            )
+            if json_:
+                ui.print_json(report.to_dict())
+            else:
+                render_report(report)
+            if not report.ok:
+                raise typer.Exit(1)
+            return
+        partition, ray_options = cluster_options(num_nodes, node_rank, ray, ray_address)
+        if partition.split and preview is not None:
+            raise UsageError(
+                "--preview on one node of several would show only its part",
+                fix="make the preview in a separate run without --num-nodes",
+            )
         options = InspectOptions(
             deep=deep,
             write_sizes=write_sizes,
@@ -103,11 +151,14 @@ def inspect_shards(
             max_errors=max_errors,
             allow_pipe=allow_pipe,
             workers=workers,
+            partition=partition,
+            ray=ray_options,
         )
         groups = groups_from_specs(specs or [], options)
         if recipe is not None:
             groups += groups_from_recipe(recipe, options)
-        total = len({url for group in groups for url in group.urls})
+        urls = list(dict.fromkeys(url for group in groups for url in group.urls))
+        total = len(partition.select(urls))
         with shard_progress(0 if json_ else total) as progress:
             report = run_inspect(groups, options, progress)
         if preview is not None:

@@ -7,7 +7,13 @@ from typing import Annotated
 
 import typer
 
-from flamingo_cli.cli.common import SetOption, user_errors
+from flamingo_cli.cli.common import (
+    NnodesOption,
+    NprocOption,
+    SetOption,
+    recipe_overrides,
+    user_errors,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -17,15 +23,8 @@ def register(app: typer.Typer) -> None:
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.", dir_okay=False)],
     set_: SetOption = None,
-    nproc_per_node: Annotated[
-        int | None,
-        typer.Option(
-            "--nproc-per-node", min=1, help="Processes on this node (overrides the recipe)."
-        ),
-    ] = None,
-    nnodes: Annotated[
-        int | None, typer.Option("--nnodes", min=1, help="Number of nodes (overrides the recipe).")
-    ] = None,
+    nproc_per_node: NprocOption = None,
+    nnodes: NnodesOption = None,
     node_rank: Annotated[
         int | None,
         typer.Option(
@@ -52,20 +51,13 @@ def train(
     SIGTERM or SIGUSR1 makes every rank save a checkpoint at the next step boundary and exit 0;
     rerunning resumes from the newest complete checkpoint (run.resume = "auto").
     """
-    from flamingo_cli.recipe.load import Override, parse_override
     from flamingo_cli.recipe.validate import validate_recipe
     from flamingo_cli.ui import console as ui
     from flamingo_cli.ui.errors import render_problems
     from flamingo_cli.ui.plan import render_plan
 
     with user_errors():
-        overrides = [parse_override(s) for s in set_ or []]
-        if nproc_per_node is not None:
-            overrides.append(
-                Override("distributed.nproc_per_node", nproc_per_node, "from --nproc-per-node")
-            )
-        if nnodes is not None:
-            overrides.append(Override("distributed.nnodes", nnodes, "from --nnodes"))
+        overrides = recipe_overrides(set_, nproc_per_node, nnodes)
         report = validate_recipe(recipe, overrides)
         render_problems(report.problems)
         if not report.ok:

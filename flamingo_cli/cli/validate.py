@@ -9,7 +9,14 @@ from typing import Annotated
 
 import typer
 
-from flamingo_cli.cli.common import JsonOption, SetOption, user_errors
+from flamingo_cli.cli.common import (
+    JsonOption,
+    NnodesOption,
+    NprocOption,
+    SetOption,
+    recipe_overrides,
+    user_errors,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -22,13 +29,8 @@ def validate_config(
         typer.Argument(help="Recipe TOML file.", show_default=False, dir_okay=False),
     ] = None,
     set_: SetOption = None,
-    nproc_per_node: Annotated[
-        int | None,
-        typer.Option("--nproc-per-node", min=1, help="Processes per node (overrides the recipe)."),
-    ] = None,
-    nnodes: Annotated[
-        int | None, typer.Option("--nnodes", min=1, help="Number of nodes (overrides the recipe).")
-    ] = None,
+    nproc_per_node: NprocOption = None,
+    nnodes: NnodesOption = None,
     check_shards: Annotated[
         bool,
         typer.Option(
@@ -58,7 +60,6 @@ def validate_config(
     valid (warnings allowed), 1 when it has errors, 2 on usage errors.
     """
     from flamingo_cli.errors import Problem, ProblemsFound, UsageError
-    from flamingo_cli.recipe.load import Override, parse_override
     from flamingo_cli.ui import console as ui
     from flamingo_cli.ui.errors import render_problems
     from flamingo_cli.ui.plan import render_plan
@@ -71,13 +72,7 @@ def validate_config(
             )
         if out is not None and from_openflamingo is None:
             raise UsageError("--out only applies with --from-openflamingo")
-        overrides = [parse_override(s) for s in set_ or []]
-        if nproc_per_node is not None:
-            overrides.append(
-                Override("distributed.nproc_per_node", nproc_per_node, "from --nproc-per-node")
-            )
-        if nnodes is not None:
-            overrides.append(Override("distributed.nnodes", nnodes, "from --nnodes"))
+        overrides = recipe_overrides(set_, nproc_per_node, nnodes)
 
         with contextlib.ExitStack() as stack:
             import_problems: list[Problem] = []

@@ -28,10 +28,12 @@ from flamingo_cli.convert.runner import (
     run_tasks,
 )
 from flamingo_cli.errors import ConvertError, OpenerError, Problem
+from flamingo_cli.shards.cluster import Partition, RayOptions
 from flamingo_cli.shards.opener import open_url
 from flamingo_cli.shards.spec import expand_spec, local_path, url_kind
+from flamingo_cli.shards.store import OutputDir
 from flamingo_cli.shards.tar import split_member
-from flamingo_cli.shards.write import SplitTarWriter, TarWriter, write_json_atomic
+from flamingo_cli.shards.write import SplitTarWriter
 
 STRICT_KEYS = (
     "dropped_no_image",
@@ -99,11 +101,11 @@ class Img2DatasetTask:
     def output_names(self) -> list[str]:
         return [f"{self.name}-[0-9]*.tar" if self.options.samples_per_shard else f"{self.name}.tar"]
 
-    def _path(self, out_dir: Path, part: int) -> Path:
+    def _shard_name(self, part: int) -> str:
         suffix = f"-{part}" if self.options.samples_per_shard else ""
-        return out_dir / f"{self.name}{suffix}.tar"
+        return f"{self.name}{suffix}.tar"
 
-    def run(self, out_dir: Path, progress: ProgressSink) -> TaskRecord:
+    def run(self, dest: OutputDir, progress: ProgressSink) -> TaskRecord:
         record = TaskRecord(self.name, self.url, self.fingerprint(), "converted")
         if url_kind(self.url) == "local" and not local_path(self.url).is_file():
             record.status = "missing"
@@ -131,7 +133,8 @@ class Img2DatasetTask:
         track = self.weight > 0
         counts_by_part: dict[int, Counter[str]] = {}
         with SplitTarWriter(
-            lambda k: self._path(out_dir, k), max_samples=self.options.samples_per_shard
+            lambda k: dest.open_sink(self._shard_name(k)),
+            max_samples=self.options.samples_per_shard,
         ) as writer:
             for sample, size in _tar_samples(self.url):
                 counts: Counter[str] = Counter()
@@ -153,9 +156,9 @@ class Img2DatasetTask:
                     fix="the shard may be truncated or was rewritten; re-download it to be sure",
                 )
             )
-        for k, (path, samples, size) in enumerate(writer.parts):
+        for k, (name, samples, size) in enumerate(writer.parts):
             stats = dict(sorted(counts_by_part.get(k, Counter()).items()))
-            record.shards.append(ShardRecord(path.name, samples, size, stats))
+            record.shards.append(ShardRecord(name, samples, size, stats))
         return record
 
     def _convert(self, sample: dict[str, bytes], counts: Counter[str]) -> dict[str, bytes] | None:
@@ -259,10 +262,9 @@ class PairChunkTask:
     def output_names(self) -> list[str]:
         return [f"{self.name}.tar", f"{self.name}_stats.json"]
 
-    def run(self, out_dir: Path, progress: ProgressSink) -> TaskRecord:
+    def run(self, dest: OutputDir, progress: ProgressSink) -> TaskRecord:
         record = TaskRecord(self.name, self.input, self.fingerprint(), "converted")
-        path = out_dir / f"{self.name}.tar"
-        with TarWriter(path) as writer:
+        with dest.tar_writer(f"{self.name}.tar") as writer:
             for index, item in enumerate(self.items):
                 counts: Counter[str] = Counter()
                 key = f"{self.name}{index:0{self.key_digits}d}"
@@ -271,12 +273,11 @@ class PairChunkTask:
                     writer.write(sample)
                 record.counts.update(counts)
                 progress(1, 1 if sample else 0, counts["image_bytes"])
-        size = path.stat().st_size
         if writer.samples:
             stats = dict(sorted(record.counts.items()))
-            record.shards.append(ShardRecord(path.name, writer.samples, size, stats))
-            write_json_atomic(
-                out_dir / f"{self.name}_stats.json",
+            record.shards.append(ShardRecord(writer.name, writer.samples, writer.size, stats))
+            dest.write_json(
+                f"{self.name}_stats.json",
                 {
                     "count": len(self.items),
                     "successes": writer.samples,
@@ -286,7 +287,7 @@ class PairChunkTask:
                 },
             )
         else:
-            path.unlink()
+            dest.remove([writer.name])
         return record
 
     def _convert(
@@ -437,8 +438,12 @@ def folder_items(directory: Path) -> list[PairItem]:
     return items
 
 
-def plan_laion(src: str, options: LaionOptions) -> list[Img2DatasetTask] | list[PairChunkTask]:
-    """Tasks for `src`: one per img2dataset tar, or one per fixed slice of a folder or table."""
+def plan_laion(
+    src: str, options: LaionOptions, partition: Partition | None = None
+) -> list[Img2DatasetTask] | list[PairChunkTask]:
+    """Tasks for `src`: one per img2dataset tar, or one per fixed slice of a folder or table.
+
+    Only the tars of this node's `partition` are looked at (size for the progress bar)."""
     is_local = url_kind(src) == "local"
     if is_local and not any(c in src for c in "{*?[") and not local_path(src).exists():
         raise ConvertError(f"SRC {src} does not exist", fix="check the path")
@@ -467,15 +472,16 @@ def plan_laion(src: str, options: LaionOptions) -> list[Img2DatasetTask] | list[
             + (f" (not a .tar: {', '.join(bad[:3])})" if bad else ""),
             fix="give shards/{00000..00099}.tar, a directory, or a .csv/.parquet/.jsonl table",
         )
+    mine = set((partition or Partition()).select(range(len(urls))))
     return [
         Img2DatasetTask(
             u,
             options,
             local_path(u).stat().st_size
-            if url_kind(u) == "local" and local_path(u).is_file()
+            if i in mine and url_kind(u) == "local" and local_path(u).is_file()
             else 0,
         )
-        for u in urls
+        for i, u in enumerate(urls)
     ]
 
 
@@ -490,15 +496,19 @@ def _chunks(source: str, items: list[PairItem], options: LaionOptions) -> list[P
 
 def convert_laion(
     src: str,
-    out_dir: str | Path,
+    out_dir: str | Path | OutputDir,
     options: LaionOptions,
     *,
     workers: int | None = None,
     overwrite: bool = False,
     on_progress: ProgressCallback | None = None,
+    partition: Partition | None = None,
+    ray: RayOptions | None = None,
 ) -> ConvertReport:
-    """Convert image-caption pairs into img2dataset-layout shards, sizes.json and manifest.json."""
-    tasks = plan_laion(src, options)
+    """Convert image-caption pairs into img2dataset-layout shards, sizes.json and manifest.json.
+
+    With a `partition` only this node's inputs are converted (see `run_tasks`)."""
+    tasks = plan_laion(src, options, partition)
     return run_tasks(
         tasks,
         out_dir,
@@ -507,4 +517,6 @@ def convert_laion(
         overwrite=overwrite,
         on_progress=on_progress,
         strict_keys=STRICT_KEYS,
+        partition=partition,
+        ray=ray,
     )

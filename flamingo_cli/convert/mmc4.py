@@ -30,8 +30,10 @@ from flamingo_cli.convert.runner import (
     run_tasks,
 )
 from flamingo_cli.errors import ConvertError, OpenerError, Problem
+from flamingo_cli.shards.cluster import Partition, RayOptions
 from flamingo_cli.shards.opener import open_url
 from flamingo_cli.shards.spec import expand_spec, local_path, url_kind
+from flamingo_cli.shards.store import OutputDir
 from flamingo_cli.shards.write import SplitTarWriter
 
 ImageLayout = Literal["index", "shard-number", "flat"]
@@ -116,9 +118,9 @@ class Mmc4Task:
     def output_names(self) -> list[str]:
         return [f"{self.name}-[0-9]*.tar" if self.options.split else f"{self.name}.tar"]
 
-    def shard_path(self, out_dir: Path, part: int) -> Path:
+    def shard_name(self, part: int) -> str:
         suffix = f"-{part}" if self.options.split else ""
-        return out_dir / f"{self.name}{suffix}.tar"
+        return f"{self.name}{suffix}.tar"
 
     def image_prefix(self) -> str:
         layout = self.options.image_layout
@@ -128,7 +130,7 @@ class Mmc4Task:
         number = self.index if layout == "index" else shard_number(self.url)
         return f"{root}/{number}"
 
-    def run(self, out_dir: Path, progress: ProgressSink) -> TaskRecord:
+    def run(self, dest: OutputDir, progress: ProgressSink) -> TaskRecord:
         record = TaskRecord(self.name, self.url, self.fingerprint(), "converted")
         if not self.exists:
             return _missing(record)
@@ -141,7 +143,7 @@ class Mmc4Task:
         counts_by_part: dict[int, Counter[str]] = {}
         track = self.weight > 0
         with SplitTarWriter(
-            lambda k: self.shard_path(out_dir, k),
+            lambda k: dest.open_sink(self.shard_name(k)),
             max_samples=self.options.docs_per_shard,
             max_bytes=self.options.max_shard_bytes,
         ) as writer:
@@ -154,9 +156,9 @@ class Mmc4Task:
                 counts_by_part.setdefault(writer.part, Counter()).update(counts)
                 record.counts.update(counts)
                 progress(size if track else 0, 1 if sample else 0, counts["image_bytes"])
-        for k, (path, samples, size) in enumerate(writer.parts):
+        for k, (name, samples, size) in enumerate(writer.parts):
             stats = dict(sorted(counts_by_part.get(k, Counter()).items()))
-            record.shards.append(ShardRecord(path.name, samples, size, stats))
+            record.shards.append(ShardRecord(name, samples, size, stats))
         return record
 
     def _read_ahead(
@@ -381,10 +383,13 @@ def _jsonl_size(url: str) -> int:
         return 0
 
 
-def plan_mmc4(docs_spec: str, options: Mmc4Options) -> list[Mmc4Task]:
+def plan_mmc4(
+    docs_spec: str, options: Mmc4Options, partition: Partition | None = None
+) -> list[Mmc4Task]:
     """One task per file of the expanded spec; `index` is the position the image layout uses.
 
-    A later multi-machine run picks a subset of these tasks; names and indexes stay the same.
+    A multi-machine run picks a subset of these tasks; names and indexes stay the same. Only
+    the files of this node's `partition` are looked at (existence, size for the progress bar).
     """
     urls = expand_spec(docs_spec)
     if not urls:
@@ -392,8 +397,12 @@ def plan_mmc4(docs_spec: str, options: Mmc4Options) -> list[Mmc4Task]:
     if options.image_layout == "shard-number":
         for url in urls:
             shard_number(url)
+    mine = set((partition or Partition()).select(range(len(urls))))
     tasks = []
     for index, url in enumerate(urls):
+        if index not in mine:  # another node's: it runs there, with its own checks
+            tasks.append(Mmc4Task(url, index, options))
+            continue
         local = url_kind(url) == "local"
         exists = not local or local_path(url).is_file()
         tasks.append(Mmc4Task(url, index, options, _jsonl_size(url) if exists else 0, exists))
@@ -402,20 +411,24 @@ def plan_mmc4(docs_spec: str, options: Mmc4Options) -> list[Mmc4Task]:
 
 def convert_mmc4(
     docs_spec: str,
-    out_dir: str | Path,
+    out_dir: str | Path | OutputDir,
     options: Mmc4Options,
     *,
     workers: int | None = None,
     overwrite: bool = False,
     on_progress: ProgressCallback | None = None,
+    partition: Partition | None = None,
+    ray: RayOptions | None = None,
 ) -> ConvertReport:
-    """Convert raw MMC4 documents into interleaved shards, sizes.json and manifest.json."""
+    """Convert raw MMC4 documents into interleaved shards, sizes.json and manifest.json.
+
+    With a `partition` only this node's inputs are converted (see `run_tasks`)."""
     if url_kind(options.image_dir) == "local" and not local_path(options.image_dir).is_dir():
         raise ConvertError(
             f"--image-dir {options.image_dir} is not a directory",
             fix="give the folder the MMC4 image download wrote (<image_dir>/<idx>/<name>.jpg)",
         )
-    tasks = plan_mmc4(docs_spec, options)
+    tasks = plan_mmc4(docs_spec, options, partition)
     return run_tasks(
         tasks,
         out_dir,
@@ -424,4 +437,6 @@ def convert_mmc4(
         overwrite=overwrite,
         on_progress=on_progress,
         strict_keys=STRICT_KEYS,
+        partition=partition,
+        ray=ray,
     )

@@ -1,12 +1,14 @@
-"""What both converters share: tasks, per-task manifest records, resume, worker processes.
+"""What both converters share: tasks, per-task manifest records, resume, workers, nodes.
 
 A conversion is a list of independent tasks, each writing its own shards (names derived from
 its input only) and then a record under `manifest.d/`. Any subset of tasks can run anywhere
-(one worker, N processes, later N machines choosing a subset of inputs) into one directory.
+(one worker, N processes, N machines each taking a `Partition`, a Ray cluster) into one output
+location; `plan.json` lists every task, so `merge_outputs` can tell what is still missing.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import multiprocessing
 import os
@@ -20,10 +22,13 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from flamingo_cli.errors import ConvertError, FlamingoError, OpenerError, Problem
+from flamingo_cli.shards.cluster import Partition, RayOptions, ray_map
 from flamingo_cli.shards.sizes import SIZES_FILE
-from flamingo_cli.shards.write import TMP_MARKER, write_json_atomic, write_sizes
+from flamingo_cli.shards.store import OutputDir, open_output
+from flamingo_cli.shards.write import TMP_MARKER, json_bytes
 
 MANIFEST_FILE = "manifest.json"
+PLAN_FILE = "plan.json"
 RECORDS_DIR = "manifest.d"
 MAX_PROBLEMS_PER_TASK = 50  # listed in a record; the counts stay exact
 
@@ -114,7 +119,7 @@ class Task(Protocol):
 
     def output_names(self) -> list[str]: ...  # glob patterns of the files it writes (clean-up)
 
-    def run(self, out_dir: Path, progress: ProgressSink) -> TaskRecord: ...
+    def run(self, dest: OutputDir, progress: ProgressSink) -> TaskRecord: ...
 
 
 @dataclass
@@ -134,14 +139,16 @@ ProgressCallback = Callable[[ProgressState], None]
 
 @dataclass
 class ConvertReport:
-    """The outcome of a conversion: per-task records (this run's tasks, in input order)."""
+    """The outcome of a conversion: per-task records (this node's tasks, in input order)."""
 
     kind: str
-    out_dir: Path
+    out_dir: str
     records: list[TaskRecord]
     reused: list[str]
     elapsed_s: float
     strict_keys: tuple[str, ...]
+    partition: Partition = field(default_factory=Partition)
+    manifest_written: bool = True  # False on one node of several: `convert merge` writes it
 
     @property
     def totals(self) -> Counter[str]:
@@ -186,55 +193,65 @@ class ConvertReport:
                 for r in self.records
             ],
             "problems": [p.to_dict() for p in self.problems],
-            "manifest": str(self.out_dir / MANIFEST_FILE),
-            "sizes": str(self.out_dir / SIZES_FILE),
+            "node": self.partition.to_dict(),
+            "manifest": _join(self.out_dir, MANIFEST_FILE) if self.manifest_written else None,
+            "sizes": _join(self.out_dir, SIZES_FILE) if self.manifest_written else None,
         }
 
 
-def _record_path(out_dir: Path, name: str) -> Path:
-    return out_dir / RECORDS_DIR / f"{name}.json"
+def _join(out_dir: str, name: str) -> str:
+    return f"{out_dir.rstrip('/')}/{name}" if "://" in out_dir else str(Path(out_dir, name))
 
 
-def load_record(out_dir: Path, name: str) -> TaskRecord | None:
-    path = _record_path(out_dir, name)
-    if not path.is_file():
+def _record_name(name: str) -> str:
+    return f"{RECORDS_DIR}/{name}.json"
+
+
+def _parse_record(raw: bytes | None) -> TaskRecord | None:
+    if raw is None:
         return None
     try:
-        return TaskRecord.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        return TaskRecord.from_dict(json.loads(raw))
     except (ValueError, KeyError, TypeError):
         return None  # a damaged record means the task is redone
 
 
-def _complete(out_dir: Path, record: TaskRecord) -> bool:
-    """Every shard the record lists exists with the size it had when written."""
-    for shard in record.shards:
-        path = out_dir / shard.name
-        if not path.is_file() or path.stat().st_size != shard.bytes:
-            return False
-    return True
+def load_records(out: OutputDir, names: Sequence[str]) -> dict[str, TaskRecord]:
+    """The readable records of the tasks called `names` (one read for all of them)."""
+    raw = out.read([_record_name(n) for n in names])
+    found = {}
+    for name in names:
+        record = _parse_record(raw.get(_record_name(name)))
+        if record is not None:
+            found[name] = record
+    return found
 
 
-def _clean(out_dir: Path, task: Task, old: TaskRecord | None) -> None:
-    """Remove what an earlier, unfinished or outdated run of `task` left behind."""
-    _record_path(out_dir, task.name).unlink(missing_ok=True)
-    for pattern in task.output_names():
-        for tmp in sorted(out_dir.glob(f".{pattern}{TMP_MARKER}*")):
-            tmp.unlink(missing_ok=True)
+def _complete(sizes: Mapping[str, int], record: TaskRecord) -> bool:
+    """A finished conversion whose shards all exist with the sizes they had when written."""
+    return record.status == "converted" and all(sizes.get(s.name) == s.bytes for s in record.shards)
+
+
+def _clean(out: OutputDir, task: Task, old: TaskRecord | None, temporaries: list[str]) -> None:
+    """Remove what an earlier, unfinished or outdated run of `task` left behind.
+
+    `temporaries` are the temporary files of the output location (listed once for all tasks).
+    """
     if old is not None:
-        for shard in old.shards:
-            (out_dir / shard.name).unlink(missing_ok=True)
+        out.remove([_record_name(task.name), *(shard.name for shard in old.shards)])
+    patterns = [f".{pattern}{TMP_MARKER}*" for pattern in task.output_names()]
+    out.remove([n for n in temporaries if any(fnmatch.fnmatchcase(n, p) for p in patterns)])
 
 
-def _run_one(task: Task, out_dir: Path, progress: ProgressSink) -> TaskRecord:
-    """Run a task; a user-level error (unreadable input) fails this task, not the run."""
+def _run_one(task: Task, out: OutputDir, progress: ProgressSink) -> TaskRecord:
+    """Run a task and record its outcome; a user-level error (unreadable input) fails this
+    task, not the run. Records of missing or failed inputs let a merge name them."""
     try:
-        record = task.run(out_dir, progress)
+        record = task.run(out, progress)
     except FlamingoError as exc:
         record = TaskRecord(task.name, task.input, task.fingerprint(), "failed")
         record.problem(Problem(exc.message, file=task.input, fix=exc.fix))
-        return record
-    if record.status == "converted":
-        write_json_atomic(_record_path(out_dir, task.name), record.to_dict())
+    out.write_json(_record_name(task.name), record.to_dict())
     return record
 
 
@@ -268,12 +285,22 @@ class _QueueSink:
         self.last = time.monotonic()
 
 
-def _run_in_worker(task: Task, out_dir: Path) -> TaskRecord:
+def _run_in_worker(task: Task, out: OutputDir) -> TaskRecord:
     sink = _QueueSink()
     try:
-        return _run_one(task, out_dir, sink)
+        return _run_one(task, out, sink)
     finally:
         sink.flush()
+
+
+def _no_progress(work: int, samples: int, image_bytes: int) -> None:
+    """Ray tasks report progress when they finish."""
+
+
+def _run_on_ray(item: tuple[Task, OutputDir]) -> TaskRecord:
+    """One task on a Ray worker (module level, so workers import it instead of unpickling)."""
+    task, out = item
+    return _run_one(task, out, _no_progress)
 
 
 def default_workers() -> int:
@@ -296,46 +323,63 @@ def check_unique_names(tasks: Sequence[Task]) -> None:
         seen[task.name] = task.input
 
 
+def _write_plan(out: OutputDir, kind: str, tasks: Sequence[Task]) -> None:
+    """List every task of the conversion (the same bytes from every node; written when new)."""
+    plan = {"kind": kind, "inputs": [{"name": t.name, "input": t.input} for t in tasks]}
+    data = json_bytes(plan)
+    if out.read_one(PLAN_FILE) != data:
+        out.write_bytes(PLAN_FILE, data)
+
+
 def run_tasks(
     tasks: Sequence[Task],
-    out_dir: str | Path,
+    out_dir: str | Path | OutputDir,
     *,
     kind: str,
     workers: int | None = None,
     overwrite: bool = False,
     on_progress: ProgressCallback | None = None,
     strict_keys: tuple[str, ...] = (),
+    partition: Partition | None = None,
+    ray: RayOptions | None = None,
 ) -> ConvertReport:
-    """Run every task not already complete in `out_dir`, then write `manifest.json` and sizes.
+    """Run every task of this node's part not already complete, then write the manifest.
 
-    A task is complete when its record matches its fingerprint and every shard it lists has the
-    recorded size; `overwrite` redoes everything. One task runs in exactly one worker process.
+    `tasks` is the whole conversion; `partition` picks this node's part (every node must get
+    the same `tasks`). A task is complete when its record matches its fingerprint and every
+    shard it lists has the recorded size; `overwrite` redoes everything. Tasks run in worker
+    processes, or with `ray` one Ray task each. A node of several leaves `manifest.json` and
+    `sizes.json` to `merge_outputs`.
     """
     start = time.monotonic()
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConvertError(f"--out {out} is a file", fix="give a directory")
+    partition = partition or Partition()
+    out = open_output(out_dir)
     check_unique_names(tasks)
-    (out / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
+    out.make_folder(RECORDS_DIR)
+    _write_plan(out, kind, tasks)
+    tasks = partition.select(tasks)
 
-    old_records = {t.name: load_record(out, t.name) for t in tasks}
+    old_records = load_records(out, [t.name for t in tasks])
     if not overwrite:  # refuse before touching anything
         for task in tasks:
-            old = old_records[task.name]
-            if old is not None and old.fingerprint != task.fingerprint():
+            old = old_records.get(task.name)
+            converted = old is not None and old.status == "converted"
+            if converted and old is not None and old.fingerprint != task.fingerprint():
                 raise ConvertError(
-                    f"{out} already holds shards of {task.input} converted with other options "
-                    f"or inputs (record {_record_path(out, task.name)})",
+                    f"{out.url} already holds shards of {task.input} converted with other "
+                    f"options or inputs (record {out.join(_record_name(task.name))})",
                     fix="pass --overwrite to redo them, or choose another --out directory",
                 )
+    sizes = out.file_sizes()
+    temporaries = [n for n in sizes if n.startswith(".") and TMP_MARKER in n]
     done: dict[str, TaskRecord] = {}
     pending: list[Task] = []
     for task in tasks:
-        old = old_records[task.name]
-        if old is not None and not overwrite and _complete(out, old):
+        old = old_records.get(task.name)
+        if old is not None and not overwrite and _complete(sizes, old):
             done[task.name] = old
             continue
-        _clean(out, task, old)
+        _clean(out, task, old, temporaries)
         pending.append(task)
 
     state = ProgressState(
@@ -355,7 +399,16 @@ def run_tasks(
     report(0, 0, 0)
     results: dict[str, TaskRecord] = {}
     n = min(workers or default_workers(), len(pending))
-    if n <= 1:
+    if ray is not None and pending:
+
+        def finished(index: int, record: TaskRecord) -> None:
+            state.tasks_done += 1
+            samples = sum(s.samples for s in record.shards)
+            report(pending[index].weight, samples, record.counts["image_bytes"])
+
+        records = ray_map(_run_on_ray, [(t, out) for t in pending], ray, finished)
+        results.update((r.name, r) for r in records)
+    elif n <= 1:
         for task in pending:
             results[task.name] = _run_one(task, out, report)
             state.tasks_done += 1
@@ -366,14 +419,24 @@ def run_tasks(
     state.work_done = state.work_total  # weights are estimates: show the bar full at the end
     report(0, 0, 0)
     reused = list(done)
-    records = [done.get(t.name) or results[t.name] for t in tasks]
-    write_manifest(out, kind)
-    return ConvertReport(kind, out, records, reused, time.monotonic() - start, strict_keys)
+    ordered = [done.get(t.name) or results[t.name] for t in tasks]
+    if not partition.split:
+        write_manifest(out, kind)
+    return ConvertReport(
+        kind,
+        out.url,
+        ordered,
+        reused,
+        time.monotonic() - start,
+        strict_keys,
+        partition,
+        manifest_written=not partition.split,
+    )
 
 
 def _run_pool(
     pending: Sequence[Task],
-    out: Path,
+    out: OutputDir,
     n: int,
     state: ProgressState,
     report: ProgressSink,
@@ -414,14 +477,24 @@ def _run_pool(
     return results
 
 
-def write_manifest(out: Path, kind: str) -> dict[str, object]:
-    """Gather every record in `out` (any run, any machine) into manifest.json and sizes.json."""
-    records = []
-    for path in sorted((out / RECORDS_DIR).glob("*.json")):
-        record = load_record(out, path.stem)
-        if record is not None and record.status == "converted" and _complete(out, record):
-            records.append(record)
-    shards = {s.name: {"input": r.input, **s.to_dict()} for r in records for s in r.shards}
+def _all_records(out: OutputDir) -> dict[str, TaskRecord]:
+    names = sorted(
+        n.removesuffix(".json")
+        for n in out.file_sizes(RECORDS_DIR)
+        if n.endswith(".json") and not n.startswith(".")
+    )
+    return load_records(out, names)
+
+
+def write_manifest(
+    out: OutputDir, kind: str, records: Mapping[str, TaskRecord] | None = None
+) -> dict[str, object]:
+    """Gather every complete record in `out` (any run, any machine) into manifest.json and
+    sizes.json; the record files are the per-node pieces."""
+    sizes = out.file_sizes()
+    found = _all_records(out) if records is None else records
+    records_ = [found[n] for n in sorted(found) if _complete(sizes, found[n])]
+    shards = {s.name: {"input": r.input, **s.to_dict()} for r in records_ for s in r.shards}
     manifest: dict[str, object] = {
         "kind": kind,
         "shards": dict(sorted(shards.items())),
@@ -433,14 +506,115 @@ def write_manifest(out: Path, kind: str) -> dict[str, object]:
                 "counts": dict(sorted(r.counts.items())),
                 "problems_total": r.problems_total,
             }
-            for r in records
+            for r in records_
         },
     }
-    write_json_atomic(out / MANIFEST_FILE, manifest)
-    write_sizes(out, {name: int(s["samples"]) for name, s in sorted(shards.items())})  # type: ignore[call-overload]
+    out.write_json(MANIFEST_FILE, manifest)
+    out.write_json(SIZES_FILE, {name: int(s["samples"]) for name, s in sorted(shards.items())})  # type: ignore[call-overload]
     return manifest
 
 
 def open_error_is_missing(exc: OpenerError) -> bool:
     """Whether an opener error means the file does not exist (as opposed to unreadable)."""
     return isinstance(exc.__cause__, FileNotFoundError)
+
+
+@dataclass(frozen=True)
+class Incomplete:
+    """An input of the plan without finished shards, and why."""
+
+    name: str
+    input: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "input": self.input, "reason": self.reason}
+
+
+@dataclass
+class MergeReport:
+    """What `convert merge` found: the planned inputs, which are done, missing or incomplete."""
+
+    kind: str
+    out_dir: str
+    planned: int
+    complete: int
+    missing: list[TaskRecord]
+    incomplete: list[Incomplete]
+    totals: Counter[str]
+    written: bool
+
+    @property
+    def ok(self) -> bool:
+        return not self.incomplete
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "kind": self.kind,
+            "out_dir": self.out_dir,
+            "ok": self.ok,
+            "inputs": self.planned,
+            "complete": self.complete,
+            "missing": [{"name": r.name, "input": r.input} for r in self.missing],
+            "incomplete": [i.to_dict() for i in self.incomplete],
+            "totals": dict(sorted(self.totals.items())),
+            "manifest": _join(self.out_dir, MANIFEST_FILE) if self.written else None,
+            "sizes": _join(self.out_dir, SIZES_FILE) if self.written else None,
+        }
+
+
+def merge_outputs(
+    out_dir: str | Path | OutputDir, *, allow_incomplete: bool = False
+) -> MergeReport:
+    """Check every input of `plan.json` against the records the nodes wrote, then write
+    `manifest.json` and `sizes.json` (only when every input is done, unless `allow_incomplete`).
+
+    Inputs that were not found (MMC4 has missing shard numbers) count as done, with a warning.
+    """
+    out = open_output(out_dir)
+    raw_plan = out.read_one(PLAN_FILE)
+    if raw_plan is None:
+        raise ConvertError(
+            f"{out.join(PLAN_FILE)} does not exist: no conversion has started in {out.url}",
+            fix="run `flamingo convert mmc4|laion ... --out` on every node first (a rerun of an "
+            "older conversion writes plan.json and keeps its complete shards)",
+        )
+    try:
+        plan = json.loads(raw_plan)
+        kind = str(plan["kind"])
+        planned = [(str(i["name"]), str(i["input"])) for i in plan["inputs"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConvertError(
+            f"{out.join(PLAN_FILE)} is damaged ({exc})",
+            fix="rerun the conversion on any node: it rewrites plan.json",
+        ) from exc
+    records = load_records(out, [name for name, _ in planned])
+    sizes = out.file_sizes()
+    missing: list[TaskRecord] = []
+    incomplete: list[Incomplete] = []
+    totals: Counter[str] = Counter()
+    complete = 0
+    for name, source in planned:
+        record = records.get(name)
+        if record is None:
+            incomplete.append(Incomplete(name, source, "not converted yet (no record)"))
+        elif record.status == "missing":
+            missing.append(record)
+        elif record.status == "failed":
+            reason = record.problems[0].message if record.problems else "failed"
+            incomplete.append(Incomplete(name, source, f"failed: {reason}"))
+        elif not _complete(sizes, record):
+            gone = next(s.name for s in record.shards if sizes.get(s.name) != s.bytes)
+            incomplete.append(
+                Incomplete(name, source, f"shard {gone} is missing or not its recorded size")
+            )
+        else:
+            complete += 1
+            totals.update(record.counts)
+            totals["shards"] += len(record.shards)
+            totals["samples"] += sum(s.samples for s in record.shards)
+            totals["shard_bytes"] += sum(s.bytes for s in record.shards)
+    written = not incomplete or allow_incomplete
+    if written:
+        write_manifest(out, kind)
+    return MergeReport(kind, out.url, len(planned), complete, missing, incomplete, totals, written)

@@ -224,6 +224,21 @@ class TrainLoader:
             self._worker_dropped[batch.worker] = batch.dropped
             yield batch
 
+    def skip_to(self, batches: int) -> None:
+        """Start this epoch as if `batches` batches had been consumed from a fresh stream.
+
+        For a resume on another world size or worker count, where no saved position fits:
+        each worker skips its share of the batches (samples it would have drawn, dropped
+        samples not counted), so the run continues near the global sample count, not exactly.
+        """
+        self._reset_position()
+        batches = min(max(batches, 0), self.num_batches)
+        self.batches = batches
+        self._worker_batches = [
+            len(range(worker, batches, self.workers)) for worker in range(self.workers)
+        ]
+        self._drawn = [n * self.config.batch_size for n in self._worker_batches]
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's position: epoch, batches consumed, and per worker what it drew."""
         return {

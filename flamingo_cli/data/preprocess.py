@@ -12,8 +12,6 @@ import hashlib
 import io
 import json
 import random
-import re
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,6 +20,13 @@ import torch
 from PIL import Image
 
 from flamingo_cli.data.assign import assign_images, large_enough
+from flamingo_cli.data.text import (
+    GPT_PLACEHOLDER,
+    caption_text,
+    gpt_text,
+    interleave_text,
+    strip_control_tokens,
+)
 from flamingo_cli.model.tokenizer import ENDOFCHUNK, IMAGE, PAD, SpecialTokens
 from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config
 
@@ -32,7 +37,6 @@ ImageTransform = Callable[[Image.Image], torch.Tensor]
 
 # Image members OpenFlamingo accepts for a pair, in the order it looks for them.
 PAIR_IMAGE_EXTENSIONS = ("jpg", "png", "jpeg")
-GPT_PLACEHOLDER = re.compile(r"_!_IMAGE(\d+)_!_")
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 # Why a sample was dropped; `images_corrupt` counts single images dropped from kept documents.
@@ -129,23 +133,6 @@ def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
     return random.Random(int.from_bytes(digest, "little"))
 
 
-def strip_control_tokens(text: str, control: Sequence[str]) -> str:
-    """Remove literal special-token strings from web text (FORMATS 5.9), until none is left."""
-    while any(c in text for c in control):
-        for c in control:
-            text = text.replace(c, "")
-    return text
-
-
-def tidy_spaces(text: str) -> str:
-    """OpenFlamingo's whitespace clean-up around the control tokens."""
-    return (
-        text.replace(" " + ENDOFCHUNK, ENDOFCHUNK)
-        .replace(IMAGE + " ", IMAGE)
-        .replace(" " + IMAGE, IMAGE)
-    )
-
-
 def decode_image(raw: bytes, draft_size: int | None) -> Image.Image:
     """Decode image bytes to RGB; JPEGs at the smallest DCT scale no smaller than `draft_size`."""
     with Image.open(io.BytesIO(raw)) as image:
@@ -201,9 +188,7 @@ def preprocess_pair(
         raise Dropped("bad_caption") from None
     flip = not ctx.deterministic and rng.random() < 0.5
     caption = strip_control_tokens(caption, ctx.control_strings).strip()
-    ids, mask = _tokenize(
-        ctx, f"{IMAGE}{caption}{ENDOFCHUNK}{ctx.eos_token}", config.max_tokens, False
-    )
+    ids, mask = _tokenize(ctx, caption_text(caption, ctx.eos_token), config.max_tokens, False)
     image = _try_decode(bytes(sample[ext]), ctx)
     if image is None:
         raise Dropped("corrupt_image")
@@ -253,14 +238,6 @@ def b64_size(data: Any) -> int | None:
         raw = _b64(data)  # whitespace is skipped by the decoder: count what it gives
         return None if raw is None else len(raw)
     return n // 4 * 3 - (2 if data.endswith("==") else 1 if data.endswith("=") else 0)
-
-
-def interleave_text(sentences: Sequence[str], image_sentences: Sequence[int], eos: str) -> str:
-    """OpenFlamingo's MMC4 text: each assigned sentence prefixed once per image, then cleaned."""
-    per_sentence = Counter(image_sentences)
-    text = " ".join((ENDOFCHUNK + IMAGE) * per_sentence[i] + s for i, s in enumerate(sentences))
-    text = tidy_spaces(text.replace(ENDOFCHUNK, "", 1))
-    return f"{text}{ENDOFCHUNK}{eos}"
 
 
 def _mmc4_document(
@@ -319,17 +296,6 @@ def _mmc4_document(
     images = _stack([decoded[i] for i in used], ctx, flip)
     input_ids, attention_mask = _tensors(ids, mask)
     return Sample(key, images, input_ids, attention_mask, len(corrupt))
-
-
-def gpt_text(example: str, keep: Sequence[bool], max_num_images: int, eos: str) -> str:
-    """OpenFlamingo's ChatGPT-document text; placeholders with `keep[j]` false are removed."""
-    slots = iter(keep)
-    text = GPT_PLACEHOLDER.sub(lambda _: ENDOFCHUNK + IMAGE if next(slots) else "", example)
-    text = tidy_spaces(text.replace(ENDOFCHUNK, "", 1))
-    starts = [m.start() for m in re.finditer(re.escape(IMAGE), text)]
-    if len(starts) > max_num_images:
-        text = text[: starts[max_num_images - 1]]
-    return f"{text}{ENDOFCHUNK}{eos}"
 
 
 def _gpt_document(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,10 +144,7 @@ def load_weights(model: FlamingoModel, path: Path) -> str:
     from flamingo_cli.train.checkpoint import load_model_weights
 
     if path.is_dir():
-        with warnings.catch_warnings():
-            # DCP's notice that it reads in a single process, which is what we want
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            load_model_weights(model, checkpoint_parameter_names(model), path)
+        load_model_weights(model, checkpoint_parameter_names(model), path)
         return "flamingo checkpoint"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -15,14 +15,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from flamingo_cli.data.text import (
+    CONTROL_TOKENS,
+    caption_text,
+    interleave_text,
+    strip_control_tokens,
+)
 from flamingo_cli.errors import Severity
 from flamingo_cli.inspect.report import Kind
-from flamingo_cli.model.tokenizer import ENDOFCHUNK, IMAGE, PAD
 
 if TYPE_CHECKING:
     from flamingo_cli.data.assign import Assignment
 
-SPECIAL_TOKENS = (IMAGE, ENDOFCHUNK, PAD)
 PAIR_IMAGE_EXTS = ("jpg", "jpeg", "png")  # what OpenFlamingo's LAION loader reads
 IMAGE_EXTS = (*PAIR_IMAGE_EXTS, "webp")
 
@@ -84,27 +88,11 @@ class SampleView:
     def model_text(self, eos: str = "") -> str:
         """The text before tokenization (FORMATS.md 5.2/5.3, special strings removed)."""
         if self.kind == "pairs":
-            caption = strip_special(self.texts[0] if self.texts else "")
-            return f"{IMAGE}{caption.strip()}{ENDOFCHUNK}{eos}"
-        per_sentence: dict[int, int] = {}
-        for image in self.kept:
-            assert image.sentence is not None
-            per_sentence[image.sentence] = per_sentence.get(image.sentence, 0) + 1
-        parts = [
-            f"{ENDOFCHUNK}{IMAGE}" * per_sentence.get(i, 0) + strip_special(text)
-            for i, text in enumerate(self.texts)
-        ]
-        text = " ".join(parts).replace(ENDOFCHUNK, "", 1)
-        text = text.replace(f" {ENDOFCHUNK}", ENDOFCHUNK)
-        text = text.replace(f"{IMAGE} ", IMAGE).replace(f" {IMAGE}", IMAGE)
-        return f"{text}{ENDOFCHUNK}{eos}"
-
-
-def strip_special(text: str) -> str:
-    """Web text with literal `<image>`, `<|endofchunk|>` and `<PAD>` removed (FORMATS.md 5.9)."""
-    for token in SPECIAL_TOKENS:
-        text = text.replace(token, "")
-    return text
+            return caption_text(strip_control_tokens(self.texts[0] if self.texts else ""), eos)
+        sentences = [strip_control_tokens(text) for text in self.texts]
+        return interleave_text(
+            sentences, [i.sentence for i in self.kept if i.sentence is not None], eos
+        )
 
 
 def sample_kind(extensions: set[str] | frozenset[str]) -> Kind | None:
@@ -136,7 +124,7 @@ def decode_image(data: bytes) -> tuple[int, int]:
 def _check_text(issues: list[Issue], where: str, text: str) -> None:
     if not text.strip():
         issues.append(Issue("empty-text", f"{where} is empty", "warning"))
-    for token in SPECIAL_TOKENS:
+    for token in CONTROL_TOKENS:
         if token in text:
             issues.append(
                 Issue(

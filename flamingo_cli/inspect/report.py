@@ -6,8 +6,9 @@ Plain dataclasses that pickle across worker processes, merge, and turn into JSON
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from flamingo_cli.errors import Severity
 
@@ -37,6 +38,17 @@ class Finding:
             "reason": self.reason,
             "offset": self.offset,
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Finding:
+        return cls(
+            str(data["shard"]),
+            str(data["check"]),
+            str(data["reason"]),
+            data.get("key"),
+            data.get("offset"),
+            data.get("severity", "error"),
+        )
 
 
 @dataclass
@@ -100,8 +112,28 @@ class DeepStats:
                 "p95": self.token_percentile(0.95),
                 "max": max(self.tokens),
                 "over_max_tokens": self.over_max_tokens,
+                "counts": {str(k): v for k, v in sorted(self.tokens.items())},
             }
         return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DeepStats:
+        """Read back `to_dict` output (JSON turns the integer keys into strings)."""
+
+        def ints(counts: Mapping[str, Any]) -> Counter[int]:
+            return Counter({int(k): int(v) for k, v in counts.items()})
+
+        tokens = data.get("tokens") or {}
+        return cls(
+            samples=int(data["samples"]),
+            failed=int(data["failed"]),
+            images_per_sample=ints(data["images_per_sample"]),
+            kept_per_sample=ints(data["kept_images_per_sample"]),
+            dropped=Counter({str(k): int(v) for k, v in data["dropped_images"].items()}),
+            tokens=ints(tokens.get("counts", {})),
+            over_max_tokens=int(tokens.get("over_max_tokens", 0)),
+            under_min_images=int(data["under_min_images"]),
+        )
 
 
 @dataclass
@@ -157,6 +189,27 @@ class ShardReport:
             "deep": self.deep.to_dict() if self.deep else None,
         }
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], max_findings: int = 1000) -> ShardReport:
+        """Read back `to_dict` output; findings are listed separately (`InspectReport`)."""
+        return cls(
+            url=str(data["shard"]),
+            kind=data["kind"],
+            samples=int(data["samples"]),
+            members=int(data["members"]),
+            bytes=int(data["bytes"]),
+            extensions={str(k): int(v) for k, v in data["extensions"].items()},
+            missing_members=int(data["missing_members"]),
+            duplicate_keys=int(data["duplicate_keys"]),
+            damaged_at=data["damaged_at"],
+            sizes_json=data["sizes_json"],
+            stats_successes=data["stats_successes"],
+            errors=int(data["errors"]),
+            warnings=int(data["warnings"]),
+            deep=DeepStats.from_dict(data["deep"]) if data["deep"] else None,
+            max_findings=max_findings,
+        )
+
 
 @dataclass
 class GroupReport:
@@ -165,6 +218,7 @@ class GroupReport:
     name: str
     shards: list[ShardReport]
     expected_kind: Kind | None = None
+    planned: list[str] | None = None  # on one node of several: every shard of the group
 
     @property
     def kind(self) -> Kind | None:
@@ -211,6 +265,11 @@ class GroupReport:
             "extensions": self.extensions,
             "deep": deep.to_dict() if deep else None,
             "shards": [s.to_dict() for s in self.shards],
+            **(
+                {"plan": {"shards": self.planned, "expected_kind": self.expected_kind}}
+                if self.planned is not None
+                else {}
+            ),
         }
 
 
@@ -222,6 +281,7 @@ class InspectReport:
     max_errors: int = 1000
     sizes_written: list[str] = field(default_factory=list)
     preview: str | None = None
+    node: dict[str, object] | None = None  # rank and count on one node of several
 
     def unique_shards(self) -> list[ShardReport]:
         """Each shard once, even when it is both a training and an eval shard."""
@@ -256,4 +316,5 @@ class InspectReport:
             "findings_truncated": self.errors + self.warnings > len(self.findings()),
             "sizes_written": self.sizes_written,
             "preview": self.preview,
+            **({"node": self.node} if self.node is not None else {}),
         }

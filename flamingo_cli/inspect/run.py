@@ -1,20 +1,27 @@
 """`inspect-shards` as a library call: expand specs or a recipe, scan in parallel, compare
-with sizes.json, optionally rewrite it. Returns an InspectReport; never prints."""
+with sizes.json, optionally rewrite it. Returns an InspectReport; never prints.
+
+On one node of several (`Partition`) only its shards are scanned and the sizes.json checks
+wait for `merge_reports`, which joins the nodes' JSON reports into the report of one run."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import posixpath
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from flamingo_cli.errors import OpenerError, UsageError
 from flamingo_cli.inspect.document import Filters
 from flamingo_cli.inspect.report import Finding, GroupReport, InspectReport, ShardReport
 from flamingo_cli.inspect.scan import ScanSettings, scan_shard
+from flamingo_cli.shards.cluster import Partition, RayOptions, ray_map
+from flamingo_cli.shards.opener import open_url
 from flamingo_cli.shards.sizes import read_sizes
 from flamingo_cli.shards.spec import expand_spec, local_path, url_kind
 from flamingo_cli.shards.write import write_sizes
@@ -33,6 +40,8 @@ class InspectOptions:
     max_errors: int = 1000
     allow_pipe: bool = False
     workers: int | None = None
+    partition: Partition = field(default_factory=Partition)
+    ray: RayOptions | None = None
 
 
 @dataclass(frozen=True)
@@ -108,18 +117,38 @@ def inspect_shards(
     options: InspectOptions,
     progress: Progress | None = None,
 ) -> InspectReport:
-    """Scan every shard once (in parallel), check sizes.json, and write it when asked."""
+    """Scan every shard once (in parallel), check sizes.json, and write it when asked.
+
+    With a split `options.partition`, scan this node's shards (positions p of the deduplicated
+    shard list with p % count == rank) and leave the sizes.json checks to `merge_reports`.
+    """
     tasks = list(dict.fromkeys((url, g.settings) for g in groups for url in g.urls))
-    reports = _scan_all(tasks, options.workers, progress)
+    node = options.partition
+    if node.split and options.write_sizes:
+        raise UsageError(
+            "--write-sizes on one node of several would race with the other nodes",
+            fix="pass --write-sizes to `inspect-shards --merge` instead",
+        )
+    reports = _scan_all(node.select(tasks), options, progress)
     report = InspectReport(
         [
             GroupReport(
-                g.name, [reports[(u, g.settings)] for u in g.urls], g.settings.expected_kind
+                g.name,
+                [reports[(u, g.settings)] for u in g.urls if (u, g.settings) in reports],
+                g.settings.expected_kind,
+                planned=list(g.urls) if node.split else None,
             )
             for g in groups
         ],
         max_errors=options.max_errors,
+        node=node.to_dict() if node.split else None,
     )
+    if node.split:
+        return report
+    return _finish_sizes(report, options)
+
+
+def _finish_sizes(report: InspectReport, options: InspectOptions) -> InspectReport:
     shards = report.unique_shards()
     _check_sizes(shards, options)
     if options.write_sizes:
@@ -127,11 +156,24 @@ def inspect_shards(
     return report
 
 
+def _scan_task(task: tuple[str, ScanSettings]) -> ShardReport:
+    """One shard on a Ray worker."""
+    return scan_shard(*task)
+
+
 def _scan_all(
-    tasks: list[tuple[str, ScanSettings]], workers: int | None, progress: Progress | None
+    tasks: list[tuple[str, ScanSettings]], options: InspectOptions, progress: Progress | None
 ) -> dict[tuple[str, ScanSettings], ShardReport]:
-    workers = min(workers or os.cpu_count() or 1, len(tasks))
+    workers = min(options.workers or os.cpu_count() or 1, len(tasks))
     results: dict[tuple[str, ScanSettings], ShardReport] = {}
+    if options.ray is not None and tasks:
+        done = ray_map(
+            _scan_task,
+            tasks,
+            options.ray,
+            None if progress is None else lambda _i, report: progress(report),
+        )
+        return dict(zip(tasks, done, strict=True))
     if workers <= 1:
         for task in tasks:
             results[task] = scan_shard(*task)
@@ -230,3 +272,73 @@ def _write_sizes(shards: list[ShardReport]) -> list[str]:
             existing = {}  # unreadable: replaced by the true counts
         written.append(str(write_sizes(directory, {**existing, **counts})))
     return written
+
+
+def _load_report(source: str, allow_pipe: bool) -> dict[str, Any]:
+    try:
+        with open_url(source, allow_pipe=allow_pipe) as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"{source} is not a JSON report ({exc})",
+            fix="give the files written by `inspect-shards --json` on each node",
+        ) from exc
+    if not isinstance(data, dict) or "groups" not in data:
+        raise UsageError(
+            f"{source} is not an inspect-shards JSON report",
+            fix="give the files written by `inspect-shards --json` on each node",
+        )
+    return data
+
+
+def merge_reports(sources: Sequence[str], options: InspectOptions) -> InspectReport:
+    """One report from the JSON reports of every node: shards in the order of one run,
+    sizes.json checked (and written with `options.write_sizes`) as one run would."""
+    reports = [_load_report(s, options.allow_pipe) for s in sources]
+    if not reports:
+        raise UsageError("--merge needs the nodes' JSON reports", fix="pass report-*.json")
+    nodes = [r.get("node") or {"count": 1, "rank": 0} for r in reports]
+    count = int(nodes[0]["count"])
+    ranks = sorted(int(n["rank"]) for n in nodes)
+    if any(int(n["count"]) != count for n in nodes) or ranks != list(range(count)):
+        missing = sorted(set(range(count)) - set(ranks))
+        raise UsageError(
+            f"the reports are not one per node of {count}: ranks {ranks}"
+            + (f", missing {missing}" if missing else ""),
+            fix="pass exactly one report of every node rank (rerun the missing nodes)",
+        )
+    names = [[g["name"] for g in r["groups"]] for r in reports]
+    if any(n != names[0] for n in names):
+        raise UsageError(
+            "the reports inspect different shard groups",
+            fix="run every node with the same SPECs or --recipe",
+        )
+    cache: dict[tuple[str, str], ShardReport] = {}
+    groups = []
+    for index, name in enumerate(names[0]):
+        found: dict[str, ShardReport] = {}
+        plan: dict[str, Any] = {}
+        for report in reports:
+            group = report["groups"][index]
+            plan = group.get("plan") or plan
+            findings: dict[str, list[Finding]] = {}
+            for item in report["findings"]:
+                findings.setdefault(item["shard"], []).append(Finding.from_dict(item))
+            for data in group["shards"]:
+                key = (data["shard"], json.dumps(data, sort_keys=True))
+                if key not in cache:
+                    shard = ShardReport.from_dict(data, options.max_errors)
+                    shard.findings = findings.get(shard.url, [])
+                    cache[key] = shard
+                found[data["shard"]] = cache[key]
+        urls = plan.get("shards") or list(found)
+        absent = [u for u in urls if u not in found]
+        if absent:
+            raise UsageError(
+                f"group {name!r}: no report holds {len(absent)} of its shards "
+                f"({', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''})",
+                fix="pass the report of every node",
+            )
+        groups.append(GroupReport(name, [found[u] for u in urls], plan.get("expected_kind")))
+    merged = InspectReport(groups, max_errors=options.max_errors)
+    return _finish_sizes(merged, options)

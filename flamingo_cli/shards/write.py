@@ -1,13 +1,20 @@
-"""Deterministic, crash-safe shard writing: fixed tar metadata, temporary name then rename."""
+"""Deterministic, crash-safe shard writing: fixed tar metadata, temporary name then rename.
+
+Bytes go to a `Sink`, which publishes a file only once it is complete. `LocalSink` (a
+temporary file renamed on commit) is the fast path; `shards.store` adds sinks for any
+filesystem fsspec can write, so one `TarWriter` serves both.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import tarfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import IO, Protocol
 
 from flamingo_cli.shards.sizes import SIZES_FILE
 
@@ -15,8 +22,60 @@ FIXED_MTIME = 0  # byte-identical reruns: no wall-clock time in the archive
 TMP_MARKER = ".tmp-"
 
 
+def tmp_suffix() -> str:
+    """`.tmp-<host>-<pid>`: unique per process even when machines share one output location."""
+    host = socket.gethostname().replace("/", "_") or "host"
+    return f"{TMP_MARKER}{host}-{os.getpid()}"
+
+
 def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}")
+    return path.with_name(f".{path.name}{tmp_suffix()}")
+
+
+class Sink(Protocol):
+    """A file being written: bytes go to `file`; `commit` publishes it whole, `abort` drops it."""
+
+    @property
+    def name(self) -> str: ...  # the final file name (no folder)
+
+    @property
+    def file(self) -> IO[bytes]: ...
+
+    def commit(self) -> int: ...  # returns the size in bytes
+
+    def abort(self) -> None: ...
+
+
+class LocalSink:
+    """A local file written under a temporary name and renamed into place on `commit`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._tmp = _tmp_name(self.path)
+        self._file = self._tmp.open("wb")  # closed by commit/abort
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def file(self) -> IO[bytes]:
+        return self._file
+
+    def commit(self) -> int:
+        size = self._file.tell()
+        self._file.close()
+        self._tmp.replace(self.path)
+        return size
+
+    def abort(self) -> None:
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+def json_bytes(data: object) -> bytes:
+    """The one JSON layout of every file we write: sorted keys, indent 2, trailing newline."""
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 Sample = Mapping[str, str | bytes]
@@ -37,18 +96,19 @@ def sample_bytes(sample: Sample) -> int:
 
 
 class TarWriter:
-    """A tar shard written one sample at a time under a temporary name, renamed on `close`.
+    """A tar shard written one sample at a time to a sink (a local path: temporary file).
 
-    Members get fixed mtime, owner and mode, so the same samples give the same bytes. Leaving
-    the `with` block through an exception removes the temporary file and keeps no shard.
+    Members get fixed mtime, owner and mode, so the same samples give the same bytes. `close`
+    publishes the shard; leaving the `with` block through an exception drops it.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, target: str | Path | Sink) -> None:
+        self._sink: Sink = LocalSink(target) if isinstance(target, str | Path) else target
+        self.name = self._sink.name
         self.samples = 0
-        self._tmp = _tmp_name(self.path)
-        self._raw = self._tmp.open("wb")
-        # The writer owns both handles: `close`/`abort` (or the `with` block) closes them.
+        self.size = 0  # file bytes, known once closed
+        self._raw = self._sink.file
+        # The writer owns the sink: `close`/`abort` (or the `with` block) finishes it.
         self._tar = tarfile.open(fileobj=self._raw, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
 
     @property
@@ -87,17 +147,15 @@ class TarWriter:
         tar.offset += len(header) + len(data) + padding
 
     def close(self) -> int:
-        """Finish the archive and give it its final name; return the file size in bytes."""
+        """Finish the archive and publish it under its final name; return its size in bytes."""
         self._tar.close()
-        self._raw.close()
-        self._tmp.replace(self.path)
-        return self.path.stat().st_size
+        self.size = self._sink.commit()
+        return self.size
 
     def abort(self) -> None:
         """Drop the unfinished archive."""
         self._tar.close()
-        self._raw.close()
-        self._tmp.unlink(missing_ok=True)
+        self._sink.abort()
 
     def __enter__(self) -> TarWriter:
         return self
@@ -117,14 +175,14 @@ class TarWriter:
 class SplitTarWriter:
     """Samples spread over numbered shards, a new one started when a size limit would be passed.
 
-    `name(k)` gives the path of part k. A part holds at most `max_samples` samples and at most
-    `max_bytes` bytes unless a single sample is larger. Each part is a `TarWriter`; `parts`
-    lists (path, samples, file bytes) of the finished ones.
+    `name(k)` gives the path (or sink) of part k. A part holds at most `max_samples` samples and
+    at most `max_bytes` bytes unless a single sample is larger. Each part is a `TarWriter`;
+    `parts` lists (file name, samples, file bytes) of the finished ones.
     """
 
     def __init__(
         self,
-        name: Callable[[int], Path],
+        name: Callable[[int], str | Path | Sink],
         *,
         max_samples: int | None = None,
         max_bytes: int | None = None,
@@ -135,7 +193,7 @@ class SplitTarWriter:
         self._max_bytes = max_bytes
         self._on_new_part = on_new_part
         self._current: TarWriter | None = None
-        self.parts: list[tuple[Path, int, int]] = []
+        self.parts: list[tuple[str, int, int]] = []
 
     @property
     def part(self) -> int:
@@ -172,10 +230,10 @@ class SplitTarWriter:
     def _finish(self) -> None:
         if self._current is not None:
             size = self._current.close()
-            self.parts.append((self._current.path, self._current.samples, size))
+            self.parts.append((self._current.name, self._current.samples, size))
             self._current = None
 
-    def close(self) -> list[tuple[Path, int, int]]:
+    def close(self) -> list[tuple[str, int, int]]:
         """Finish the open part; return every part written."""
         self._finish()
         return self.parts
@@ -214,10 +272,13 @@ def write_tar(path: str | Path, samples: Iterable[Sample]) -> int:
 
 def write_json_atomic(path: str | Path, data: object) -> None:
     """Write JSON (sorted keys, trailing newline) under a temporary name, then rename."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    sink = LocalSink(path)
+    try:
+        sink.file.write(json_bytes(data))
+    except BaseException:
+        sink.abort()
+        raise
+    sink.commit()
 
 
 def write_sizes(directory: str | Path, counts: Mapping[str, int]) -> Path:

@@ -9,9 +9,11 @@ and renamed; a directory without `COMPLETE` is never resumed from.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,14 @@ def resolve_resume(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """DCP warns on every call without a process group; one process is what we mean then."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _barrier(info: DistInfo) -> None:
     if info.world_size > 1 and dist.is_initialized():
         dist.barrier()
@@ -157,7 +167,8 @@ def save_checkpoint(
                 shutil.rmtree(stale)
         tmp.mkdir()
     _barrier(info)
-    dcp_save({"train": state}, checkpoint_id=str(tmp), no_dist=info.world_size == 1)
+    with _single_process_ok():
+        dcp_save({"train": state}, checkpoint_id=str(tmp), no_dist=info.world_size == 1)
     (tmp / f"rank{info.rank}.json").write_text(json.dumps(rank_state), encoding="utf-8")
     _barrier(info)
     if info.is_main:
@@ -175,7 +186,8 @@ def save_checkpoint(
 
 def load_checkpoint(path: Path, state: TrainState, info: DistInfo) -> dict[str, Any] | None:
     """Load into `state`; return this rank's saved state, or None when the world size changed."""
-    dcp_load({"train": state}, checkpoint_id=str(path), no_dist=info.world_size == 1)
+    with _single_process_ok():
+        dcp_load({"train": state}, checkpoint_id=str(path), no_dist=info.world_size == 1)
     meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
     rank_file = path / f"rank{info.rank}.json"
     if meta.get("world_size") != info.world_size or not rank_file.is_file():
@@ -193,5 +205,6 @@ def load_model_weights(model: nn.Module, keep: set[str], path: Path) -> None:
             fix="pick a directory under <run>/checkpoints/ that has COMPLETE, or 'latest'",
         )
     state = {k: v for k, v in model.state_dict().items() if k in keep}
-    dcp_load({"train": {"model": state}}, checkpoint_id=str(path), no_dist=True)
+    with _single_process_ok():
+        dcp_load({"train": {"model": state}}, checkpoint_id=str(path), no_dist=True)
     model.load_state_dict(state, strict=False)

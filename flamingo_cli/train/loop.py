@@ -12,6 +12,7 @@ import contextlib
 import math
 import signal
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
@@ -132,7 +133,10 @@ def optimizer_step(
     elif not skipped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+    with warnings.catch_warnings():
+        # a skipped step still advances the schedule, which counts optimizer steps
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        scheduler.step()
     return StepResult(
         losses=totals,
         lr=lr,

@@ -199,15 +199,26 @@ def _train(
         if recipe.run.eval_every
         else {}
     )
-    progress = {"step": 0, "epoch": 0}
+    # every key must exist before a resume: DCP restores only the keys of this template
+    progress = {
+        "step": 0,
+        "epoch": 0,
+        "skipped_steps": 0,
+        **{f"samples_{name}": 0 for name in loaders},
+    }
     state = TrainState(wrapped, optimizer, scheduler, keep=lambda k: k in keep, progress=progress)
     resume = resolve_resume(run_dir, recipe.run.resume)
     if resume is not None:
         rank_state = load_checkpoint(resume, state, info)
         if rank_state is None:
+            for name, loader in loaders.items():
+                loader.set_epoch(progress["epoch"])
+                consumed = progress.get(f"samples_{name}", 0)
+                loader.skip_to(consumed // (loader.config.batch_size * info.world_size))
             events.message(
-                f"resuming {resume} on a different world size: weights and optimizer reshard, "
-                "the data restarts the interrupted epoch's sample stream (not exact)"
+                f"resuming {resume} on another world size or worker count: weights and "
+                "optimizer reshard; the data continues from the global number of samples "
+                "consumed in this epoch, not with exactly the batches an unchanged run would see"
             )
         else:
             for name, loader in loaders.items():
@@ -273,6 +284,11 @@ def _train(
                     waited,
                 )
                 progress["step"] += 1
+                progress["skipped_steps"] += int(result.skipped)
+                for name, loader in loaders.items():
+                    progress[f"samples_{name}"] = (
+                        loader.batches * loader.config.batch_size * info.world_size
+                    )
                 step = progress["step"]
                 eval_metrics: dict[str, float] = {}
                 if eval_loaders and step % recipe.run.eval_every == 0:  # every rank, same step
@@ -294,6 +310,7 @@ def _train(
                     last_metrics = metrics_of(result, counters)
                     last_metrics["epoch"] = epoch
                     last_metrics.update(eval_metrics)
+                    last_metrics["skipped_steps"] = progress["skipped_steps"]
                     if sinks is not None:
                         sinks.log(step, last_metrics)
                     events.step(step, last_metrics)
@@ -311,6 +328,8 @@ def _train(
                 if should_stop(stop, info) or (max_steps is not None and step >= max_steps):
                     if at_end:  # the epoch is complete: resume at the next one
                         progress["epoch"] = epoch + 1
+                        for name in loaders:
+                            progress[f"samples_{name}"] = 0
                     last_checkpoint = checkpoint()
                     stopped = True
                     break
@@ -321,6 +340,8 @@ def _train(
             if stopped:
                 break
             progress["epoch"] = epoch + 1
+            for name in loaders:
+                progress[f"samples_{name}"] = 0
             last_checkpoint = checkpoint()
         if not stopped:
             export_weights(wrapped, keep, run_dir, info)

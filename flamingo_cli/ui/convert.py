@@ -6,15 +6,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from flamingo_cli.ui.console import console, err_console, settings
+from flamingo_cli.ui.console import console, err_console, format_bytes, info, settings
 from flamingo_cli.ui.errors import render_problems
 
 if TYPE_CHECKING:
-    from flamingo_cli.convert.runner import ConvertReport, ProgressState
+    from flamingo_cli.convert.runner import ConvertReport, MergeReport, ProgressState
 
 
 class _Rates(ProgressColumn):
@@ -107,7 +108,11 @@ def render_convert_report(report: ConvertReport) -> None:
         if hidden > 0:
             err_console.print(f"... and {hidden} more (see manifest.d/ for the counts)")
     totals = report.totals
-    table = Table(title=f"convert {report.kind} -> {report.out_dir}", title_justify="left")
+    node = report.partition
+    where = f" (node {node.rank} of {node.count}, from {node.source})" if node.split else ""
+    table = Table(
+        title=f"convert {report.kind} -> {escape(report.out_dir)}{where}", title_justify="left"
+    )
     table.add_column("", style="bold")
     table.add_column("count", justify="right")
     for key, label in _LABELS.items():
@@ -120,3 +125,36 @@ def render_convert_report(report: ConvertReport) -> None:
     table.add_row("time", f"{report.elapsed_s:,.1f} s")
     table.add_row("image MB/s", f"{image_mb / elapsed:,.1f}")
     console.print(table)
+    if not report.manifest_written:
+        info(
+            "manifest.json and sizes.json are written by "
+            f"`flamingo convert merge {escape(report.out_dir)}` once every node has finished"
+        )
+
+
+def render_merge_report(report: MergeReport) -> None:
+    """Missing inputs as warnings, incomplete ones as errors (by name), then the totals."""
+    if report.missing and settings.verbosity >= 0:
+        for record in report.missing:
+            err_console.print(f"[yellow]warning[/]: {escape(record.input)}: input not found")
+    for item in report.incomplete:
+        err_console.print(f"[bold red]incomplete[/]: {escape(item.input)}: {escape(item.reason)}")
+    table = Table(title=f"merge {report.kind} <- {escape(report.out_dir)}", title_justify="left")
+    table.add_column("", style="bold")
+    table.add_column("count", justify="right")
+    table.add_row("inputs planned", f"{report.planned:,}")
+    table.add_row("inputs complete", f"{report.complete:,}")
+    table.add_row("inputs not found (warnings)", f"{len(report.missing):,}")
+    table.add_row("inputs incomplete", f"{len(report.incomplete):,}")
+    for key in ("shards", "samples"):
+        table.add_row(key, f"{report.totals[key]:,}")
+    table.add_row("shard data", format_bytes(report.totals["shard_bytes"]))
+    console.print(table)
+    if report.written:
+        info(f"wrote {escape(report.out_dir)}/manifest.json and sizes.json")
+    else:
+        err_console.print(
+            f"[bold red]error[/]: {len(report.incomplete)} of {report.planned} input(s) are not "
+            "done; manifest.json not written (rerun the nodes that own them, or pass "
+            "--allow-incomplete)"
+        )

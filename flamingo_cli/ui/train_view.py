@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import time
 from types import TracebackType
 from typing import Any
 
@@ -46,6 +48,7 @@ class TrainDisplay:
         self.live = console.is_terminal and self.enabled
         self._progress: Progress | None = None
         self._task: TaskID | None = None
+        self._clock: tuple[float, int] | None = None
 
     def __enter__(self) -> TrainDisplay:
         return self
@@ -72,7 +75,23 @@ class TrainDisplay:
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=step, metrics=text)
         elif self.enabled:
-            console.print(f"step {step}/{self.total}  {text}", highlight=False, soft_wrap=True)
+            console.print(
+                f"step {step}/{self.total}  {text}  eta {self._eta(step)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+    def _eta(self, step: int) -> str:
+        """Time left at the mean pace of the steps run by this process so far."""
+        now = time.monotonic()
+        if self._clock is None:
+            self._clock = (now, step)
+            return "?"
+        started, first = self._clock
+        if step <= first:
+            return "?"
+        left = (now - started) / (step - first) * max(self.total - step, 0)
+        return str(datetime.timedelta(seconds=round(left)))
 
     def message(self, text: str) -> None:
         if self._progress is not None:
