@@ -112,6 +112,10 @@ def test_init_from_an_exported_checkpoint_is_not_a_resume(tmp_path: Path) -> Non
         f"model.init_from={trained / 'tiny-cpu' / 'checkpoints' / 'step-00000016'}",
     )
     assert directory == pytest.approx(tuned, abs=1e-5)
+    ours = first_step(
+        tmp_path / "from-ours", f"model.init_from={exported.with_name('flamingo.pt')}"
+    )
+    assert ours == pytest.approx(tuned, abs=1e-5)
 
 
 @pytest.mark.parametrize("precision", ["amp_bf16", "bf16"])

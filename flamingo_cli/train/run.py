@@ -16,19 +16,15 @@ from torch import nn
 from flamingo_cli.data.loader import TrainLoader, make_loader
 from flamingo_cli.errors import FlamingoError
 from flamingo_cli.evaluate.loss import evaluate_during_training
-from flamingo_cli.evaluate.run import recipe_eval_loaders
+from flamingo_cli.evaluate.run import load_weights, recipe_eval_loaders
 from flamingo_cli.model.factory import build_model
 from flamingo_cli.model.flamingo import FlamingoModel
-from flamingo_cli.model.openflamingo import (
-    load_openflamingo_checkpoint,
-)
 from flamingo_cli.model.params import checkpoint_parameter_names, embedding_grad_mask
 from flamingo_cli.recipe.load import LoadedRecipe
 from flamingo_cli.recipe.plan import make_plan
 from flamingo_cli.train.checkpoint import (
     TrainState,
     load_checkpoint,
-    load_model_weights,
     resolve_resume,
     rng_state,
     save_checkpoint,
@@ -122,15 +118,6 @@ def _grad_masks(
     return [(weight, mask.to(weight.device))]
 
 
-def _import_weights(model: FlamingoModel, path: str) -> None:
-    """`model.init_from`: OpenFlamingo's checkpoint.pt, or one of our checkpoint directories."""
-    source = Path(path)
-    if source.is_dir():
-        load_model_weights(model, checkpoint_parameter_names(model), source)
-    else:
-        load_openflamingo_checkpoint(model, source)
-
-
 def train_rank(
     loaded: LoadedRecipe, events: TrainEvents | None = None, *, max_steps: int | None = None
 ) -> TrainOutcome:
@@ -163,7 +150,7 @@ def _train(
 
     model, transform, tokenizer, special = build_model(recipe.model, seed=recipe.run.seed)
     if recipe.model.init_from:
-        _import_weights(model, recipe.model.init_from)
+        load_weights(model, Path(recipe.model.init_from))  # fine-tuning, not a resume
     model.to(info.device)
     keep = checkpoint_parameter_names(model)
     wrapped = apply_parallelism(
