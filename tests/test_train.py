@@ -156,7 +156,7 @@ def test_wandb_offline_run_is_written(tmp_path: Path, monkeypatch: pytest.Monkey
     assert list((run / "wandb").glob(f"offline-run-*-{run_id}")), list((run / "wandb").iterdir())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # module scope would rerun when xdist interleaves modules
 def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """2-rank FSDP2: 6 steps straight; 3 steps then stop; resume to 6; resume on 1 process."""
     root = tmp_path_factory.mktemp("fsdp")
