@@ -85,6 +85,8 @@ def test_single_process_trains_checkpoints_and_exports(tmp_path: Path) -> None:
     first = sum(series[1]) + sum(series[2])
     last = sum(series[15]) + sum(series[16])
     assert last < first - 0.5, series
+    saved = load_recipe(run_dir / "checkpoints" / "step-00000016" / "recipe.toml").recipe
+    assert saved == loaded.recipe  # the resolved recipe, overrides included
     exported = torch.load(run_dir / "export" / "flamingo.pt", weights_only=True)
     openflamingo = torch.load(run_dir / "export" / "checkpoint.pt", weights_only=True)
     assert len(exported) == len(openflamingo) > 0
@@ -116,6 +118,36 @@ def test_init_from_an_exported_checkpoint_is_not_a_resume(tmp_path: Path) -> Non
         tmp_path / "from-ours", f"model.init_from={exported.with_name('flamingo.pt')}"
     )
     assert ours == pytest.approx(tuned, abs=1e-5)
+
+
+def test_resume_with_another_worker_count_continues(tmp_path: Path) -> None:
+    base = [parse_override(f"run.output_dir={tmp_path}")]
+    first = train_rank(load_recipe(TINY, base), max_steps=3)
+    assert first.step == 3
+    more_workers = [
+        *base,
+        parse_override("data.laion.workers=2"),
+        parse_override("data.mmc4.workers=2"),
+    ]
+    messages: list[str] = []
+
+    class Events:
+        def started(self, total_steps: int, start_step: int) -> None:
+            messages.append(f"start {start_step}/{total_steps}")
+
+        def step(self, step: int, metrics: dict[str, Any]) -> None:
+            return None
+
+        def message(self, text: str) -> None:
+            messages.append(text)
+
+    second = train_rank(load_recipe(TINY, more_workers), Events(), max_steps=5)
+    assert second.step == 5
+    assert (
+        messages[0].startswith("resuming ") and "another world size or worker count" in messages[0]
+    )
+    assert messages[1] == "start 3/16"
+    assert sorted(losses(tmp_path / "tiny-cpu")) == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("precision", ["amp_bf16", "bf16"])

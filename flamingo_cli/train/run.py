@@ -22,6 +22,7 @@ from flamingo_cli.model.flamingo import FlamingoModel
 from flamingo_cli.model.params import checkpoint_parameter_names, embedding_grad_mask
 from flamingo_cli.recipe.load import LoadedRecipe
 from flamingo_cli.recipe.plan import make_plan
+from flamingo_cli.recipe.toml_write import dumps
 from flamingo_cli.train.checkpoint import (
     TrainState,
     load_checkpoint,
@@ -197,6 +198,13 @@ def _train(
     resume = resolve_resume(run_dir, recipe.run.resume)
     if resume is not None:
         rank_state = load_checkpoint(resume, state, info)
+        if rank_state is not None:
+            try:
+                for name, loader in loaders.items():
+                    loader.load_state_dict(rank_state["loaders"][name])
+                set_rng_state(rank_state["rng"])
+            except FlamingoError:  # another worker count: no saved position fits
+                rank_state = None
         if rank_state is None:
             for name, loader in loaders.items():
                 loader.set_epoch(progress["epoch"])
@@ -207,10 +215,6 @@ def _train(
                 "optimizer reshard; the data continues from the global number of samples "
                 "consumed in this epoch, not with exactly the batches an unchanged run would see"
             )
-        else:
-            for name, loader in loaders.items():
-                loader.load_state_dict(rank_state["loaders"][name])
-            set_rng_state(rank_state["rng"])
 
     events.started(plan.total_optimizer_steps, progress["step"])
     if recipe.run.eval_every and not eval_loaders:
@@ -226,7 +230,8 @@ def _train(
     stop = StopFlag()
     stop.install()
     sinks: Sinks | None = open_sinks(recipe, run_dir) if info.is_main else None
-    recipe_text = loaded.path.read_text(encoding="utf-8")
+    # the recipe as this run resolved it: overrides applied, world size as launched
+    recipe_text = dumps(recipe.model_dump(mode="json", exclude_none=True))
     last_checkpoint: Path | None = resume
     last_metrics: dict[str, Any] = {}
     accum = recipe.optim.gradient_accumulation_steps
