@@ -240,6 +240,7 @@ def _clean(out: OutputDir, task: Task, old: TaskRecord | None, temporaries: list
     if old is not None:
         out.remove([_record_name(task.name), *(shard.name for shard in old.shards)])
     patterns = [f".{pattern}{TMP_MARKER}*" for pattern in task.output_names()]
+    patterns.append(f"{RECORDS_DIR}/.{task.name}.json{TMP_MARKER}*")
     out.remove([n for n in temporaries if any(fnmatch.fnmatchcase(n, p) for p in patterns)])
 
 
@@ -372,6 +373,11 @@ def run_tasks(
                 )
     sizes = out.file_sizes()
     temporaries = [n for n in sizes if n.startswith(".") and TMP_MARKER in n]
+    temporaries += [
+        f"{RECORDS_DIR}/{n}"
+        for n in out.file_sizes(RECORDS_DIR)
+        if n.startswith(".") and TMP_MARKER in n
+    ]
     done: dict[str, TaskRecord] = {}
     pending: list[Task] = []
     for task in tasks:
