@@ -25,7 +25,7 @@ def install_project(session: nox.Session, extras: str = "test") -> None:
 def tests(session: nox.Session) -> None:
     """The whole test suite, slow and multi-process tests included."""
     install_project(session)
-    args = session.posargs or ["-n", "auto", "--dist", "loadgroup", "--durations=15"]
+    args = session.posargs or ["-n", "auto", "--durations=15"]
     session.run("pytest", *args, env=OFFLINE)
 
 

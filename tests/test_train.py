@@ -188,7 +188,7 @@ def test_wandb_offline_run_is_written(tmp_path: Path, monkeypatch: pytest.Monkey
     assert list((run / "wandb").glob(f"offline-run-*-{run_id}")), list((run / "wandb").iterdir())
 
 
-@pytest.fixture(scope="session")  # module scope would rerun when xdist interleaves modules
+@pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """2-rank FSDP2: 6 steps straight; 3 steps then stop; resume to 6; resume on 1 process."""
     root = tmp_path_factory.mktemp("fsdp")
@@ -225,8 +225,9 @@ def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@pytest.mark.xdist_group("fsdp-runs")  # one worker runs the shared fixture once
-def test_fsdp_resume_is_exact(fsdp_runs: dict[str, Path]) -> None:
+def test_fsdp_resume_is_exact_and_reshards(fsdp_runs: dict[str, Path]) -> None:
+    """One test over the shared runs: xdist would otherwise start them on each worker."""
+    # resuming mid-epoch gives the losses of the uninterrupted run
     straight = losses(fsdp_runs["straight"])
     resumed = losses(fsdp_runs["resumed"])
     assert sorted(straight) == sorted(resumed) == [1, 2, 3, 4, 5, 6]
@@ -235,11 +236,7 @@ def test_fsdp_resume_is_exact(fsdp_runs: dict[str, Path]) -> None:
     # the loss falls under FSDP2 too
     assert sum(straight[6]) < sum(straight[1])
 
-
-@pytest.mark.multiprocess
-@pytest.mark.slow
-@pytest.mark.xdist_group("fsdp-runs")  # one worker runs the shared fixture once
-def test_stop_leaves_a_mid_epoch_checkpoint(fsdp_runs: dict[str, Path]) -> None:
+    # the stop left a mid-epoch checkpoint with every rank's loader state
     run = fsdp_runs["resumed"]
     assert [c.step for c in list_checkpoints(run)] == [3, 4, 6]  # stop, epoch end, stop
     meta = json.loads((run / "checkpoints" / "step-00000003" / "meta.json").read_text())
@@ -248,11 +245,7 @@ def test_stop_leaves_a_mid_epoch_checkpoint(fsdp_runs: dict[str, Path]) -> None:
     ranks = sorted(p.name for p in (run / "checkpoints" / "step-00000003").glob("rank*.json"))
     assert ranks == ["rank0.json", "rank1.json"]
 
-
-@pytest.mark.multiprocess
-@pytest.mark.slow
-@pytest.mark.xdist_group("fsdp-runs")  # one worker runs the shared fixture once
-def test_resume_on_another_world_size_reshards(fsdp_runs: dict[str, Path]) -> None:
+    # the step-3 checkpoint of 2 ranks continues on 1 process
     run = fsdp_runs["single"]
     series = losses(run)
     assert sorted(series) == [4, 5]
