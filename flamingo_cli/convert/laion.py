@@ -294,17 +294,16 @@ class PairChunkTask:
         self, key: str, item: PairItem, counts: Counter[str], record: TaskRecord
     ) -> dict[str, str | bytes] | None:
         counts["samples_in"] += 1
+
+        def skip(counter: str, message: str, fix: str | None = None) -> None:
+            counts[counter] += 1
+            record.problem(
+                Problem(message, file=item.origin, line=item.line, severity="warning", fix=fix)
+            )
+
         data = _read_optional(item.image)
         if data is None:
-            counts["dropped_no_image"] += 1
-            record.problem(
-                Problem(
-                    f"image {item.image} not found; sample skipped",
-                    file=item.origin,
-                    line=item.line,
-                    severity="warning",
-                )
-            )
+            skip("dropped_no_image", f"image {item.image} not found; sample skipped")
             return None
         counts["image_bytes"] += len(data)
         caption = item.caption
@@ -312,29 +311,16 @@ class PairChunkTask:
             raw = _read_optional(item.caption_file)
             caption = raw.decode("utf-8", errors="replace") if raw is not None else None
         if caption is None or not caption.strip():
-            counts["dropped_no_caption"] += 1
-            record.problem(
-                Problem(
-                    f"no caption for {item.image}; sample skipped",
-                    file=item.origin,
-                    line=item.line,
-                    severity="warning",
-                    fix="add the caption (a same-stem .txt file or the table's caption cell)",
-                )
+            skip(
+                "dropped_no_caption",
+                f"no caption for {item.image}; sample skipped",
+                fix="add the caption (a same-stem .txt file or the table's caption cell)",
             )
             return None
         try:
             checked = prepare_image(data, self.options.image)
         except CorruptImage as exc:
-            counts["images_corrupt"] += 1
-            record.problem(
-                Problem(
-                    f"image {item.image} is damaged ({exc}); sample skipped",
-                    file=item.origin,
-                    line=item.line,
-                    severity="warning",
-                )
-            )
+            skip("images_corrupt", f"image {item.image} is damaged ({exc}); sample skipped")
             return None
         meta = {
             "key": key,
