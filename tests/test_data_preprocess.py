@@ -14,7 +14,7 @@ import torch
 from open_clip.transform import image_transform
 from PIL import Image
 
-from flamingo_cli.data.labels import interleaved_labels, pair_labels
+from flamingo_cli.data.labels import content_length, interleaved_labels, pair_labels
 from flamingo_cli.data.preprocess import (
     Context,
     Dropped,
@@ -408,6 +408,16 @@ def test_interleaved_labels() -> None:
         [M, M, 5, 8, M, 5, 8, M, M, M, M, M, M, M],
         [M] * 14,
     ]
+
+
+def test_content_length_keeps_every_real_token_and_target() -> None:
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]])
+    labels = torch.full_like(mask, -100)
+    assert content_length(mask, labels) == 4
+    labels[0, 4] = 7  # a target past the mask (never from our loaders) still counts
+    assert content_length(mask, labels) == 5
+    assert content_length(torch.tensor([[0, 1, 1]]), torch.full((1, 3), -100)) == 3  # left pad
+    assert content_length(torch.zeros(2, 3), torch.full((2, 3), -100)) == 1
 
 
 def test_b64_size_is_the_decoded_length() -> None:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from flamingo_cli.data.labels import content_length
 from flamingo_cli.errors import FlamingoError
 from flamingo_cli.model.factory import tiny_lm
 from flamingo_cli.model.flamingo import FlamingoModel
@@ -102,6 +103,26 @@ def test_text_sees_only_its_most_recent_image(backend: SDPBackend | None) -> Non
     assert torch.equal(moved, index == 2)
 
 
+def test_routed_attention_has_the_gradients_of_the_per_token_reference() -> None:
+    torch.manual_seed(0)
+    attn = MaskedCrossAttention(dim=16, dim_visual=8, heads=2, dim_head=4)
+    x = torch.randn(3, 9, 16)
+    media = torch.randn(3, 3, 5, 8)
+    # uneven spans, a sample without any image, indices past the images, out of order
+    index = torch.tensor(
+        [[0, 1, 1, 1, 1, 1, 2, 3, 3], [0, 0, 0, 0, 0, 0, 0, 0, 0], [2, 2, 1, 4, 3, 0, 3, 3, 1]]
+    )
+    grads = []
+    for forward in (attn, lambda *a: _reference(attn, *a)):
+        xs, ms = x.clone().requires_grad_(), media.clone().requires_grad_()
+        attn.zero_grad()
+        forward(xs, ms, index).square().sum().backward()
+        assert xs.grad is not None and ms.grad is not None
+        grads.append([xs.grad, ms.grad, *(p.grad for p in attn.parameters())])
+    for ours, reference in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+
+
 def test_text_before_any_image_has_finite_gradients() -> None:
     torch.manual_seed(0)
     attn = MaskedCrossAttention(dim=16, dim_visual=8, heads=2, dim_head=4)
@@ -132,6 +153,29 @@ def test_decoder_layers_not_found_names_the_class() -> None:
 
     with pytest.raises(FlamingoError, match="NoLayers"):
         find_decoder_layers(NoLayers())
+
+
+def test_cutting_right_padding_keeps_loss_and_gradients(model: FlamingoModel) -> None:
+    images, ids, mask = batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    padded = torch.nn.functional.pad(ids, (0, 5), value=int(ids[0, -1]))
+    probe = copy.deepcopy(model)
+    open_gates(probe)
+    results = []
+    for width in (ids.shape[1], padded.shape[1]):
+        probe.zero_grad()
+        ids_w = padded[:, :width]
+        mask_w = torch.nn.functional.pad(mask, (0, width - mask.shape[1]))
+        labels_w = torch.nn.functional.pad(labels, (0, width - labels.shape[1]), value=-100)
+        assert content_length(mask_w, labels_w) == int(mask.sum(1).max())
+        out = probe(images, ids_w, mask_w, labels=labels_w)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in probe.parameters() if p.grad is not None]
+        results.append((out.loss.detach(), grads))
+    (short_loss, short_grads), (long_loss, long_grads) = results
+    torch.testing.assert_close(short_loss, long_loss, rtol=1e-6, atol=1e-6)
+    for short, long in zip(short_grads, long_grads, strict=True):
+        torch.testing.assert_close(short, long, rtol=1e-5, atol=1e-6)
 
 
 def test_media_switched_off_removes_only_the_attention_branch(model: FlamingoModel) -> None:

@@ -34,3 +34,12 @@ def interleaved_labels(input_ids: torch.Tensor, tokens: SpecialTokens) -> torch.
     after_image = (before >= 0) & is_image.gather(-1, before.clamp(min=0))
     keep = after_image & ~is_image & (input_ids != tokens.pad)
     return input_ids.masked_fill(~keep, IGNORE)
+
+
+def content_length(attention_mask: torch.Tensor, labels: torch.Tensor) -> int:
+    """Columns up to the last one holding a real token or a target in any row. The columns after
+    it are right padding: in a causal LM they change no earlier output and no loss term, so a
+    step may cut them off and compute exactly the same loss with less work."""
+    used = (attention_mask != 0) | (labels != IGNORE)
+    columns = used.any(dim=0).nonzero()
+    return int(columns[-1]) + 1 if len(columns) else 1

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flamingo_cli.data.eval_loader import DROP_KEYS, EvalLoader
-from flamingo_cli.data.labels import IGNORE
+from flamingo_cli.data.labels import IGNORE, content_length
 from flamingo_cli.data.pipeline import Batch, derive_seed
 from flamingo_cli.train.distributed import DistInfo, all_agree
 
@@ -140,14 +140,15 @@ def _loss_of(
     use_media: bool,
 ) -> tuple[float, int]:
     device = info.device
+    length = content_length(batch.attention_mask, batch.labels)  # right padding changes nothing
     with autocast():
         out = model(
             images.to(device),
-            batch.input_ids.to(device),
-            batch.attention_mask.to(device),
+            batch.input_ids[:, :length].to(device),
+            batch.attention_mask[:, :length].to(device),
             use_media=use_media,
         )
-    total, count = token_loss_sum(out.logits, batch.labels.to(device))
+    total, count = token_loss_sum(out.logits, batch.labels[:, :length].to(device))
     return float(total), int(count)
 
 

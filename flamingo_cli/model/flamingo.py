@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flamingo_cli.model.layers import GatedCrossAttention, PerceiverResampler
+from flamingo_cli.model.layers import GatedCrossAttention, PerceiverResampler, TokenRouting
 from flamingo_cli.model.lm import (
     FlamingoDecoderLayer,
     MediaState,
@@ -151,10 +151,12 @@ class FlamingoModel(nn.Module):
     def _conditioned(self, latents: Tensor | None, media_index: Tensor) -> Iterator[None]:
         state = self._media
         state.latents, state.media_index, state.active = latents, media_index, True
+        if latents is not None:  # routed once here, used by every cross-attention layer
+            state.routing = TokenRouting.from_media_index(media_index, latents.shape[1])
         try:
             yield
         finally:
-            state.latents, state.media_index, state.active = None, None, False
+            state.latents, state.media_index, state.routing, state.active = None, None, None, False
 
     def forward(
         self,

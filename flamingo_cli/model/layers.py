@@ -7,6 +7,8 @@ released weights load one to one (see `openflamingo.py` for the key names).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -104,12 +106,43 @@ class PerceiverResampler(nn.Module):
         return out
 
 
+@dataclass(frozen=True)
+class TokenRouting:
+    """Which text tokens attend to which image, as gather/scatter indices.
+
+    Each image gets a bucket of `span` query slots (the most tokens any one image serves);
+    token `tokens[i]` (flattened b * T + t) sits in slot `slots[i]` (flattened
+    (b * N + image) * span + rank). Attention then runs densely per image over only that
+    image's latents: no mask, and none of the work on the other images' keys.
+    """
+
+    tokens: Tensor
+    slots: Tensor
+    span: int
+    images: int
+
+    @classmethod
+    def from_media_index(cls, media_index: Tensor, images: int) -> TokenRouting:
+        """Routing for `media_index` (B, T) of 1-based image numbers (0 or > images: none)."""
+        batch = media_index.shape[0]
+        valid = (media_index > 0) & (media_index <= images)
+        image = (media_index - 1).clamp(0, max(images - 1, 0))
+        onehot = F.one_hot(image, max(images, 1)) * valid.unsqueeze(-1)
+        rank = (onehot.cumsum(dim=1) * onehot).sum(dim=-1) - 1
+        # at least one slot, so the key/value projection always takes part in the graph
+        span = max(int(onehot.sum(dim=1).max()), 1)
+        rows = torch.arange(batch, device=media_index.device).unsqueeze(1)
+        slots = ((rows * max(images, 1) + image) * span + rank).flatten()
+        tokens = valid.flatten().nonzero().squeeze(1)
+        return cls(tokens, slots.index_select(0, tokens), span, images)
+
+
 class MaskedCrossAttention(nn.Module):
     """Text attends to the latents of one image: the most recent `<image>` at or before it.
 
-    `media_index[b, t]` is the 1-based number of that image (0: no image yet). Tokens without a
-    valid image get an exact zero output: their attention row is opened to every key (so no
-    backend sees an all-masked row and returns NaN) and the result is then zeroed.
+    `media_index[b, t]` is the 1-based number of that image (0: no image yet). Tokens are
+    routed into one bucket per image (`TokenRouting`) and attend there to that image's latents
+    only; tokens without a valid image get an exact zero output.
     """
 
     def __init__(self, dim: int, dim_visual: int, heads: int, dim_head: int) -> None:
@@ -120,22 +153,36 @@ class MaskedCrossAttention(nn.Module):
         self.kv_proj = nn.Linear(dim_visual, 2 * heads * dim_head, bias=False)
         self.out_proj = nn.Linear(heads * dim_head, dim, bias=False)
 
-    def forward(self, x: Tensor, media: Tensor, media_index: Tensor) -> Tensor:
-        """x (B, T, D), media (B, N, n, Dv), media_index (B, T) -> (B, T, D)."""
+    def forward(self, x: Tensor, media: Tensor, media_index: Tensor | TokenRouting) -> Tensor:
+        """x (B, T, D), media (B, N, n, Dv), media_index (B, T) or its routing -> (B, T, D)."""
+        batch, length = x.shape[:2]
         images, latents = media.shape[1:3]
-        q = _split_heads(self.q_proj(self.norm(x)), self.heads)
-        k, v = self.kv_proj(media.flatten(1, 2)).chunk(2, dim=-1)
-        key_image = torch.arange(1, images + 1, device=x.device).repeat_interleave(latents)
-        has_image = (media_index > 0) & (media_index <= images)
-        allowed = (media_index.unsqueeze(-1) == key_image) | ~has_image.unsqueeze(-1)
-        out = F.scaled_dot_product_attention(
-            q,
-            _split_heads(k, self.heads),
-            _split_heads(v, self.heads),
-            attn_mask=allowed.unsqueeze(1),
+        if images == 0:
+            empty: Tensor = self.out_proj(x.new_zeros(batch, length, self.q_proj.out_features))
+            return empty
+        routing = (
+            media_index
+            if isinstance(media_index, TokenRouting)
+            else TokenRouting.from_media_index(media_index, images)
         )
-        out = _merge_heads(out).masked_fill(~has_image.unsqueeze(-1), 0.0)
-        result: Tensor = self.out_proj(out)
+        q = self.q_proj(self.norm(x)).flatten(0, 1)
+        width = q.shape[-1]
+        k, v = self.kv_proj(media).chunk(2, dim=-1)
+        buckets = batch * max(images, 1)
+        queries = q.new_zeros(buckets * routing.span, width).index_copy(
+            0, routing.slots, q.index_select(0, routing.tokens)
+        )
+
+        def per_image(t: Tensor, rows: int) -> Tensor:
+            return _split_heads(t.reshape(buckets, rows, width), self.heads)
+
+        attended = F.scaled_dot_product_attention(
+            per_image(queries, routing.span), per_image(k, latents), per_image(v, latents)
+        )
+        out = q.new_zeros(batch * length, width).index_copy(
+            0, routing.tokens, _merge_heads(attended).flatten(0, 1).index_select(0, routing.slots)
+        )
+        result: Tensor = self.out_proj(out.view(batch, length, width))
         return result
 
 
@@ -149,7 +196,9 @@ class GatedCrossAttention(nn.Module):
         self.ff = FeedForward(dim, ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: Tensor, media: Tensor | None, media_index: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, media: Tensor | None, media_index: Tensor | TokenRouting
+    ) -> Tensor:
         """With `media=None` (media switched off) the attention branch contributes nothing."""
         if media is not None:
             x = x + self.attn(x, media, media_index) * self.attn_gate.tanh()

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from flamingo_cli.errors import FlamingoError
-from flamingo_cli.model.layers import GatedCrossAttention
+from flamingo_cli.model.layers import GatedCrossAttention, TokenRouting
 
 SUPPORTED_FAMILIES = "Llama, Mistral, Qwen2, GPT-2, GPT-NeoX, OPT, MPT, GPT-J, Phi"
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
@@ -31,6 +31,7 @@ class MediaState:
 
     latents: Tensor | None = None
     media_index: Tensor | None = None
+    routing: TokenRouting | None = None
     active: bool = False
 
 
@@ -73,12 +74,13 @@ class FlamingoDecoderLayer(nn.Module):
                 f"shape {tuple(hidden.shape)}"
             )
         assert self.gated_cross_attn is not None
+        index = media.media_index if media.routing is None else media.routing
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
             out: Tensor = checkpoint(
-                self.gated_cross_attn, hidden, media.latents, media.media_index, use_reentrant=False
+                self.gated_cross_attn, hidden, media.latents, index, use_reentrant=False
             )
             return out
-        result: Tensor = self.gated_cross_attn(hidden, media.latents, media.media_index)
+        result: Tensor = self.gated_cross_attn(hidden, media.latents, index)
         return result
 
 
