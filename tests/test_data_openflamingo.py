@@ -32,7 +32,7 @@ def openflamingo_data() -> Any:
 @pytest.fixture(scope="module")
 def setup() -> tuple[Any, Context]:
     tokenizer, tokens = load_tokenizer(TINY_TOKENIZER)
-    ctx = Context.create(tokenizer, tokens, image_transform(32, is_train=False), jpeg_draft=False)
+    ctx = Context.create(tokenizer, tokens, image_transform(32, is_train=False), fast_images=False)
     # transformers 5 dropped these attributes; OpenFlamingo's data code still reads them
     object.__setattr__(tokenizer, "additional_special_tokens", [ENDOFCHUNK, IMAGE])
     object.__setattr__(

@@ -72,7 +72,7 @@ def transform() -> CountingTransform:
 
 @pytest.fixture
 def ctx(tok: tuple[Any, SpecialTokens], transform: CountingTransform) -> Context:
-    context = Context.create(tok[0], tok[1], transform, jpeg_draft=False)
+    context = Context.create(tok[0], tok[1], transform, fast_images=False)
     transform.calls = 0  # forget the shape probe
     return context
 

@@ -273,7 +273,7 @@ def make_eval_loader(
 ) -> EvalLoader:
     """The evaluation loader of a dataset's `shards`, preprocessed as its config says."""
     ctx = Context.create(
-        tokenizer, tokens, image_transform, jpeg_draft=config.jpeg_draft, deterministic=True
+        tokenizer, tokens, image_transform, fast_images=config.fast_images, deterministic=True
     )
     return EvalLoader(
         name,

@@ -293,7 +293,7 @@ def make_loader(
     allow_pipe: bool = False,
 ) -> TrainLoader:
     """The training loader of a LAION or MMC4 dataset config for one rank."""
-    ctx = Context.create(tokenizer, tokens, image_transform, jpeg_draft=config.jpeg_draft)
+    ctx = Context.create(tokenizer, tokens, image_transform, fast_images=config.fast_images)
     name = "laion" if isinstance(config, LaionConfig) else "mmc4"
     return TrainLoader(
         name,

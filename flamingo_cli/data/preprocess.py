@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from flamingo_cli.data.assign import assign_images, large_enough
+from flamingo_cli.data.fast_image import TensorTransform, tensor_transform
 from flamingo_cli.data.text import (
     GPT_PLACEHOLDER,
     caption_text,
@@ -91,6 +92,7 @@ class Context:
     image_transform: ImageTransform
     image_shape: tuple[int, int, int]
     draft_size: int | None
+    fast_transform: TensorTransform | None
     control_strings: tuple[str, ...]
     deterministic: bool = False
 
@@ -101,10 +103,11 @@ class Context:
         tokens: SpecialTokens,
         image_transform: ImageTransform,
         *,
-        jpeg_draft: bool = True,
+        fast_images: bool = True,
         deterministic: bool = False,
     ) -> Context:
-        """Probe the transform once for its output shape (zero padding, draft-mode target)."""
+        """Probe the transform once for its output shape (zero padding, draft-mode target).
+        `fast_images`: JPEG draft decoding, and torch's resize when the transform is CLIP's."""
         probe = image_transform(Image.new("RGB", (16, 16)))
         if probe.ndim != 3:
             raise ValueError(f"image transform must return (C, H, W), got {tuple(probe.shape)}")
@@ -115,7 +118,8 @@ class Context:
             tokens=tokens,
             image_transform=image_transform,
             image_shape=shape,
-            draft_size=max(shape[1], shape[2]) if jpeg_draft else None,
+            draft_size=max(shape[1], shape[2]) if fast_images else None,
+            fast_transform=tensor_transform(image_transform) if fast_images else None,
             control_strings=tuple(sorted((s for s in specials if s), key=len, reverse=True)),
             deterministic=deterministic,
         )
@@ -143,12 +147,16 @@ def decode_image(raw: bytes, draft_size: int | None) -> Image.Image:
         return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _try_decode(raw: bytes, ctx: Context) -> torch.Tensor | None:
+def _try_decode(raw: bytes, ctx: Context, flip: bool) -> torch.Tensor | None:
+    """The transformed image, mirrored left-right when `flip`; None when it cannot decode."""
     try:
         image = decode_image(raw, ctx.draft_size)
     except _IMAGE_ERRORS:
         return None
-    return ctx.image_transform(image)
+    if ctx.fast_transform is not None:
+        return ctx.fast_transform(image, flip)
+    tensor = ctx.image_transform(image)
+    return tensor.flip(-1) if flip else tensor
 
 
 def _tokenize(ctx: Context, text: str, max_tokens: int, pad: bool) -> tuple[list[int], list[int]]:
@@ -162,12 +170,11 @@ def _tokenize(ctx: Context, text: str, max_tokens: int, pad: bool) -> tuple[list
     return list(encoded["input_ids"]), list(encoded["attention_mask"])
 
 
-def _stack(images: Sequence[torch.Tensor], ctx: Context, flip: bool) -> torch.Tensor:
-    """Stack `images` `(n, C, H, W)`, flipped together when asked (batching zero-pads them)."""
+def _stack(images: Sequence[torch.Tensor], ctx: Context) -> torch.Tensor:
+    """Stack `images` `(n, C, H, W)` (batching zero-pads them)."""
     if not images:
         return torch.zeros((0, *ctx.image_shape), dtype=torch.float32)
-    stacked = torch.stack(list(images))
-    return stacked.flip(-1) if flip else stacked
+    return torch.stack(list(images))
 
 
 def _tensors(ids: list[int], mask: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,11 +196,11 @@ def preprocess_pair(
     flip = not ctx.deterministic and rng.random() < 0.5
     caption = strip_control_tokens(caption, ctx.control_strings).strip()
     ids, mask = _tokenize(ctx, caption_text(caption, ctx.eos_token), config.max_tokens, False)
-    image = _try_decode(bytes(sample[ext]), ctx)
+    image = _try_decode(bytes(sample[ext]), ctx, flip)
     if image is None:
         raise Dropped("corrupt_image")
     input_ids, attention_mask = _tensors(ids, mask)
-    return Sample(key, _stack([image], ctx, flip), input_ids, attention_mask)
+    return Sample(key, _stack([image], ctx), input_ids, attention_mask)
 
 
 def preprocess_document(
@@ -283,7 +290,7 @@ def _mmc4_document(
         for i in used:
             if i not in decoded:
                 raw = _b64(data[i])
-                tensor = None if raw is None else _try_decode(raw, ctx)
+                tensor = None if raw is None else _try_decode(raw, ctx, flip)
                 if tensor is None:
                     corrupt.add(i)
                     fresh = True
@@ -293,7 +300,7 @@ def _mmc4_document(
             break
     if len(used) == 1 and ids[-1] == ctx.tokens.image:
         raise Dropped("image_at_end", len(corrupt))
-    images = _stack([decoded[i] for i in used], ctx, flip)
+    images = _stack([decoded[i] for i in used], ctx)
     input_ids, attention_mask = _tensors(ids, mask)
     return Sample(key, images, input_ids, attention_mask, len(corrupt))
 
@@ -321,7 +328,7 @@ def _gpt_document(
         for name in used:
             if name not in decoded:
                 raw = _b64(image_map[name]["base64_image"])
-                tensor = None if raw is None else _try_decode(raw, ctx)
+                tensor = None if raw is None else _try_decode(raw, ctx, flip)
                 if tensor is None:
                     corrupt.add(name)
                     fresh = True
@@ -331,6 +338,6 @@ def _gpt_document(
             break
     if len(used) < config.min_num_images:
         raise Dropped("too_few_images", len(corrupt))
-    images = _stack([decoded[n] for n in used], ctx, flip)
+    images = _stack([decoded[n] for n in used], ctx)
     input_ids, attention_mask = _tensors(ids, mask)
     return Sample(key, images, input_ids, attention_mask, len(corrupt))

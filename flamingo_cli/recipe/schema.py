@@ -55,11 +55,11 @@ class _DatasetConfig(_Section):
     shuffle_buffer: NonNegativeInt = 5000
     shuffle_initial: NonNegativeInt = 1000
     prefetch_factor: PositiveInt = 2
-    jpeg_draft: bool = Field(
+    fast_images: bool = Field(
         True,
         description="decode JPEGs at a reduced scale (PIL draft mode) no smaller than the "
-        "vision encoder's input; faster, pixels differ slightly; false reproduces "
-        "OpenFlamingo's full decode",
+        "vision encoder's input and resize with torch's uint8 kernels; several times faster, "
+        "pixels differ slightly; false reproduces OpenFlamingo's pixels exactly",
     )
 
 
