@@ -138,7 +138,9 @@ def main() -> None:
 
                 def run_theirs(sample: dict[str, Any], max_tokens: int = max_tokens) -> bool:
                     try:
-                        theirs((sample["json"],), tokenizer, counted_transform, 0.24, 1, 6, max_tokens)
+                        theirs(
+                            (sample["json"],), tokenizer, counted_transform, 0.24, 1, 6, max_tokens
+                        )
                     except ValueError:  # OpenFlamingo drops a document by raising
                         return False
                     return True

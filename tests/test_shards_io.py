@@ -17,7 +17,7 @@ from flamingo_cli.errors import OpenerError
 from flamingo_cli.shards.opener import RetryingReader, open_url
 from flamingo_cli.shards.sizes import known_counts, read_sizes
 from flamingo_cli.shards.spec import expand_spec, missing_local, url_kind
-from flamingo_cli.shards.tar import count_samples, split_member
+from flamingo_cli.shards.tar import TarReader, count_samples, split_member
 from flamingo_cli.shards.write import write_sizes, write_tar
 
 
@@ -221,3 +221,57 @@ def test_count_samples_reports_a_truncated_tar(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:1600])  # inside the second member's data
     with pytest.raises(OpenerError, match=r"cut\.tar"):
         count_samples(str(path))
+
+
+def _tar_of(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_fast_and_general_walks_list_the_same_members(tmp_path: Path) -> None:
+    plain = [
+        (tarfile.TarInfo(f"{i:06d}.{ext}"), b"x" * (i % 700))
+        for i in range(1500)
+        for ext in ("jpg", "txt")
+    ]  # several checksum batches
+    long_name = "d/" + "n" * 150 + ".json"  # a pax header: only the general walk reads it
+    prefixed = tarfile.TarInfo("folder/" * 15 + "p.txt")  # a ustar name prefix
+    for name, members, fast in (
+        ("plain", plain, True),
+        ("pax", [*plain[:3], (tarfile.TarInfo(long_name), b"{}")], False),
+        ("prefix", [*plain[:3], (prefixed, b"y")], False),
+    ):
+        path = tmp_path / f"{name}.tar"
+        path.write_bytes(_tar_of(members))
+        with tarfile.open(path) as tar:
+            expected = [(m.name, m.offset_data, m.size) for m in tar]
+        with TarReader(str(path)) as reader:
+            assert (reader._walk_plain() is not None) is fast
+        with TarReader(str(path)) as reader:
+            general = reader._walk_general()
+        with TarReader(str(path)) as reader:
+            listed = reader.members()
+            assert reader.damage is None
+        assert listed == general
+        assert [(m.name, m.data_offset, m.size) for m in listed] == expected
+
+
+@pytest.mark.timeout(20)
+def test_a_negative_size_field_is_a_corrupt_header_not_a_loop(tmp_path: Path) -> None:
+    data = bytearray(_tar_of([(tarfile.TarInfo("a.txt"), b"x" * 2000)] * 2))
+    header = 2048 + 512  # the second member's header
+    data[header + 124 : header + 136] = b"-0000004000\0"
+    data[header + 148 : header + 156] = b" " * 8
+    checksum = sum(data[header : header + 512])
+    data[header + 148 : header + 156] = b"%06o\0 " % checksum
+    path = tmp_path / "negative.tar"
+    path.write_bytes(bytes(data))
+    with TarReader(str(path)) as reader:
+        listed = reader.members()
+    assert [m.name for m in listed] == ["a.txt"]
+    assert reader.damage is not None and reader.damage.kind == "corrupt"
+    assert reader.damage.offset == header

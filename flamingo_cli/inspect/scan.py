@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import posixpath
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from itertools import repeat
+from itertools import groupby
+from operator import itemgetter
 from typing import Any
 
 from flamingo_cli.errors import OpenerError
@@ -80,73 +80,21 @@ def scan_shard(url: str, settings: ScanSettings) -> ShardReport:
     return report
 
 
+Samples = list[tuple[str, frozenset[str], int]]  # key, member extensions, offset
+
+
+def _everything(name: str) -> bool:
+    return True
+
+
 def _scan(url: str, settings: ScanSettings, report: ShardReport) -> None:
-    samples: list[tuple[str, frozenset[str], int]] = []
-    seen: dict[str, int] = {}
-    all_exts: list[str] = []
-    ext_sets: dict[tuple[str, ...], frozenset[str]] = {}
     deep = DeepStats() if settings.deep else None
-    key: str | None = None
-    start = 0
-    exts: list[str] = []
-    data: dict[str, bytes] = {}
-
-    def finish() -> None:
-        found = tuple(exts)
-        if found not in ext_sets:
-            ext_sets[found] = frozenset(found)
-        assert key is not None
-        samples.append((key, ext_sets[found], start))
-        if deep is not None:
-            _deep_check(url, key, start, data, settings, report, deep)
-
-    want = (lambda name: True) if settings.deep else None
-    add_ext = all_exts.append
+    want = _everything if deep else None
     with TarReader(url, allow_pipe=settings.allow_pipe, want=want) as reader:
-        entries: Iterable[tuple[tuple[str, str], TarMember, bytes | None]]
-        if settings.deep:
-            entries = ((split_member(m.name), m, data) for m, data in reader)
-        else:  # the listing: split every name in one comprehension, then group
-            members = reader.members()
-            entries = zip(_split_names([m[0] for m in members]), members, repeat(None))
-        for (name_key, ext), member, payload in entries:  # hot loop
-            add_ext(ext)
-            if name_key != key:
-                if key is not None:
-                    finish()
-                if name_key in seen:
-                    report.duplicate_keys += 1
-                    report.add(
-                        Finding(
-                            url,
-                            "duplicate-key",
-                            f"key appears again at byte {member.offset} (first sample at byte "
-                            f"{seen[name_key]}); webdataset yields it twice",
-                            key=name_key,
-                            offset=member.offset,
-                        )
-                    )
-                else:
-                    seen[name_key] = member.offset
-                key, start, exts, data = name_key, member.offset, [ext], {}
-            elif ext in exts:
-                report.duplicate_keys += 1
-                report.add(
-                    Finding(
-                        url,
-                        "duplicate-key",
-                        f"member {member.name} appears twice in one sample (byte "
-                        f"{member.offset}); webdataset stops with an error",
-                        key=name_key,
-                        offset=member.offset,
-                    )
-                )
-            else:
-                exts.append(ext)
-            if payload is not None:
-                data[ext] = payload
-        if key is not None:
-            finish()
+        if deep is not None:
+            samples, all_exts = _group_deep(url, reader, settings, report, deep)
+        else:
+            samples, all_exts = _group_listing(url, reader.members(), report)
     report.members = len(all_exts)
     extensions = Counter(all_exts)
     report.samples = len(samples)
@@ -169,11 +117,109 @@ def _scan(url: str, settings: ScanSettings, report: ShardReport) -> None:
     report.deep = deep
 
 
-def _split_names(names: list[str]) -> list[tuple[str, str]]:
-    """`split_member` over many names; names without a folder take a faster path."""
-    if any("/" in name for name in names):
-        return [split_member(name) for name in names]
-    return [(key, ext) for key, _, ext in (name.partition(".") for name in names)]
+def _duplicate_key(url: str, key: str, offset: int, first: int) -> Finding:
+    return Finding(
+        url,
+        "duplicate-key",
+        f"key appears again at byte {offset} (first sample at byte {first}); webdataset "
+        "yields it twice",
+        key=key,
+        offset=offset,
+    )
+
+
+def _repeated_member(url: str, key: str, member: TarMember) -> Finding:
+    return Finding(
+        url,
+        "duplicate-key",
+        f"member {member.name} appears twice in one sample (byte {member.offset}); webdataset "
+        "stops with an error",
+        key=key,
+        offset=member.offset,
+    )
+
+
+def _group_listing(
+    url: str, members: list[TarMember], report: ShardReport
+) -> tuple[Samples, list[str]]:
+    """Samples as runs of members sharing a key, with per-sample work only (the listing)."""
+    split = _split_names([m[0] for m in members])
+    all_exts = [ext for _, _, ext in split]
+    samples: Samples = []
+    add_sample = samples.append
+    seen: dict[str, int] = {}
+    ext_sets: dict[tuple[str, ...], frozenset[str]] = {}
+    position = 0
+    for key, run in groupby(split, key=itemgetter(0)):
+        found = tuple(ext for _, _, ext in run)
+        first = members[position]
+        if key in seen:
+            report.duplicate_keys += 1
+            report.add(_duplicate_key(url, key, first.offset, seen[key]))
+        else:
+            seen[key] = first.offset
+        exts = ext_sets.get(found)
+        if exts is None:
+            exts = ext_sets[found] = frozenset(found)
+        if len(exts) != len(found):  # a member repeated within the sample
+            once: set[str] = set()
+            for index, ext in enumerate(found):
+                if ext in once:
+                    report.duplicate_keys += 1
+                    report.add(_repeated_member(url, key, members[position + index]))
+                once.add(ext)
+        add_sample((key, exts, first.offset))
+        position += len(found)
+    return samples, all_exts
+
+
+def _group_deep(
+    url: str, reader: TarReader, settings: ScanSettings, report: ShardReport, deep: DeepStats
+) -> tuple[Samples, list[str]]:
+    """Samples with their members' data, each checked as soon as it is complete."""
+    samples: Samples = []
+    seen: dict[str, int] = {}
+    all_exts: list[str] = []
+    key: str | None = None
+    start = 0
+    exts: list[str] = []
+    data: dict[str, bytes] = {}
+
+    def finish() -> None:
+        assert key is not None
+        samples.append((key, frozenset(exts), start))
+        _deep_check(url, key, start, data, settings, report, deep)
+
+    for member, payload in reader:
+        name_key, ext = split_member(member.name)
+        all_exts.append(ext)
+        if name_key != key:
+            if key is not None:
+                finish()
+            if name_key in seen:
+                report.duplicate_keys += 1
+                report.add(_duplicate_key(url, name_key, member.offset, seen[name_key]))
+            else:
+                seen[name_key] = member.offset
+            key, start, exts, data = name_key, member.offset, [ext], {}
+        elif ext in exts:
+            report.duplicate_keys += 1
+            report.add(_repeated_member(url, name_key, member))
+        else:
+            exts.append(ext)
+        if payload is not None:
+            data[ext] = payload
+    if key is not None:
+        finish()
+    return samples, all_exts
+
+
+def _split_names(names: list[str]) -> list[tuple[str, str, str]]:
+    """`split_member` over many names as (key, ".", extension); names without a folder take
+    a faster path."""
+    if "/" in "".join(names):
+        return [(key, ".", ext) for key, ext in map(split_member, names)]
+    return [name.partition(".") for name in names]
 
 
 def _check_members(
@@ -212,7 +258,8 @@ def _check_members(
         common.add("json")
     # The last sample of a damaged shard is cut by the damage, which is reported already.
     checked = samples[:-1] if report.damaged_at is not None else samples
-    for sample_key, exts, offset in checked:
+    problems: dict[frozenset[str], str] = {}  # worked out once per distinct set of members
+    for exts in {exts for _, exts, _ in checked}:
         missing = [f"no .{e} member" for e in sorted(common - exts)]
         if kind == "pairs" and not exts & set(PAIR_IMAGE_EXTS):
             other = sorted(exts & set(IMAGE_EXTS))
@@ -223,9 +270,14 @@ def _check_members(
                 else "no .jpg/.jpeg/.png image"
             )
         if missing:
+            problems[exts] = "; ".join(missing)
+    if not problems:
+        return
+    for sample_key, exts, offset in checked:
+        if exts in problems:
             report.missing_members += 1
             report.add(
-                Finding(url, "missing-member", "; ".join(missing), key=sample_key, offset=offset)
+                Finding(url, "missing-member", problems[exts], key=sample_key, offset=offset)
             )
 
 

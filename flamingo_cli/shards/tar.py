@@ -7,6 +7,7 @@ quietly: a damaged archive ends the scan with the byte offset and the reason.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ _CHUNK = 1 << 20
 _REGULAR = (b"0", b"\0", b"7")
 _REGULAR_CODES = (48, 0, 55)  # the same type flags as byte values
 _PLAIN = frozenset((48, 0))
-_CHECKSUM_BATCH = 4096
+_CHECKSUM_BATCH = 1024
 _WINDOW = 4096  # bytes read at a header: it and the small members after it
 
 DamageKind = Literal["truncated", "corrupt"]
@@ -75,6 +76,8 @@ def _octal(field: bytes) -> int:
     text = field.split(b"\0", 1)[0].strip(b" ")
     if not text:
         return 0
+    if text.strip(b"01234567"):  # int() would also take a sign, underscores or spaces
+        raise _Corrupt(f"bad number {bytes(field)!r}")
     try:
         return int(text, 8)
     except ValueError:
@@ -204,9 +207,64 @@ class TarReader:
         self.damage = TarDamage(kind, offset, message, name)
         self.end = offset
 
-    # Local files: jump from header to header with positioned reads (one read usually covers
-    # a header and the small members after it), checksums verified in vectorised batches.
     def _walk_local(self) -> list[TarMember]:
+        """Plain archives through the mapped fast path; anything else (damage, long names,
+        pax headers, prefixes, other member kinds) through the general walk."""
+        fast = self._walk_plain()
+        return fast if fast is not None else self._walk_general()
+
+    # The fast path: a lean loop follows the chain of sizes with positioned reads (one read
+    # usually covers a header and the small members after it); every few thousand headers,
+    # their checksums, magic and names are checked and decoded at once with numpy. Small
+    # batches keep the memory touched small: fresh pages cost more than the parsing here.
+    def _walk_plain(self) -> list[TarMember] | None:
+        """The members of a clean archive of plain files; None at the first thing that is not
+        (the general walk then reports it)."""
+        fd, size = self._fd, self.file_size or 0
+        if fd is None or size < BLOCK:
+            return None
+        offsets: list[int] = []
+        sizes: list[int] = []
+        names: list[str] = []
+        blocks: list[bytes] = []
+        add_offset, add_size, add_block = offsets.append, sizes.append, blocks.append
+        window_start, window = 0, b""
+        offset, last = 0, size - BLOCK
+        pending = _CHECKSUM_BATCH
+        while offset <= last:  # the hot loop: one iteration per member, lean on purpose
+            at = offset - window_start
+            if at + BLOCK > len(window):
+                window_start, window, at = offset, os.pread(fd, _WINDOW, offset), 0
+            block = window[at : at + BLOCK]
+            try:
+                member_size = int(block[124:135], 8)
+            except ValueError:  # the end-of-archive block, or not a plain header
+                break
+            if member_size < 0:  # int() takes a sign; a size field never has one
+                return None
+            add_offset(offset)
+            add_size(member_size)
+            add_block(block)
+            offset += BLOCK + (member_size + 511) // 512 * 512
+            pending -= 1
+            if not pending:
+                pending = _CHECKSUM_BATCH
+                if not _plain_names(blocks, names):
+                    return None
+        if offset > last or os.pread(fd, BLOCK, offset).count(0) != BLOCK:
+            return None  # no end-of-archive block where the chain ends
+        if offsets and offsets[-1] + BLOCK + sizes[-1] > size:
+            return None
+        if not _plain_names(blocks, names):
+            return None
+        self.end = offset
+        data_offsets = [o + BLOCK for o in offsets]
+        make = functools.partial(tuple.__new__, TarMember)
+        return list(map(make, zip(names, offsets, data_offsets, sizes, strict=True)))
+
+    # The general walk: jump from header to header with positioned reads (one read usually
+    # covers a header and the small members after it), checksums verified in batches.
+    def _walk_general(self) -> list[TarMember]:
         fd, size = self._fd, self.file_size or 0
         members: list[TarMember] = []
         headers: list[int] = []  # offsets of the headers not yet checksummed
@@ -248,6 +306,8 @@ class TarReader:
                     return members
             try:
                 member_size = int(block[124:135], 8)  # 11 octal digits: what writers emit
+                if member_size < 0:  # int() takes a sign; a tar size field never has one
+                    raise ValueError
             except ValueError:
                 try:
                     member_size = _octal(block[124:136])
@@ -406,17 +466,66 @@ class TarReader:
             offset = data_offset + padded
 
 
+def _plain_names(blocks: list[bytes], names: list[str]) -> bool:
+    """Check a batch of header blocks (checksum, plain file, no name prefix) and append
+    their names to `names`; False at the first one that fails. Empties `blocks`."""
+    import numpy as np
+
+    if not blocks:
+        return True
+    rows = np.frombuffer(b"".join(blocks), dtype=np.uint8).reshape(-1, BLOCK)
+    blocks.clear()
+    if _first_bad_checksum_rows(rows) is not None:
+        return False
+    kinds = rows[:, 156]
+    if not ((kinds == 0) | (kinds == 48)).all():  # the _PLAIN kinds
+        return False
+    ustar = (rows[:, 257:263] == np.frombuffer(b"ustar\0", dtype=np.uint8)).all(axis=1)
+    if (ustar & (rows[:, 345] != 0)).any():  # a name prefix
+        return False
+    batch = _names(rows)
+    if batch is None:
+        return False
+    names.extend(batch)
+    return True
+
+
+def _names(rows: NDArray[np.uint8]) -> list[str] | None:
+    """The name field of every header row (up to its first NUL) in one decode; None when a
+    name is empty."""
+    import numpy as np
+
+    fields = np.zeros((rows.shape[0], 101), dtype=np.uint8)
+    fields[:, :100] = rows[:, :100]
+    lengths = (fields == 0).argmax(axis=1)
+    if not lengths.all():
+        return None
+    # each name and the NUL that ends it, back to back: splitting gives one name per row
+    keep = np.arange(101) <= lengths[:, None]
+    names: list[str] = fields[keep].tobytes().decode("utf-8", "surrogateescape").split("\0")
+    names.pop()
+    return names
+
+
 def _first_bad_checksum(blocks: list[bytes]) -> int | None:
     """Index of the first header block whose checksum is wrong, or None (vectorised)."""
     if not blocks:
         return None
     import numpy as np
 
-    rows = np.frombuffer(b"".join(blocks), dtype=np.uint8).reshape(-1, BLOCK)
+    return _first_bad_checksum_rows(
+        np.frombuffer(b"".join(blocks), dtype=np.uint8).reshape(-1, BLOCK)
+    )
+
+
+def _first_bad_checksum_rows(rows: NDArray[np.uint8]) -> int | None:
+    """`_first_bad_checksum` over header blocks as the rows of an (n, 512) array."""
+    import numpy as np
+
     field = rows[:, 148:156].sum(axis=1, dtype=np.int64)
     computed = rows.sum(axis=1, dtype=np.int64) - field + 8 * 32
     for i in np.flatnonzero(computed != _stored_checksums(rows)):
-        if not _checksum_ok(blocks[int(i)]):  # the signed-sum variant of old writers
+        if not _checksum_ok(rows[int(i)].tobytes()):  # the signed-sum variant of old writers
             return int(i)
     return None
 
