@@ -7,7 +7,7 @@ baseline is OpenFlamingo 2.0.1's own model and its own step function (`train_one
 with its label-masking loops); ours is `flamingo_cli.train.loop.optimizer_step` with the
 labels computed by `flamingo_cli.data.labels` inside the timed step.
 
-    python benchmarks/train_step.py [--steps 8] [--threads 2]
+    python benchmarks/train_step.py [--steps 8] [--threads 2] [--mixed]
 """
 
 from __future__ import annotations
@@ -46,8 +46,11 @@ class Batch:
     labels: torch.Tensor
 
 
-def make_batches(tokenizer: Any, steps: int, seed: int = 0) -> list[dict[str, Any]]:
-    """LAION pairs (4 x 1 image, <= 32 tokens) and documents (4 x 6 images, 256 tokens)."""
+def make_batches(
+    tokenizer: Any, steps: int, seed: int = 0, mixed: bool = False
+) -> list[dict[str, Any]]:
+    """LAION pairs (4 x 1 image, <= 32 tokens) and documents (4 x 6 images, 256 tokens);
+    `mixed`: documents hold 1 to 6 images, zero-padded to 6 as the loaders batch them."""
     generator = torch.Generator().manual_seed(seed)
     words = ["red", "green", "blue", "square", "circle", "stripe", "a", "the", "shape"]
     out = []
@@ -57,9 +60,10 @@ def make_batches(tokenizer: Any, steps: int, seed: int = 0) -> list[dict[str, An
             for i in range(4)
         ]
         documents = []
+        counts = [1 + (step + 2 * i) % 6 if mixed else 6 for i in range(4)]
         for i in range(4):
             parts = []
-            for k in range(6):
+            for k in range(counts[i]):
                 sentence = " ".join(words[(step + i + k + j) % len(words)] for j in range(12))
                 parts.append(f"<|endofchunk|><image>{sentence}.")
             documents.append(
@@ -73,10 +77,13 @@ def make_batches(tokenizer: Any, steps: int, seed: int = 0) -> list[dict[str, An
         mmc4 = tokenizer(
             documents, max_length=256, truncation=True, padding="max_length", return_tensors="pt"
         )
+        images = torch.randn(4, 6, 3, 64, 64, generator=generator)
+        for i, count in enumerate(counts):
+            images[i, count:] = 0
         out.append(
             {
                 "laion": (torch.randn(4, 1, 3, 64, 64, generator=generator), laion),
-                "mmc4": (torch.randn(4, 6, 3, 64, 64, generator=generator), mmc4),
+                "mmc4": (images, mmc4),
             }
         )
     return out
@@ -239,6 +246,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--mixed",
+        action="store_true",
+        help="documents with 1 to 6 images, zero-padded to 6 (as real MMC4 batches)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -267,7 +279,7 @@ def main() -> None:
         )
         LlamaForCausalLM(config).save_pretrained(root / "lm")
         theirs, ours, tokenizer = build(root / "lm", TINY_TOKENIZER)
-        batches = make_batches(tokenizer, args.steps + args.warmup)
+        batches = make_batches(tokenizer, args.steps + args.warmup, mixed=args.mixed)
         warm, timed = batches[: args.warmup], batches[args.warmup :]
         time_openflamingo(theirs, tokenizer, warm)
         time_ours(ours, tokenizer, warm)
@@ -276,7 +288,8 @@ def main() -> None:
             results["openflamingo"].append(time_openflamingo(theirs, tokenizer, timed))
             results["ours"].append(time_ours(ours, tokenizer, timed))
     base, mine = min(results["openflamingo"]), min(results["ours"])
-    print(f"threads {args.threads}, {args.steps} steps per pass, best of 3")
+    images = "1-6 images per document, padded to 6" if args.mixed else "6 images per document"
+    print(f"threads {args.threads}, {args.steps} steps per pass, best of 3, {images}")
     print(f"OpenFlamingo train_one_epoch: {1 / base:6.2f} steps/s ({base * 1000:7.1f} ms/step)")
     print(f"flamingo optimizer_step:      {1 / mine:6.2f} steps/s ({mine * 1000:7.1f} ms/step)")
     print(f"ratio (ours / OpenFlamingo):  {base / mine:.2f}x")

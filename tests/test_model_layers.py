@@ -178,6 +178,34 @@ def test_cutting_right_padding_keeps_loss_and_gradients(model: FlamingoModel) ->
         torch.testing.assert_close(short, long, rtol=1e-5, atol=1e-6)
 
 
+def test_only_referenced_images_are_encoded_with_the_same_result(model: FlamingoModel) -> None:
+    images, ids, mask = batch()  # 2, 1 and 1 <image> tokens for 2 image slots each
+    labels = ids.masked_fill(mask == 0, -100)
+    probe = copy.deepcopy(model).train()
+    open_gates(probe)
+    seen: list[int] = []
+    probe.perceiver.register_forward_hook(lambda m, a, out: seen.append(out.shape[:2].numel()))
+    results = []
+    for encode in (probe.encode_referenced, lambda images, ids: probe.encode_images(images)):
+        probe.zero_grad()
+        latents = encode(images, ids)
+        with probe._conditioned(latents, probe.media_index(ids)):
+            loss = probe.lm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        grads = [p.grad.clone() for p in probe.parameters() if p.grad is not None]
+        results.append((latents.detach(), loss.detach(), grads))
+    assert seen == [4, 6]  # the referenced images only, then all slots
+    (latents, loss, grads), (all_latents, all_loss, all_grads) = results
+    torch.testing.assert_close(latents[0], all_latents[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(latents[1:, 1], torch.zeros_like(latents[1:, 1]))
+    torch.testing.assert_close(loss, all_loss, rtol=1e-6, atol=1e-6)
+    for ours, reference in zip(grads, all_grads, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    # no <image> at all: one image is still encoded (every rank runs the same layers)
+    none = probe.encode_referenced(images, torch.zeros_like(ids)).flatten(0, 1)
+    assert seen[-1] == 1 and torch.equal(none[1:], torch.zeros_like(none[1:]))
+
+
 def test_media_switched_off_removes_only_the_attention_branch(model: FlamingoModel) -> None:
     images, ids, mask = batch()
     probe = copy.deepcopy(model)

@@ -141,6 +141,21 @@ class FlamingoModel(nn.Module):
         latents: Tensor = self.perceiver(tokens.unflatten(0, (batch, count)))
         return latents
 
+    def encode_referenced(self, images: Tensor, input_ids: Tensor) -> Tensor:
+        """`encode_images` for the images some `<image>` token refers to; the others (zero
+        padding, images cut off with their text) get zero latents that nothing attends to.
+        Same result, less work: documents often hold fewer images than the padded count."""
+        batch, count = images.shape[:2]
+        referenced = (input_ids == self.special_tokens.image).sum(dim=1).clamp(max=count)
+        used = torch.arange(count, device=images.device) < referenced.unsqueeze(1)
+        if count == 0 or bool(used.all()):
+            return self.encode_images(images)
+        if not bool(used.any()):
+            used[0, 0] = True  # encode one image: sharded layers run the same calls on every rank
+        encoded = self.encode_images(images[used].unsqueeze(0)).squeeze(0)
+        latents = encoded.new_zeros(batch, count, *encoded.shape[1:])
+        return latents.index_put((used,), encoded)
+
     def media_index(self, input_ids: Tensor, start: Tensor | None = None) -> Tensor:
         """Per token, the 1-based number of the most recent `<image>` at or before it (0: none);
         `start` (B,) counts images seen before these tokens (decoding with a cache)."""
@@ -173,7 +188,7 @@ class FlamingoModel(nn.Module):
         if use_media:
             if images is None:
                 raise ValueError("images are required unless use_media=False")
-            latents: Tensor | None = self.encode_images(images)
+            latents: Tensor | None = self.encode_referenced(images, input_ids)
         else:
             latents = None
         with self._conditioned(latents, self.media_index(input_ids)):
