@@ -73,3 +73,12 @@ def test_pixels_without_the_arrow_export_are_the_same(monkeypatch: pytest.Monkey
     monkeypatch.setattr(fast_image.pa, "array", no_export)
     assert fast_image._pixels(image).shape == (3, 90, 120)
     assert torch.equal(fast(image), shared)
+
+
+@pytest.mark.parametrize(("width", "height"), [(1, 1), (3, 700), (2600, 2600)])
+def test_pixels_hold_the_image_at_any_size(width: int, height: int) -> None:
+    # Pillow shares single-block images through Arrow; larger ones span blocks and are copied
+    pixels = np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = fast_image._pixels(Image.fromarray(pixels))
+    assert out.dtype == torch.uint8 and out.shape[1:] == (height, width)
+    assert torch.equal(out[:3].permute(1, 2, 0), torch.from_numpy(pixels))
