@@ -180,10 +180,10 @@ def main() -> None:
 
     import torch.distributed as dist
 
-    from flamingo_cli.model.params import embedding_grad_mask
     from flamingo_cli.train.distributed import apply_parallelism, init_distributed, teardown
     from flamingo_cli.train.loop import LoopConfig, optimizer_step
     from flamingo_cli.train.optim import build_optimizer
+    from flamingo_cli.train.run import grad_masks
     from flamingo_cli.train.schedule import build_scheduler
 
     info = init_distributed(timeout_s=600)
@@ -196,7 +196,6 @@ def main() -> None:
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     batches = make_batches(model, args, args.warmup + args.steps)
     flops = count_flops(model, batches[0], info.device)
-    mask = embedding_grad_mask(model)
     wrapped = apply_parallelism(
         model,
         model.shard_units(),
@@ -205,17 +204,9 @@ def main() -> None:
         precision="bf16",
         info=info,
     )
-    masks = []
-    if mask is not None:
-        from torch.distributed.tensor import distribute_tensor
-
-        weight = model.input_embeddings().weight
-        masks = [
-            (weight, distribute_tensor(mask.to(info.device), weight.device_mesh, weight.placements))
-        ]
     optimizer = build_optimizer(wrapped, lr=1e-4, weight_decay=0.1)
     scheduler = build_scheduler(optimizer, kind="constant", warmup_steps=0, total_steps=10**6)
-    config = LoopConfig(1, {"laion": 1.0, "mmc4": 1.0}, 1.0, "bf16", masks)
+    config = LoopConfig(1, {"laion": 1.0, "mmc4": 1.0}, 1.0, "bf16", grad_masks(model, wrapped))
 
     def step(batch: dict[str, Batch]) -> None:
         optimizer_step(wrapped, [batch], optimizer, scheduler, config, info, "fsdp")

@@ -88,8 +88,8 @@ def tensor_transform(transform: Callable[[Image.Image], torch.Tensor]) -> Tensor
         and type(normalize) is T.Normalize
     ):
         return None
-    size = resize.size if isinstance(resize.size, int) else list(resize.size)
-    if isinstance(size, list):
+    size = resize.size
+    if not isinstance(size, int):  # a one-element sequence means the shorter side too
         if len(size) != 1:
             return None
         size = size[0]

@@ -119,7 +119,6 @@ class TokenRouting:
     tokens: Tensor
     slots: Tensor
     span: int
-    images: int
 
     @classmethod
     def from_media_index(cls, media_index: Tensor, images: int) -> TokenRouting:
@@ -134,7 +133,7 @@ class TokenRouting:
         rows = torch.arange(batch, device=media_index.device).unsqueeze(1)
         slots = ((rows * max(images, 1) + image) * span + rank).flatten()
         tokens = valid.flatten().nonzero().squeeze(1)
-        return cls(tokens, slots.index_select(0, tokens), span, images)
+        return cls(tokens, slots.index_select(0, tokens), span)
 
 
 class MaskedCrossAttention(nn.Module):
@@ -168,7 +167,7 @@ class MaskedCrossAttention(nn.Module):
         q = self.q_proj(self.norm(x)).flatten(0, 1)
         width = q.shape[-1]
         k, v = self.kv_proj(media).chunk(2, dim=-1)
-        buckets = batch * max(images, 1)
+        buckets = batch * images
         queries = q.new_zeros(buckets * routing.span, width).index_copy(
             0, routing.slots, q.index_select(0, routing.tokens)
         )

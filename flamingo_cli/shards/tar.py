@@ -1,7 +1,7 @@
 """Reading tar shards: webdataset's key rule and a fast header scanner.
 
-The scanner parses the 512-byte headers itself: on local files it maps the file and jumps from
-header to header without touching member data; other URLs are streamed. It never stops
+The scanner parses the 512-byte headers itself: on local files it jumps from header to header
+with positioned reads, without touching member data; other URLs are streamed. It never stops
 quietly: a damaged archive ends the scan with the byte offset and the reason.
 """
 
@@ -208,7 +208,7 @@ class TarReader:
         self.end = offset
 
     def _walk_local(self) -> list[TarMember]:
-        """Plain archives through the mapped fast path; anything else (damage, long names,
+        """Plain archives through the fast path; anything else (damage, long names,
         pax headers, prefixes, other member kinds) through the general walk."""
         fast = self._walk_plain()
         return fast if fast is not None else self._walk_general()
@@ -477,8 +477,7 @@ def _plain_names(blocks: list[bytes], names: list[str]) -> bool:
     blocks.clear()
     if _first_bad_checksum_rows(rows) is not None:
         return False
-    kinds = rows[:, 156]
-    if not ((kinds == 0) | (kinds == 48)).all():  # the _PLAIN kinds
+    if not np.isin(rows[:, 156], tuple(_PLAIN)).all():
         return False
     ustar = (rows[:, 257:263] == np.frombuffer(b"ustar\0", dtype=np.uint8)).all(axis=1)
     if (ustar & (rows[:, 345] != 0)).any():  # a name prefix

@@ -101,9 +101,7 @@ def check_device_support(precision: str) -> None:
         )
 
 
-def _grad_masks(
-    model: FlamingoModel, wrapped: nn.Module
-) -> list[tuple[nn.Parameter, torch.Tensor]]:
+def grad_masks(model: FlamingoModel, wrapped: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
     """The embedding-row mask, laid out like the (possibly sharded) embedding parameter."""
     mask = embedding_grad_mask(model)
     if mask is None:
@@ -224,7 +222,7 @@ def _train(
         loss_multipliers={name: cfg.loss_multiplier for name, cfg in recipe.datasets().items()},
         max_grad_norm=recipe.optim.max_grad_norm,
         precision=recipe.run.precision,
-        grad_masks=_grad_masks(model, wrapped),
+        grad_masks=grad_masks(model, wrapped),
     )
     scaler = torch.amp.GradScaler("cuda") if recipe.run.precision == "fp16" else None
     stop = StopFlag()
