@@ -7,6 +7,7 @@ import nox
 nox.options.default_venv_backend = "virtualenv"
 nox.options.sessions = ["lint", "typecheck", "tests"]
 
+LINTED = ("flamingo_cli", "tests", "benchmarks", "scripts", "noxfile.py", "setup.py")
 OFFLINE = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -33,10 +34,8 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "flamingo_cli", "tests", "benchmarks", "scripts", "noxfile.py")
-    session.run(
-        "ruff", "format", "--check", "flamingo_cli", "tests", "benchmarks", "scripts", "noxfile.py"
-    )
+    session.run("ruff", "check", *LINTED)
+    session.run("ruff", "format", "--check", *LINTED)
 
 
 @nox.session

@@ -180,8 +180,6 @@ def _scan_all(
             if progress:
                 progress(results[task])
         return results
-    import numpy  # noqa: F401  (the header checksums need it: import once, before forking)
-
     # Largest local files first, so one big shard does not finish alone at the end.
     ordered = sorted(tasks, key=lambda t: -_local_size(t[0]))
     methods = multiprocessing.get_all_start_methods()

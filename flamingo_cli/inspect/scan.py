@@ -10,8 +10,6 @@ import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
-from itertools import groupby
-from operator import itemgetter
 from typing import Any
 
 from flamingo_cli.errors import OpenerError
@@ -26,7 +24,7 @@ from flamingo_cli.inspect.document import (
 from flamingo_cli.inspect.report import DeepStats, Finding, Kind, ShardReport
 from flamingo_cli.shards.opener import open_url
 from flamingo_cli.shards.spec import local_path, url_kind
-from flamingo_cli.shards.tar import TarMember, TarReader, split_member
+from flamingo_cli.shards.tar import TarListing, TarMember, TarReader, split_member
 
 DEFAULT_MAX_TOKENS: dict[Kind, int] = {"pairs": 32, "interleaved": 256}
 _KIND_NAMES: dict[Kind, str] = {"pairs": "image-text pairs", "interleaved": "interleaved documents"}
@@ -80,9 +78,6 @@ def scan_shard(url: str, settings: ScanSettings) -> ShardReport:
     return report
 
 
-Samples = list[tuple[str, frozenset[str], int]]  # key, member extensions, offset
-
-
 def _everything(name: str) -> bool:
     return True
 
@@ -92,18 +87,17 @@ def _scan(url: str, settings: ScanSettings, report: ShardReport) -> None:
     want = _everything if deep else None
     with TarReader(url, allow_pipe=settings.allow_pipe, want=want) as reader:
         if deep is not None:
-            samples, all_exts = _group_deep(url, reader, settings, report, deep)
+            listing = _read_deep(url, reader, settings, report, deep)
         else:
-            samples, all_exts = _group_listing(url, reader.members(), report)
-    report.members = len(all_exts)
-    extensions = Counter(all_exts)
-    report.samples = len(samples)
-    report.extensions = dict(extensions)
+            listing = reader.listing()
+    report.members = len(listing.names)
+    report.samples = len(listing.keys)
+    report.extensions = _check_repeats(url, listing, report)
     report.bytes = reader.file_size if reader.file_size is not None else reader.end
     if reader.damage is not None:
         damage = reader.damage
         report.damaged_at = damage.offset
-        after = f" (after sample {samples[-1][0]})" if samples else ""
+        after = f" (after sample {listing.keys[-1]})" if listing.keys else ""
         report.add(
             Finding(
                 url,
@@ -113,124 +107,97 @@ def _scan(url: str, settings: ScanSettings, report: ShardReport) -> None:
                 offset=damage.offset,
             )
         )
-    _check_members(url, samples, settings, report)
+    _check_members(url, listing, settings, report)
     report.deep = deep
 
 
-def _duplicate_key(url: str, key: str, offset: int, first: int) -> Finding:
-    return Finding(
-        url,
-        "duplicate-key",
-        f"key appears again at byte {offset} (first sample at byte {first}); webdataset "
-        "yields it twice",
-        key=key,
-        offset=offset,
-    )
-
-
-def _repeated_member(url: str, key: str, member: TarMember) -> Finding:
-    return Finding(
-        url,
-        "duplicate-key",
-        f"member {member.name} appears twice in one sample (byte {member.offset}); webdataset "
-        "stops with an error",
-        key=key,
-        offset=member.offset,
-    )
-
-
-def _group_listing(
-    url: str, members: list[TarMember], report: ShardReport
-) -> tuple[Samples, list[str]]:
-    """Samples as runs of members sharing a key, with per-sample work only (the listing)."""
-    split = _split_names([m[0] for m in members])
-    all_exts = [ext for _, _, ext in split]
-    samples: Samples = []
-    add_sample = samples.append
+def _check_repeats(url: str, listing: TarListing, report: ShardReport) -> dict[str, int]:
+    """Report keys that come back after other samples and members repeated within a sample;
+    return the members per extension. Work is per distinct set of extensions, and per
+    sample only when something repeats."""
+    extensions: Counter[str] = Counter()
+    repeated: set[str] = set()
+    for signature, n in Counter(listing.signatures).items():
+        exts = signature.split("/")
+        for ext in exts:
+            extensions[ext] += n
+        if len(set(exts)) < len(exts):
+            repeated.add(signature)
+    if not repeated and len(set(listing.keys)) == len(listing.keys):
+        return dict(extensions)
     seen: dict[str, int] = {}
-    ext_sets: dict[tuple[str, ...], frozenset[str]] = {}
-    position = 0
-    for key, run in groupby(split, key=itemgetter(0)):
-        found = tuple(ext for _, _, ext in run)
-        first = members[position]
+    for index, key in enumerate(listing.keys):
+        start = listing.starts[index]
+        offset = listing.offsets[start]
         if key in seen:
             report.duplicate_keys += 1
-            report.add(_duplicate_key(url, key, first.offset, seen[key]))
+            report.add(
+                Finding(
+                    url,
+                    "duplicate-key",
+                    f"key appears again at byte {offset} (first sample at byte {seen[key]}); "
+                    "webdataset yields it twice",
+                    key=key,
+                    offset=offset,
+                )
+            )
         else:
-            seen[key] = first.offset
-        exts = ext_sets.get(found)
-        if exts is None:
-            exts = ext_sets[found] = frozenset(found)
-        if len(exts) != len(found):  # a member repeated within the sample
-            once: set[str] = set()
-            for index, ext in enumerate(found):
-                if ext in once:
-                    report.duplicate_keys += 1
-                    report.add(_repeated_member(url, key, members[position + index]))
-                once.add(ext)
-        add_sample((key, exts, first.offset))
-        position += len(found)
-    return samples, all_exts
+            seen[key] = offset
+        signature = listing.signatures[index]
+        if signature not in repeated:
+            continue
+        once: set[str] = set()
+        for position, ext in enumerate(signature.split("/"), start):
+            if ext in once:
+                name, at = listing.names[position], listing.offsets[position]
+                report.duplicate_keys += 1
+                report.add(
+                    Finding(
+                        url,
+                        "duplicate-key",
+                        f"member {name} appears twice in one sample (byte {at}); webdataset "
+                        "stops with an error",
+                        key=key,
+                        offset=at,
+                    )
+                )
+            once.add(ext)
+    return dict(extensions)
 
 
-def _group_deep(
+def _read_deep(
     url: str, reader: TarReader, settings: ScanSettings, report: ShardReport, deep: DeepStats
-) -> tuple[Samples, list[str]]:
-    """Samples with their members' data, each checked as soon as it is complete."""
-    samples: Samples = []
-    seen: dict[str, int] = {}
-    all_exts: list[str] = []
+) -> TarListing:
+    """Check each sample with its members' data as soon as it is complete; the listing of
+    what was read."""
+    members: list[TarMember] = []
     key: str | None = None
     start = 0
-    exts: list[str] = []
     data: dict[str, bytes] = {}
-
-    def finish() -> None:
-        assert key is not None
-        samples.append((key, frozenset(exts), start))
-        _deep_check(url, key, start, data, settings, report, deep)
-
     for member, payload in reader:
+        members.append(member)
         name_key, ext = split_member(member.name)
-        all_exts.append(ext)
         if name_key != key:
             if key is not None:
-                finish()
-            if name_key in seen:
-                report.duplicate_keys += 1
-                report.add(_duplicate_key(url, name_key, member.offset, seen[name_key]))
-            else:
-                seen[name_key] = member.offset
-            key, start, exts, data = name_key, member.offset, [ext], {}
-        elif ext in exts:
-            report.duplicate_keys += 1
-            report.add(_repeated_member(url, name_key, member))
-        else:
-            exts.append(ext)
+                _deep_check(url, key, start, data, settings, report, deep)
+            key, start, data = name_key, member.offset, {}
         if payload is not None:
             data[ext] = payload
     if key is not None:
-        finish()
-    return samples, all_exts
-
-
-def _split_names(names: list[str]) -> list[tuple[str, str, str]]:
-    """`split_member` over many names as (key, ".", extension); names without a folder take
-    a faster path."""
-    if "/" in "".join(names):
-        return [(key, ".", ext) for key, ext in map(split_member, names)]
-    return [name.partition(".") for name in names]
+        _deep_check(url, key, start, data, settings, report, deep)
+    return TarListing.of(members)
 
 
 def _check_members(
-    url: str,
-    samples: list[tuple[str, frozenset[str], int]],
-    settings: ScanSettings,
-    report: ShardReport,
+    url: str, listing: TarListing, settings: ScanSettings, report: ShardReport
 ) -> None:
     """Kind of the shard, then every sample missing a member the others have."""
+    exts_of = {s: frozenset(s.split("/")) for s in set(listing.signatures)}
+    by_exts: Counter[frozenset[str]] = Counter()
+    for signature, n in Counter(listing.signatures).items():
+        by_exts[exts_of[signature]] += n
     kinds: Counter[Kind | None] = Counter()
-    for exts, n in Counter(exts for _, exts, _ in samples).items():
+    for exts, n in by_exts.items():
         kinds[sample_kind(exts)] += n
     kinds.pop(None, None)
     if not kinds:
@@ -248,18 +215,20 @@ def _check_members(
             )
         )
     counts: Counter[str] = Counter()
-    for exts, n in Counter(exts for _, exts, _ in samples).items():
+    for exts, n in by_exts.items():
         for ext in exts:
             counts[ext] += n
-    common = {e for e, n in counts.items() if 2 * n >= len(samples) and e not in IMAGE_EXTS}
+    samples = len(listing.keys)
+    common = {e for e, n in counts.items() if 2 * n >= samples and e not in IMAGE_EXTS}
     if kind == "pairs":
         common.add("txt")
     else:
         common.add("json")
     # The last sample of a damaged shard is cut by the damage, which is reported already.
-    checked = samples[:-1] if report.damaged_at is not None else samples
-    problems: dict[frozenset[str], str] = {}  # worked out once per distinct set of members
-    for exts in {exts for _, exts, _ in checked}:
+    checked = samples - 1 if report.damaged_at is not None else samples
+    problems: dict[str, str] = {}  # worked out once per distinct set of members
+    for signature in set(listing.signatures[:checked]):
+        exts = exts_of[signature]
         missing = [f"no .{e} member" for e in sorted(common - exts)]
         if kind == "pairs" and not exts & set(PAIR_IMAGE_EXTS):
             other = sorted(exts & set(IMAGE_EXTS))
@@ -270,14 +239,16 @@ def _check_members(
                 else "no .jpg/.jpeg/.png image"
             )
         if missing:
-            problems[exts] = "; ".join(missing)
+            problems[signature] = "; ".join(missing)
     if not problems:
         return
-    for sample_key, exts, offset in checked:
-        if exts in problems:
+    for index in range(checked):
+        problem = problems.get(listing.signatures[index])
+        if problem is not None:
             report.missing_members += 1
+            offset = listing.offsets[listing.starts[index]]
             report.add(
-                Finding(url, "missing-member", problems[exts], key=sample_key, offset=offset)
+                Finding(url, "missing-member", problem, key=listing.keys[index], offset=offset)
             )
 
 

@@ -1,15 +1,18 @@
 """Reading tar shards: webdataset's key rule and a fast header scanner.
 
 The scanner parses the 512-byte headers itself: on local files it jumps from header to header
-with positioned reads, without touching member data; other URLs are streamed. It never stops
-quietly: a damaged archive ends the scan with the byte offset and the reason.
+with positioned reads, without touching member data; other URLs are streamed. Plain archives
+(what shard writers emit) are listed by a compiled walk when the package was built with a C
+compiler (`_tarlist`); everything else, and every archive without it, takes the general walk
+here. It never stops quietly: a damaged archive ends the scan with the byte offset and the
+reason.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable, Iterator
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Literal, NamedTuple
@@ -21,6 +24,13 @@ from flamingo_cli.shards.spec import local_path, url_kind
 if TYPE_CHECKING:
     import numpy as np
     from numpy.typing import NDArray
+
+ListPlain = Callable[[int, int], "tuple[int, bytes, bytes, bytes, bytes, bytes, bytes] | None"]
+_list_plain: ListPlain | None
+try:
+    from flamingo_cli.shards._tarlist import list_plain as _list_plain
+except ImportError:  # built without a C compiler: the general walk lists every archive
+    _list_plain = None
 
 BLOCK = 512
 _CHUNK = 1 << 20
@@ -62,6 +72,66 @@ class TarDamage:
     offset: int
     message: str
     name: str | None = None  # the member that was cut off, when its header is intact
+
+
+@dataclass(frozen=True)
+class TarListing:
+    """The regular-file members of a tar as columns, grouped into samples: runs of
+    consecutive members sharing a key (webdataset's rule, `split_member`)."""
+
+    names: list[str]
+    offsets: Sequence[int]  # of each member's header; its data follows at offset + 512
+    sizes: Sequence[int]
+    starts: Sequence[int]  # index of each sample's first member
+    keys: list[str]  # of each sample
+    signatures: list[str]  # each sample's member extensions in tar order, joined by "/"
+
+    @classmethod
+    def of(cls, members: Sequence[TarMember]) -> TarListing:
+        """Group members read one by one (the general walk, streams)."""
+        starts: list[int] = []
+        keys: list[str] = []
+        signatures: list[str] = []
+        exts: list[str] = []
+        for index, member in enumerate(members):
+            key, ext = split_member(member.name)
+            if keys and key == keys[-1]:
+                exts.append(ext)
+                continue
+            if keys:
+                signatures.append("/".join(exts))
+            starts.append(index)
+            keys.append(key)
+            exts = [ext]
+        if keys:
+            signatures.append("/".join(exts))
+        return cls(
+            [m.name for m in members],
+            [m.offset for m in members],
+            [m.size for m in members],
+            starts,
+            keys,
+            signatures,
+        )
+
+    def members(self) -> list[TarMember]:
+        return [
+            TarMember(name, offset, offset + BLOCK, size)
+            for name, offset, size in zip(self.names, self.offsets, self.sizes, strict=True)
+        ]
+
+
+def _strings(blob: bytes) -> list[str]:
+    """Names each followed by NUL, as the compiled walk returns them."""
+    strings = blob.decode("utf-8", "surrogateescape").split("\0")
+    strings.pop()  # what follows the last NUL
+    return strings
+
+
+def _int64s(blob: bytes) -> array[int]:
+    numbers = array("q")
+    numbers.frombytes(blob)
+    return numbers
 
 
 class _Corrupt(Exception):
@@ -208,59 +278,34 @@ class TarReader:
         self.end = offset
 
     def _walk_local(self) -> list[TarMember]:
-        """Plain archives through the fast path; anything else (damage, long names,
-        pax headers, prefixes, other member kinds) through the general walk."""
-        fast = self._walk_plain()
-        return fast if fast is not None else self._walk_general()
+        fast = self._list_fast()
+        return fast.members() if fast is not None else self._walk_general()
 
-    # The fast path: a lean loop follows the chain of sizes with positioned reads (one read
-    # usually covers a header and the small members after it); every few thousand headers,
-    # their checksums, magic and names are checked and decoded at once with numpy. Small
-    # batches keep the memory touched small: fresh pages cost more than the parsing here.
-    def _walk_plain(self) -> list[TarMember] | None:
-        """The members of a clean archive of plain files; None at the first thing that is not
-        (the general walk then reports it)."""
-        fd, size = self._fd, self.file_size or 0
-        if fd is None or size < BLOCK:
+    def listing(self) -> TarListing:
+        """Every regular-file member and every sample, without member data (the listing)."""
+        if self._local:
+            fast = self._list_fast()
+            return fast if fast is not None else TarListing.of(self._walk_general())
+        return TarListing.of([member for member, _ in self._walk_stream()])
+
+    def _list_fast(self) -> TarListing | None:
+        """The compiled walk of a plain archive; None when it is not plain (the general walk
+        then reads it and reports what is wrong) or the walk was not built."""
+        if _list_plain is None or self._fd is None:
             return None
-        offsets: list[int] = []
-        sizes: list[int] = []
-        names: list[str] = []
-        blocks: list[bytes] = []
-        add_offset, add_size, add_block = offsets.append, sizes.append, blocks.append
-        window_start, window = 0, b""
-        offset, last = 0, size - BLOCK
-        pending = _CHECKSUM_BATCH
-        while offset <= last:  # the hot loop: one iteration per member, lean on purpose
-            at = offset - window_start
-            if at + BLOCK > len(window):
-                window_start, window, at = offset, os.pread(fd, _WINDOW, offset), 0
-            block = window[at : at + BLOCK]
-            try:
-                member_size = int(block[124:135], 8)
-            except ValueError:  # the end-of-archive block, or not a plain header
-                break
-            if member_size < 0:  # int() takes a sign; a size field never has one
-                return None
-            add_offset(offset)
-            add_size(member_size)
-            add_block(block)
-            offset += BLOCK + (member_size + 511) // 512 * 512
-            pending -= 1
-            if not pending:
-                pending = _CHECKSUM_BATCH
-                if not _plain_names(blocks, names):
-                    return None
-        if offset > last or os.pread(fd, BLOCK, offset).count(0) != BLOCK:
-            return None  # no end-of-archive block where the chain ends
-        if offsets and offsets[-1] + BLOCK + sizes[-1] > size:
+        found = _list_plain(self._fd, self.file_size or 0)
+        if found is None:
             return None
-        if not _plain_names(blocks, names):
-            return None
-        self.end = offset
-        data_offsets = [o + BLOCK for o in offsets]
-        make = functools.partial(tuple.__new__, TarMember)
-        return list(map(make, zip(names, offsets, data_offsets, sizes, strict=True)))
+        end, names, offsets, sizes, starts, keys, signatures = found
+        self.end = end
+        return TarListing(
+            _strings(names),
+            _int64s(offsets),
+            _int64s(sizes),
+            _int64s(starts),
+            _strings(keys),
+            _strings(signatures),
+        )
 
     # The general walk: jump from header to header with positioned reads (one read usually
     # covers a header and the small members after it), checksums verified in batches.
@@ -305,9 +350,11 @@ class TarReader:
                 if self._bad_checksum(headers, blocks, members):
                     return members
             try:
-                member_size = int(block[124:135], 8)  # 11 octal digits: what writers emit
-                if member_size < 0:  # int() takes a sign; a tar size field never has one
+                # 11 digits and a terminator, what writers emit; anything else (a sign, an
+                # underscore or a space int() would take, a 12th digit) goes to _octal
+                if block[135] not in (0, 32) or not block[124:135].isdigit():
                     raise ValueError
+                member_size = int(block[124:135], 8)
             except ValueError:
                 try:
                     member_size = _octal(block[124:136])
@@ -466,46 +513,6 @@ class TarReader:
             offset = data_offset + padded
 
 
-def _plain_names(blocks: list[bytes], names: list[str]) -> bool:
-    """Check a batch of header blocks (checksum, plain file, no name prefix) and append
-    their names to `names`; False at the first one that fails. Empties `blocks`."""
-    import numpy as np
-
-    if not blocks:
-        return True
-    rows = np.frombuffer(b"".join(blocks), dtype=np.uint8).reshape(-1, BLOCK)
-    blocks.clear()
-    if _first_bad_checksum_rows(rows) is not None:
-        return False
-    if not np.isin(rows[:, 156], tuple(_PLAIN)).all():
-        return False
-    ustar = (rows[:, 257:263] == np.frombuffer(b"ustar\0", dtype=np.uint8)).all(axis=1)
-    if (ustar & (rows[:, 345] != 0)).any():  # a name prefix
-        return False
-    batch = _names(rows)
-    if batch is None:
-        return False
-    names.extend(batch)
-    return True
-
-
-def _names(rows: NDArray[np.uint8]) -> list[str] | None:
-    """The name field of every header row (up to its first NUL) in one decode; None when a
-    name is empty."""
-    import numpy as np
-
-    fields = np.zeros((rows.shape[0], 101), dtype=np.uint8)
-    fields[:, :100] = rows[:, :100]
-    lengths = (fields == 0).argmax(axis=1)
-    if not lengths.all():
-        return None
-    # each name and the NUL that ends it, back to back: splitting gives one name per row
-    keep = np.arange(101) <= lengths[:, None]
-    names: list[str] = fields[keep].tobytes().decode("utf-8", "surrogateescape").split("\0")
-    names.pop()
-    return names
-
-
 def _first_bad_checksum(blocks: list[bytes]) -> int | None:
     """Index of the first header block whose checksum is wrong, or None (vectorised)."""
     if not blocks:
@@ -551,16 +558,10 @@ def count_samples(url: str, *, allow_pipe: bool = False) -> int:
     Local files are read by jumping from header to header; other URLs are streamed. A
     truncated or corrupt archive raises OpenerError with the byte offset.
     """
-    count = 0
-    previous: str | None = None
     with TarReader(url, allow_pipe=allow_pipe) as reader:
-        for member, _ in reader:
-            key, _ext = split_member(member.name)
-            if key != previous:
-                count += 1
-                previous = key
+        samples = len(reader.listing().keys)
     if reader.damage is not None:
         raise OpenerError(
             f"tar shard {url} {reader.damage.message}", fix="rewrite or re-download the shard"
         )
-    return count
+    return samples

@@ -1,0 +1,3 @@
+def list_plain(
+    fd: int, size: int, /
+) -> tuple[int, bytes, bytes, bytes, bytes, bytes, bytes] | None: ...
