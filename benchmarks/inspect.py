@@ -100,15 +100,22 @@ def _cpu() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median wall seconds and median CPU seconds (this process and its children)."""
-    walls, cpus = [], []
+def timed(
+    contenders: dict[str, Callable[[], object]], repeats: int
+) -> dict[str, tuple[float, float]]:
+    """Median wall seconds and median CPU seconds (this process and its children) of each
+    contender, taking turns so that all of them see the same state of the page cache."""
+    walls: dict[str, list[float]] = {name: [] for name in contenders}
+    cpus: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
-        start, cpu = time.perf_counter(), _cpu()
-        fn()
-        walls.append(time.perf_counter() - start)
-        cpus.append(_cpu() - cpu)
-    return statistics.median(walls), statistics.median(cpus)
+        for name, fn in contenders.items():
+            start, cpu = time.perf_counter(), _cpu()
+            fn()
+            walls[name].append(time.perf_counter() - start)
+            cpus[name].append(_cpu() - cpu)
+    return {
+        name: (statistics.median(walls[name]), statistics.median(cpus[name])) for name in contenders
+    }
 
 
 def run_tar(paths: list[Path], workers: int) -> None:
@@ -155,6 +162,26 @@ def run_cli(paths: list[Path], workers: int) -> None:
     )
 
 
+TYPER_FLOOR = """
+import typer
+
+app = typer.Typer()
+
+
+@app.command()
+def main(path: str, workers: int = 1) -> None:
+    pass
+
+
+app()
+"""
+
+
+def run_typer_floor() -> None:
+    """The start-up and argument parsing every Typer command pays, for scale."""
+    subprocess.run([sys.executable, "-c", TYPER_FLOOR, "x", "--workers", "2"], check=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=1.5, help="size of the LAION-like shards")
@@ -178,14 +205,19 @@ def main() -> None:
         f"{len(laion)} shards, {total / 1e9:.2f} GB, {samples:,} samples, {w} worker(s), "
         f"median of {args.repeats}, warm cache"
     )
-    results = {
-        "inspect-shards (library)": timed(lambda: run_ours(laion, w), args.repeats),
-        "inspect-shards (CLI process)": timed(lambda: run_cli(laion, w), args.repeats),
-        "tar -tf (one process)": timed(lambda: run_tar(laion, 1), args.repeats),
-        f"tar -tf (xargs -P{w})": timed(lambda: run_tar(laion, w), args.repeats),
-        f"webdataset ({w} processes)": timed(lambda: run_webdataset(laion, w), args.repeats),
-    }
+    results = timed(
+        {
+            "inspect-shards (library)": lambda: run_ours(laion, w),
+            "inspect-shards (CLI process)": lambda: run_cli(laion, w),
+            "tar -tf (one process)": lambda: run_tar(laion, 1),
+            f"tar -tf (xargs -P{w})": lambda: run_tar(laion, w),
+            f"webdataset ({w} processes)": lambda: run_webdataset(laion, w),
+            "a one-option Typer program": run_typer_floor,
+        },
+        args.repeats,
+    )
     print(f"  {'':32s} {'wall':>8s} {'GB/s':>7s} {'CPU s':>7s}")
+    floor = results.pop("a one-option Typer program")[0]
     for name, (wall, cpu) in results.items():
         print(f"  {name:32s} {wall:7.3f}s {total / wall / 1e9:7.2f} {cpu:7.3f}")
     ours = results["inspect-shards (library)"]
@@ -203,12 +235,16 @@ def main() -> None:
             f"(CLI); CPU {base[1] / ours[1]:.2f}x (library), {base[1] / cli[1]:.2f}x (CLI)"
         )
 
+    print(
+        f"  the CLI's fixed cost: {cli[0] - ours[0]:.3f}s over the library call, of which "
+        f"{floor:.3f}s is what any Typer program takes to start and parse here"
+    )
     deep_laion = laion[:1]
-    _, cpu = timed(lambda: run_ours(deep_laion, 1, deep=True), 1)
+    _, cpu = timed({"deep": lambda: run_ours(deep_laion, 1, deep=True)}, 1)["deep"]
     print(
         f"  --deep, pairs (JPEG 256x256): {SAMPLES_PER_SHARD / cpu:,.0f} samples/s per CPU second"
     )
-    _, cpu = timed(lambda: run_ours(mmc4, 1, deep=True), 1)
+    _, cpu = timed({"deep": lambda: run_ours(mmc4, 1, deep=True)}, 1)["deep"]
     print(f"  --deep, interleaved (3 PNG images/doc): {400 / cpu:,.0f} samples/s per CPU second")
     if not args.keep:
         shutil.rmtree(args.dir)
