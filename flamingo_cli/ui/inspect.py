@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from flamingo_cli.inspect.report import DeepStats, GroupReport, InspectReport, ShardReport
@@ -23,6 +22,16 @@ def shard_progress(total: int) -> Iterator[Callable[[ShardReport], None]]:
     if settings.verbosity < 0 or total < 2:
         yield lambda _report: None
         return
+    # imported here: --json and --quiet runs skip it, and every start-up millisecond shows
+    # against `tar -tf` on small shard sets
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
     columns = (
         TextColumn("scanning shards"),
         BarColumn(),
