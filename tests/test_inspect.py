@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import tarfile
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from flamingo_cli.inspect.run import (
     groups_from_specs,
     inspect_shards,
 )
+from flamingo_cli.shards import tar as tar_module
 from flamingo_cli.shards.sizes import read_sizes
 from flamingo_cli.shards.tar import TarReader, count_samples
 from flamingo_cli.shards.write import write_sizes, write_tar
@@ -197,6 +199,61 @@ def test_missing_member(tmp_path: Path) -> None:
     finding = only(report, "missing-member")
     assert (finding.key, finding.reason) == ("000000002", "no .txt member")
     assert report.groups[0].shards[0].missing_members == 1
+
+
+def _plain_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_member_repeated_within_a_sample(tmp_path: Path, deep: bool) -> None:
+    image = next(iter(laion_samples(0, 1, seed=0)))["png"]
+    members = [("a.png", image), ("a.txt", b"one"), ("a.txt", b"two"), ("b.png", image)]
+    path = _plain_tar(tmp_path / "repeat.tar", [*members, ("b.txt", b"three")])
+    report = run(str(path), deep=deep)
+    finding = only(report, "duplicate-key")
+    with tarfile.open(path) as tar:
+        second = [m.offset for m in tar.getmembers() if m.name == "a.txt"][1]
+    assert (finding.key, finding.offset) == ("a", second)
+    assert finding.reason == (
+        f"member a.txt appears twice in one sample (byte {second}); webdataset stops with an error"
+    )
+    shard = report.groups[0].shards[0]
+    assert (shard.samples, shard.members, shard.duplicate_keys) == (2, 5, 1)
+    assert shard.extensions == {"png": 2, "txt": 3}
+
+
+def test_reports_are_the_same_without_the_compiled_walk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every structural finding, counted and placed the same by both walks."""
+    samples = list(laion_samples(0, 6, seed=0))
+    write_tar(tmp_path / "dup.tar", [*samples, dict(samples[1])])
+    laion(tmp_path / "miss.tar", edit=lambda s: {k: v for k, v in s.items() if k != "txt"})
+    laion(tmp_path / "clean.tar")
+    image = samples[0]["png"]
+    _plain_tar(tmp_path / "repeat.tar", [("a.png", image), ("a.txt", b"1"), ("a.txt", b"2")])
+    truncated = (tmp_path / "clean.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(truncated[: len(truncated) // 2])
+    write_sizes(tmp_path, {"clean.tar": 4, "dup.tar": 6, "miss.tar": 4})
+    compiled = run(str(tmp_path)).to_dict()
+    monkeypatch.setattr(tar_module, "_list_plain", None)
+    assert run(str(tmp_path)).to_dict() == compiled
+    checks = sorted((Path(f["shard"]).name, f["check"]) for f in compiled["findings"])
+    assert checks == [
+        ("cut.tar", "sizes-json"),
+        ("cut.tar", "truncated"),
+        ("dup.tar", "duplicate-key"),
+        ("dup.tar", "sizes-json"),
+        *[("miss.tar", "missing-member")] * 4,
+        ("repeat.tar", "duplicate-key"),
+        ("repeat.tar", "sizes-json"),
+    ]
 
 
 # Sample-level damage (--deep)
