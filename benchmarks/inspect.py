@@ -69,17 +69,32 @@ def laion_like(shard: int, images: list[bytes]) -> Iterator[dict[str, str | byte
         }
 
 
-def make_laion(directory: Path, gigabytes: float) -> list[Path]:
+def write_with_webdataset(path: Path, samples: Iterator[dict[str, str | bytes]]) -> int:
+    """The shard as webdataset's TarWriter (and so img2dataset) writes it: a pax header with
+    the float mtime before every member."""
+    import webdataset as wds
+
+    count = 0
+    with wds.TarWriter(str(path)) as writer:
+        for sample in samples:
+            writer.write(sample)
+            count += 1
+    return count
+
+
+def make_laion(directory: Path, gigabytes: float, writer: str) -> list[Path]:
     images = jpegs(64, seed=0)
     per_shard = SAMPLES_PER_SHARD * (sum(map(len, images)) / len(images) + 3 * 512 + 600)
     shards = max(2, round(gigabytes * 1e9 / per_shard))
+    directory = directory / writer
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / f"{i:05d}.tar" for i in range(shards)]
     if all(p.exists() for p in paths) and (directory / "sizes.json").exists():
         return paths
+    write = write_tar if writer == "flamingo" else write_with_webdataset
     counts = {}
     for i, path in enumerate(paths):
-        counts[path.name] = write_tar(path, laion_like(i, images))
+        counts[path.name] = write(path, laion_like(i, images))
     write_sizes(directory, counts)
     return paths
 
@@ -203,9 +218,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--keep", action="store_true", help="keep the generated shards")
+    parser.add_argument(
+        "--writer",
+        choices=("flamingo", "webdataset"),
+        default="flamingo",
+        help="write the shards as `flamingo convert` does (ustar headers) or as webdataset's "
+        "TarWriter and img2dataset do (a pax header before every member)",
+    )
     args = parser.parse_args()
 
-    laion = make_laion(args.dir / "laion", args.gb)
+    laion = make_laion(args.dir / "laion", args.gb, args.writer)
     mmc4 = make_mmc4(args.dir / "mmc4")
     total = sum(p.stat().st_size for p in laion)
     warm(laion)
@@ -213,7 +235,8 @@ def main() -> None:
     assert run_webdataset(laion, args.workers) == samples
     w = args.workers
     print(
-        f"{len(laion)} shards, {total / 1e9:.2f} GB, {samples:,} samples, {w} worker(s), "
+        f"{len(laion)} shards written by {args.writer}, {total / 1e9:.2f} GB, {samples:,} "
+        f"samples, {w} worker(s), "
         f"median of {args.repeats}, warm cache"
     )
     results = timed(

@@ -1,11 +1,11 @@
 """Reading tar shards: webdataset's key rule and a fast header scanner.
 
 The scanner parses the 512-byte headers itself: on local files it jumps from header to header
-with positioned reads, without touching member data; other URLs are streamed. Plain archives
-(what shard writers emit) are listed by a compiled walk when the package was built with a C
-compiler (`_tarlist`); everything else, and every archive without it, takes the general walk
-here. It never stops quietly: a damaged archive ends the scan with the byte offset and the
-reason.
+with positioned reads, without touching member data; other URLs are streamed. What shard
+writers emit (ustar, GNU long names, pax headers) is listed by a compiled walk when the package
+was built with a C compiler (`_tarlist`); anything else (damage, name prefixes, odd numbers),
+and every archive without it, takes the general walk here. It never stops quietly: a damaged
+archive ends the scan with the byte offset and the reason.
 """
 
 from __future__ import annotations
@@ -195,6 +195,9 @@ def _pax(data: bytes) -> dict[str, str]:
         key, _, value = record.partition(b"=")
         records[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
         pos += length
+    size = records.get("size")
+    if size is not None and not (size.isascii() and size.isdigit()):
+        raise _Corrupt(f"bad size {size!r}")
     return records
 
 
@@ -289,8 +292,8 @@ class TarReader:
         return TarListing.of([member for member, _ in self._walk_stream()])
 
     def _list_fast(self) -> TarListing | None:
-        """The compiled walk of a plain archive; None when it is not plain (the general walk
-        then reads it and reports what is wrong) or the walk was not built."""
+        """The compiled walk; None when it leaves the archive to the general walk (which
+        reads it and reports what is wrong) or was not built."""
         if _list_plain is None or self._fd is None:
             return None
         found = _list_plain(self._fd, self.file_size or 0)
