@@ -518,6 +518,30 @@ def test_fast_and_deep_modes_do_not_import_torch(shard_root: Path) -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_the_json_run_imports_neither_rich_nor_pydantic(shard_root: Path) -> None:
+    """Start-up is what the CLI loses against `tar -tf` on small shard sets: a fast `--json` run
+    stays clear of rich's consoles and of pydantic (Typer >= 0.29 builds a pydantic adapter per
+    option, about 0.25 s, which is why pyproject keeps Typer below it)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from flamingo_cli.cli.app import main\n"
+        f"sys.argv = ['flamingo', 'inspect-shards', '--json', {str(shard_root / 'laion')!r}]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    assert e.code in (0, None), e.code\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'rich', 'pydantic', 'numpy'})\n"
+        "print(json.dumps(heavy))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    *report, heavy = done.stdout.strip().splitlines()
+    assert json.loads("\n".join(report))["groups"][0]["totals"]["samples"] == 32
+    assert json.loads(heavy) == []
+
+
 def test_cli_write_sizes_preview_and_recipe(tmp_path: Path) -> None:
     laion(tmp_path / "00000.tar", count=3)
     laion(tmp_path / "00001.tar", count=2)

@@ -106,11 +106,11 @@ def cluster_options(
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Render FlamingoError without a traceback and exit with its code (1 data, 2 usage)."""
-    from flamingo_cli.ui.errors import render_error
-
     try:
         yield
     except FlamingoError as error:
+        from flamingo_cli.ui.errors import render_error  # rich, only when there is an error
+
         render_error(error)
         raise typer.Exit(error.exit_code) from None
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -16,6 +16,9 @@ from flamingo_cli.cli.common import (
     cluster_options,
     user_errors,
 )
+
+if TYPE_CHECKING:
+    from flamingo_cli.inspect.report import InspectReport
 
 
 def register(app: typer.Typer) -> None:
@@ -109,8 +112,6 @@ def inspect_shards(
         merge_reports,
     )
     from flamingo_cli.inspect.run import inspect_shards as run_inspect
-    from flamingo_cli.ui import console as ui
-    from flamingo_cli.ui.inspect import render_report, shard_progress
 
     with user_errors():
         if not specs and recipe is None:
@@ -130,12 +131,7 @@ def inspect_shards(
                     write_sizes=write_sizes, max_errors=max_errors, allow_pipe=allow_pipe
                 ),
             )
-            if json_:
-                ui.print_json(report.to_dict())
-            else:
-                render_report(report)
-            if not report.ok:
-                raise typer.Exit(1)
+            _show(report, json_)
             return
         partition, ray_options = cluster_options(num_nodes, node_rank, ray, ray_address)
         if partition.split and preview is not None:
@@ -157,18 +153,33 @@ def inspect_shards(
         groups = groups_from_specs(specs or [], options)
         if recipe is not None:
             groups += groups_from_recipe(recipe, options)
-        urls = list(dict.fromkeys(url for group in groups for url in group.urls))
-        total = len(partition.select(urls))
-        with shard_progress(0 if json_ else total) as progress:
-            report = run_inspect(groups, options, progress)
+        if json_:
+            report = run_inspect(groups, options)
+        else:
+            from flamingo_cli.ui.inspect import shard_progress
+
+            urls = list(dict.fromkeys(url for group in groups for url in group.urls))
+            with shard_progress(len(partition.select(urls))) as progress:
+                report = run_inspect(groups, options, progress)
         if preview is not None:
             from flamingo_cli.inspect.preview import write_preview
 
             write_preview(report, groups, preview, samples=samples, seed=seed)
             report.preview = str(preview)
-        if json_:
-            ui.print_json(report.to_dict())
-        else:
-            render_report(report)
-        if not report.ok:
-            raise typer.Exit(1)
+        _show(report, json_)
+
+
+def _show(report: InspectReport, json_: bool) -> None:
+    """Print the report (JSON or tables) and exit 1 when it found problems.
+
+    rich is imported only for tables: a `--json` run skips its start-up cost."""
+    if json_:
+        from flamingo_cli.ui.console import print_json
+
+        print_json(report.to_dict())
+    else:
+        from flamingo_cli.ui.inspect import render_report
+
+        render_report(report)
+    if not report.ok:
+        raise typer.Exit(1)
