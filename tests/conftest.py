@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +19,24 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
+
+
+def cli_in_fresh_interpreter(args: list[str]) -> tuple[str, set[str]]:
+    """Run `flamingo ARGS` in a new Python (exit 0 expected): its stdout, and the top-level
+    packages it imported, for start-up checks that must not see this process's imports."""
+    code = (
+        "import json, sys\n"
+        "from flamingo_cli.cli.app import app\n"
+        "try:\n"
+        f"    app({args!r})\n"
+        "except SystemExit as e:\n"
+        "    assert e.code in (0, None), e.code\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    *output, loaded = done.stdout.splitlines()
+    return "\n".join(output), set(json.loads(loaded))
 
 
 @pytest.fixture(scope="session")

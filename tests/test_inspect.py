@@ -27,7 +27,7 @@ from flamingo_cli.shards.tar import TarReader, count_samples
 from flamingo_cli.shards.write import write_sizes, write_tar
 from flamingo_cli.synthetic import laion_samples, mmc4_samples
 
-from .conftest import RECIPES
+from .conftest import RECIPES, cli_in_fresh_interpreter
 from .test_shards_io import http_dir  # noqa: F401  (fixture: a local HTTP server)
 
 runner = CliRunner()
@@ -520,26 +520,13 @@ def test_fast_and_deep_modes_do_not_import_torch(shard_root: Path) -> None:
 
 def test_the_json_run_imports_neither_rich_nor_pydantic(shard_root: Path) -> None:
     """Start-up is what the CLI loses against `tar -tf` on small shard sets: a fast `--json` run
-    stays clear of rich's consoles and of pydantic (Typer >= 0.29 builds a pydantic adapter per
-    option, about 0.25 s, which is why pyproject keeps Typer below it)."""
-    import subprocess
-    import sys
-
-    code = (
-        "import json, sys\n"
-        "from flamingo_cli.cli.app import main\n"
-        f"sys.argv = ['flamingo', 'inspect-shards', '--json', {str(shard_root / 'laion')!r}]\n"
-        "try:\n"
-        "    main()\n"
-        "except SystemExit as e:\n"
-        "    assert e.code in (0, None), e.code\n"
-        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'rich', 'pydantic', 'numpy'})\n"
-        "print(json.dumps(heavy))\n"
+    stays clear of rich's consoles, of pydantic (Typer >= 0.29 builds a pydantic adapter per
+    option, about 0.25 s, which is why pyproject keeps Typer below it) and of numpy (--deep)."""
+    output, loaded = cli_in_fresh_interpreter(
+        ["inspect-shards", "--json", str(shard_root / "laion")]
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    *report, heavy = done.stdout.strip().splitlines()
-    assert json.loads("\n".join(report))["groups"][0]["totals"]["samples"] == 32
-    assert json.loads(heavy) == []
+    assert json.loads(output)["groups"][0]["totals"]["samples"] == 32
+    assert not loaded & {"rich", "pydantic", "numpy"}, loaded & {"rich", "pydantic", "numpy"}
 
 
 def test_cli_write_sizes_preview_and_recipe(tmp_path: Path) -> None:
