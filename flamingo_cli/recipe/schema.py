@@ -13,6 +13,9 @@ ShardSpec = str | list[str]
 Precision = Literal["fp32", "bf16", "amp_bf16", "fp16"]
 Strategy = Literal["fsdp", "ddp", "none"]
 
+# 40 megapixels (a 7300x5500 camera photo, 120 MB of RGB per decode); see data/image_limits.py
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -87,6 +90,10 @@ class DataConfig(_Section):
     laion: LaionConfig | None = None
     mmc4: Mmc4Config | None = None
     allow_pipe: bool = Field(False, description="allow `pipe:` shard specs (runs shell commands)")
+    max_image_pixels: PositiveInt = Field(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        description="images declaring more pixels (width x height) are skipped as damaged",
+    )
 
 
 class OptimConfig(_Section):

@@ -1,0 +1,1 @@
+"""What training and evaluation share: the run directory, checkpoint reading, launch."""
