@@ -76,3 +76,8 @@ class OpenerError(FlamingoError):
 
 class ConvertError(FlamingoError):
     """Raw data cannot be converted as asked (inputs, output directory, options)."""
+
+
+class OutputError(FlamingoError):
+    """An output file or folder cannot be written (read-only, no permission, something in the
+    way): a problem of the output location, so it stops the whole run, not one input."""
