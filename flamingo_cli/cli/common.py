@@ -75,12 +75,18 @@ RayAddressOption = Annotated[
 
 
 def recipe_overrides(
-    set_: list[str] | None, nproc_per_node: int | None = None, nnodes: int | None = None
+    set_: list[str] | None,
+    nproc_per_node: int | None = None,
+    nnodes: int | None = None,
+    *,
+    allow_pipe: bool = False,
 ) -> list[Override]:
-    """`--set` values, then the world-size options, as overrides that name their origin."""
+    """`--set` values, then the world-size and pipe options, as overrides naming their origin."""
     from flamingo_cli.recipe.load import Override, parse_override
 
     overrides = [parse_override(s) for s in set_ or []]
+    if allow_pipe:
+        overrides.append(Override("data.allow_pipe", True, "from --allow-pipe"))
     if nproc_per_node is not None:
         overrides.append(
             Override("distributed.nproc_per_node", nproc_per_node, "from --nproc-per-node")
@@ -103,15 +109,30 @@ def cluster_options(
     return partition, RayOptions(address=ray_address)
 
 
+AllowPipeOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pipe",
+        help="Allow `pipe:` shard specs, which run shell commands (data.allow_pipe = true).",
+    ),
+]
+
+
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Render FlamingoError without a traceback and exit with its code (1 data, 2 usage)."""
+def user_errors(json_: bool = False) -> Iterator[None]:
+    """Render FlamingoError without a traceback and exit with its code (1 data, 2 usage).
+
+    With `json_`, stdout also gets `{"error": ..., "fix": ...}` so scripts never read nothing."""
     try:
         yield
     except FlamingoError as error:
-        from flamingo_cli.ui.errors import render_error  # rich, only when there is an error
+        from flamingo_cli.ui.errors import error_json, render_error  # rich only on errors
 
         render_error(error)
+        if json_:
+            from flamingo_cli.ui.console import print_json
+
+            print_json(error_json(error))
         raise typer.Exit(error.exit_code) from None
 
 

@@ -162,7 +162,7 @@ def mmc4(
 
     Exit 0 on success, 1 when an input failed (or, with --strict, anything was skipped), 2 on usage errors.
     """
-    with user_errors():
+    with user_errors(json_):
         from flamingo_cli.convert.mmc4 import Mmc4Options, convert_mmc4
         from flamingo_cli.ui.convert import convert_progress
 
@@ -234,7 +234,7 @@ def laion(
 
     Exit 0 on success, 1 when an input failed (or, with --strict, anything was skipped), 2 on usage errors.
     """
-    with user_errors():
+    with user_errors(json_):
         from flamingo_cli.convert.laion import LaionOptions, convert_laion
         from flamingo_cli.ui.convert import convert_progress
 
@@ -281,7 +281,7 @@ def merge(
 
     Exit 0 when every input is done, 1 when some are not (nothing written unless --allow-incomplete), 2 on usage errors.
     """
-    with user_errors():
+    with user_errors(json_):
         from flamingo_cli.convert.runner import merge_outputs
         from flamingo_cli.ui import console as ui
         from flamingo_cli.ui.convert import render_merge_report

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from flamingo_cli.cli.common import JsonOption, SetOption, user_errors
+from flamingo_cli.cli.common import AllowPipeOption, JsonOption, SetOption, user_errors
 
 if TYPE_CHECKING:
     from flamingo_cli.evaluate.loss import Ablation
@@ -72,6 +72,7 @@ def eval_loss(
         typer.Option("--batch-size", min=1, help="Samples per batch (default: the recipe's)."),
     ] = None,
     set_: SetOption = None,
+    allow_pipe: AllowPipeOption = False,
     json_: JsonOption = False,
     nproc_per_node: Annotated[
         int | None,
@@ -86,9 +87,9 @@ def eval_loss(
     from flamingo_cli.ui import console as ui
     from flamingo_cli.ui.eval_view import EvalDisplay, render_eval_report
 
-    with user_errors():
-        overrides = [parse_override(s) for s in set_ or []]
-        loaded = load_recipe(recipe, overrides)
+    with user_errors(json_):
+        set_ = [*(set_ or []), *(["data.allow_pipe=true"] if allow_pipe else [])]
+        loaded = load_recipe(recipe, [parse_override(s) for s in set_])
         # fail on a wrong dataset or missing eval shards before any heavy import
         from flamingo_cli.evaluate.run import eval_targets
 
@@ -124,7 +125,7 @@ def eval_loss(
                 loaded.recipe.run.name,
                 nproc,
                 [
-                    *(a for s in set_ or [] for a in ("--set", s)),
+                    *(a for s in set_ for a in ("--set", s)),
                     "--checkpoint",
                     str(Path(checkpoint).resolve()) if checkpoint != "latest" else checkpoint,
                     *(("--shards", shards) if shards else ()),

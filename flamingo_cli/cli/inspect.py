@@ -113,7 +113,7 @@ def inspect_shards(
     )
     from flamingo_cli.inspect.run import inspect_shards as run_inspect
 
-    with user_errors():
+    with user_errors(json_):
         if not specs and recipe is None:
             raise UsageError(
                 "give shard SPECs or --recipe RECIPE",

@@ -41,7 +41,7 @@ def quickstart(
     from flamingo_cli.ui.quickstart_view import StageLines, render_quickstart
     from flamingo_cli.ui.train_view import TrainDisplay
 
-    with user_errors():
+    with user_errors(json_):
         lines = StageLines(STAGES, enabled=not json_)
         with (
             TrainDisplay(enabled=not json_) as train_view,

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from flamingo_cli.cli.common import (
+    AllowPipeOption,
     NnodesOption,
     NprocOption,
     SetOption,
@@ -25,6 +26,7 @@ def train(
     set_: SetOption = None,
     nproc_per_node: NprocOption = None,
     nnodes: NnodesOption = None,
+    allow_pipe: AllowPipeOption = False,
     node_rank: Annotated[
         int | None,
         typer.Option(
@@ -57,8 +59,8 @@ def train(
     from flamingo_cli.ui.plan import render_plan
 
     with user_errors():
-        overrides = recipe_overrides(set_, nproc_per_node, nnodes)
-        report = validate_recipe(recipe, overrides)
+        overrides = recipe_overrides(set_, nproc_per_node, nnodes, allow_pipe=allow_pipe)
+        report = validate_recipe(recipe, overrides, training=True)
         render_problems(report.problems)
         if not report.ok:
             raise typer.Exit(1)

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from flamingo_cli.cli.common import (
+    AllowPipeOption,
     JsonOption,
     NnodesOption,
     NprocOption,
@@ -31,6 +32,7 @@ def validate_config(
     set_: SetOption = None,
     nproc_per_node: NprocOption = None,
     nnodes: NnodesOption = None,
+    allow_pipe: AllowPipeOption = False,
     check_shards: Annotated[
         bool,
         typer.Option(
@@ -64,7 +66,7 @@ def validate_config(
     from flamingo_cli.ui.errors import render_problems
     from flamingo_cli.ui.plan import render_plan
 
-    with user_errors():
+    with user_errors(json_):
         if (recipe is None) == (from_openflamingo is None):
             raise UsageError(
                 "give either a RECIPE file or --from-openflamingo COMMAND",
@@ -72,7 +74,7 @@ def validate_config(
             )
         if out is not None and from_openflamingo is None:
             raise UsageError("--out only applies with --from-openflamingo")
-        overrides = recipe_overrides(set_, nproc_per_node, nnodes)
+        overrides = recipe_overrides(set_, nproc_per_node, nnodes, allow_pipe=allow_pipe)
 
         with contextlib.ExitStack() as stack:
             import_problems: list[Problem] = []

@@ -87,12 +87,7 @@ def load_recipe(path: str | Path, overrides: Sequence[Override] = ()) -> LoadedR
     Warnings do not raise: run `check_recipe` on the result for the cross-field rules.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"recipe {path} does not exist", fix="check the path") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read recipe {path}: {exc.strerror}") from None
+    text = read_recipe_text(path)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -121,7 +116,58 @@ def load_recipe(path: str | Path, overrides: Sequence[Override] = ()) -> LoadedR
     else:
         if not problems:
             return LoadedRecipe(recipe, path, lines, sources)
-    raise ProblemsFound(f"{path} has {len(problems)} problem(s)", problems)
+    untyped = UntypedRecipe(data, LoadedRecipe(Recipe(), path, lines, sources))
+    raise RecipeProblems(f"{path} has {len(problems)} problem(s)", problems, untyped)
+
+
+@dataclass(frozen=True)
+class UntypedRecipe:
+    """A recipe document that failed typing, kept so rules on its raw values can still run.
+
+    `where` locates problems (its `recipe` is the default one, never to be read)."""
+
+    data: dict[str, Any]
+    where: LoadedRecipe
+
+
+class RecipeProblems(ProblemsFound):
+    """The recipe parsed but did not type-check; carries the raw document for further rules."""
+
+    def __init__(self, message: str, problems: list[Problem], untyped: UntypedRecipe) -> None:
+        super().__init__(message, problems)
+        self.untyped = untyped
+
+
+def read_recipe_text(path: Path) -> str:
+    """The recipe's text: UTF-8, a leading byte-order mark dropped (editors on Windows add one)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"recipe {path} does not exist", fix="check the path") from None
+    except IsADirectoryError:
+        raise UsageError(f"recipe {path} is a directory", fix="give the .toml file") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read recipe {path}: {exc.strerror}") from None
+    if b"\0" in raw:
+        raise UsageError(
+            f"recipe {path} is a binary file, not TOML text",
+            fix="give the recipe's .toml file (a checkpoint or shard is not a recipe)",
+        )
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ProblemsFound(
+            f"{path} is not UTF-8 text",
+            [
+                Problem(
+                    f"byte 0x{raw[exc.start]:02x} is not UTF-8 (TOML files are UTF-8)",
+                    file=str(path),
+                    line=line,
+                    fix=f"re-save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path}",
+                )
+            ],
+        ) from None
 
 
 def _substitute_env(value: Any, key: str, report: Any) -> Any:

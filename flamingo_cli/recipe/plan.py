@@ -2,15 +2,53 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config, Recipe
+from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config, ModelConfig, Recipe
 from flamingo_cli.shards.spec import expand_spec
 
 # Raw bytes a sample occupies in a shuffle buffer when the shards cannot tell us:
 # img2dataset pairs at 256 px are ~25 KB; an MMC4 document carries several base64 JPEGs.
 DEFAULT_SAMPLE_BYTES = {"laion": 25_000, "mmc4": 500_000}
+# The vision input side when open_clip's config for the encoder cannot be read (ViT-L/14's).
+DEFAULT_IMAGE_SIZE = 224
+TINY_VISION_CONFIG = Path(__file__).resolve().parent.parent / "assets/tiny/open_clip"
+FLOAT_BYTES = 4  # the loaders hand the model float32 pixels
+
+
+@functools.cache
+def _open_clip_image_size(name: str) -> int | None:
+    """The encoder's input side from open_clip's bundled JSON config, without importing it."""
+    spec = importlib.util.find_spec("open_clip")
+    roots = [TINY_VISION_CONFIG]
+    if spec is not None and spec.submodule_search_locations:
+        roots += [Path(p) / "model_configs" for p in spec.submodule_search_locations]
+    for root in roots:
+        try:
+            config = json.loads((root / f"{name}.json").read_text(encoding="utf-8"))
+            size = config["vision_cfg"]["image_size"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        side = size if isinstance(size, int) else max(size)
+        return int(side)
+    return None
+
+
+def image_size(model: ModelConfig) -> int:
+    """The side of the square images the vision encoder takes (the tiny preset's for it)."""
+    name = "flamingo-tiny-vit" if model.preset == "tiny" else model.vision_encoder
+    return _open_clip_image_size(name) or DEFAULT_IMAGE_SIZE
+
+
+def batch_pixel_bytes(config: LaionConfig | Mmc4Config, side: int) -> int:
+    """Bytes of one batch's image tensor on one rank: batch x images per sample x 3 x side^2."""
+    images = config.max_num_images if isinstance(config, Mmc4Config) else 1
+    return config.batch_size * images * 3 * side * side * FLOAT_BYTES
 
 
 def batches_per_epoch(num_samples: int, batch_size: int, world_size: int, workers: int) -> int:
@@ -39,6 +77,7 @@ class DatasetPlan:
     shards_per_worker: float
     resampled: bool
     shuffle_buffer_bytes_per_node: int
+    batch_pixel_bytes: int
     total_samples: int | None = None
 
 
@@ -56,6 +95,11 @@ class Plan:
     optimizer_steps_per_epoch: int
     total_optimizer_steps: int
     warmup_steps: int
+
+    @property
+    def batch_pixel_bytes_per_node(self) -> int:
+        """One batch of every dataset's images on each process of a node."""
+        return sum(d.batch_pixel_bytes for d in self.datasets) * self.nproc_per_node
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -93,6 +137,7 @@ def dataset_plan(
         * per_sample
         * workers
         * dist.nproc_per_node,
+        batch_pixel_bytes=batch_pixel_bytes(config, image_size(recipe.model)),
         total_samples=total_samples,
     )
 

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from flamingo_cli.errors import Problem
-from flamingo_cli.recipe.load import SHARD_KEYS, LoadedRecipe
+from flamingo_cli.recipe.load import SHARD_KEYS, LoadedRecipe, UntypedRecipe
 from flamingo_cli.recipe.plan import Plan, batches_per_epoch
 from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config
 from flamingo_cli.shards.spec import expand_spec, missing_local, url_kind
+from flamingo_cli.units import format_bytes
 
 MAX_LISTED = 5
 SHUFFLE_MEMORY_WARNING_BYTES = 64 * 2**30
 
 
-def check_recipe(loaded: LoadedRecipe, plan: Plan, *, check_files: bool = True) -> list[Problem]:
-    """Every rule at once: errors first, then warnings."""
+def check_recipe(
+    loaded: LoadedRecipe, plan: Plan, *, check_files: bool = True, training: bool = False
+) -> list[Problem]:
+    """Every rule at once: errors first, then warnings. `training`: the run starts on this
+    machine now, so what cannot fit in its memory is an error rather than a warning."""
     problems = [
         *_model_source(loaded),
         *_datasets_present(loaded),
@@ -23,6 +30,7 @@ def check_recipe(loaded: LoadedRecipe, plan: Plan, *, check_files: bool = True) 
         *_distributed_rules(loaded),
         *_logging_rules(loaded),
         *_warnings(loaded, plan),
+        *_memory_rules(loaded, plan, machine_memory_bytes(), training=training),
     ]
     return sorted(problems, key=lambda p: p.severity != "error")
 
@@ -110,30 +118,11 @@ def _shard_rules(loaded: LoadedRecipe, *, check_files: bool) -> list[Problem]:
                 continue
             key = f"data.{name}.{field}"
             urls = expand_spec(spec)
+            problems += _spec_problems(
+                loaded, key, urls, allow_pipe=recipe.data.allow_pipe, check_files=check_files
+            )
             if not urls:
-                problems.append(loaded.problem(key, "the shard spec expands to no shards"))
                 continue
-            pipes = [u for u in urls if url_kind(u) == "pipe"]
-            if pipes and not recipe.data.allow_pipe:
-                problems.append(
-                    loaded.problem(
-                        key,
-                        f"{len(pipes)} `pipe:` spec(s) would run shell commands: {_listed(pipes)}",
-                        fix="set data.allow_pipe = true if you trust these commands, or use "
-                        "s3:// / gs:// / https:// URLs, which stream without a shell",
-                    )
-                )
-            missing = missing_local(urls) if check_files else []
-            if missing:
-                problems.append(
-                    loaded.problem(
-                        key,
-                        f"{len(missing)} of {len(urls)} local shard(s) do not exist: "
-                        f"{_listed(missing)}",
-                        fix="check the path and brace range (relative paths in a recipe file "
-                        "are relative to the recipe's directory)",
-                    )
-                )
             needed = max(config.workers, 1) * world
             if field == "shards" and not config.resampled and len(urls) < needed:
                 problems.append(
@@ -145,6 +134,62 @@ def _shard_rules(loaded: LoadedRecipe, *, check_files: bool) -> list[Problem]:
                         fix=f"set data.{name}.resampled = true, give at least {needed} shards, "
                         f"or lower data.{name}.workers",
                     )
+                )
+    return problems
+
+
+def _spec_problems(
+    loaded: LoadedRecipe, key: str, urls: list[str], *, allow_pipe: bool, check_files: bool
+) -> list[Problem]:
+    """What is wrong with one shard spec on its own: empty, refused `pipe:`, missing files."""
+    if not urls:
+        return [loaded.problem(key, "the shard spec expands to no shards")]
+    problems = []
+    pipes = [u for u in urls if url_kind(u) == "pipe"]
+    if pipes and not allow_pipe:
+        problems.append(
+            loaded.problem(
+                key,
+                f"{len(pipes)} `pipe:` spec(s) would run shell commands: {_listed(pipes)}",
+                fix="set data.allow_pipe = true (or pass --allow-pipe) if you trust these "
+                "commands, or use s3:// / gs:// / https:// URLs, which stream without a shell",
+            )
+        )
+    missing = missing_local(urls) if check_files else []
+    if missing:
+        problems.append(
+            loaded.problem(
+                key,
+                f"{len(missing)} of {len(urls)} local shard(s) do not exist: {_listed(missing)}",
+                fix="check the path and brace range (relative paths in a recipe file "
+                "are relative to the recipe's directory)",
+            )
+        )
+    return problems
+
+
+def untyped_shard_problems(untyped: UntypedRecipe) -> list[Problem]:
+    """The shard and `pipe:` rules on a recipe that failed typing, so that every problem is
+    reported at once; specs that are not strings or lists of strings were reported already."""
+    data = untyped.data.get("data")
+    if not isinstance(data, dict):
+        return []
+    allow_pipe = data.get("allow_pipe") is True
+    problems: list[Problem] = []
+    for name, section in data.items():
+        if not isinstance(section, dict):
+            continue
+        for field in SHARD_KEYS:
+            spec = section.get(field)
+            if isinstance(spec, str) or (
+                isinstance(spec, list) and all(isinstance(s, str) for s in spec)
+            ):
+                problems += _spec_problems(
+                    untyped.where,
+                    f"data.{name}.{field}",
+                    expand_spec(spec),
+                    allow_pipe=allow_pipe,
+                    check_files=True,
                 )
     return problems
 
@@ -218,6 +263,44 @@ def _logging_rules(loaded: LoadedRecipe) -> list[Problem]:
             )
         ]
     return []
+
+
+def machine_memory_bytes() -> int | None:
+    """This machine's memory, or the cgroup limit (Slurm, containers) when that is lower."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text(encoding="ascii").strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def _memory_rules(
+    loaded: LoadedRecipe, plan: Plan, memory: int | None, *, training: bool
+) -> list[Problem]:
+    """One batch of every dataset's pixels on each process of a node must fit in memory."""
+    needed = plan.batch_pixel_bytes_per_node
+    if memory is None or needed <= memory or not plan.datasets:
+        return []
+    parts = ", ".join(
+        f"{d.name} {d.batch_size} x {format_bytes(d.batch_pixel_bytes / d.batch_size)} per sample"
+        for d in plan.datasets
+    )
+    where = "this machine" if training else "the machine validating it"
+    largest = max(plan.datasets, key=lambda d: d.batch_pixel_bytes)
+    return [
+        loaded.problem(
+            f"data.{largest.name}.batch_size",
+            f"one batch of images takes {format_bytes(needed)} per node ({parts}, "
+            f"x {plan.nproc_per_node} process(es)), more than the {format_bytes(memory)} of {where}",
+            fix="lower the batch sizes (and use gradient accumulation for a large global batch)"
+            + ("" if training else "; ignore this if the training nodes have more memory"),
+            severity="error" if training else "warning",
+        )
+    ]
 
 
 def _warnings(loaded: LoadedRecipe, plan: Plan) -> list[Problem]:

@@ -18,7 +18,8 @@ DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # TOML has inf and nan literals: no recipe value may be either (lr = inf trains on NaN)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):

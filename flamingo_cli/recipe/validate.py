@@ -7,10 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from flamingo_cli.errors import Problem
-from flamingo_cli.recipe.load import LoadedRecipe, Override, load_recipe
+from flamingo_cli.errors import Problem, ProblemsFound
+from flamingo_cli.recipe.load import LoadedRecipe, Override, RecipeProblems, load_recipe
 from flamingo_cli.recipe.plan import Plan, make_plan
-from flamingo_cli.recipe.rules import check_recipe
+from flamingo_cli.recipe.rules import check_recipe, untyped_shard_problems
 from flamingo_cli.recipe.schema import Recipe
 from flamingo_cli.shards.sizes import known_counts
 from flamingo_cli.shards.spec import expand_spec, local_path, url_kind
@@ -71,9 +71,18 @@ def validate_recipe(
     overrides: Sequence[Override] = (),
     *,
     check_shards: bool = False,
+    training: bool = False,
 ) -> ValidationReport:
-    """Validate a recipe; raises ProblemsFound when it cannot even be typed."""
-    loaded = load_recipe(path, overrides)
+    """Validate a recipe; raises ProblemsFound when it cannot even be typed, with the shard
+    rules that can run on the untyped values too, so every problem is reported at once.
+    `training`: the run starts here now (memory that cannot fit is an error)."""
+    try:
+        loaded = load_recipe(path, overrides)
+    except RecipeProblems as found:
+        reported = {p.key for p in found.problems}  # e.g. an unset ${VAR} inside a spec
+        more = [p for p in untyped_shard_problems(found.untyped) if p.key not in reported]
+        problems = [*found.problems, *more]
+        raise ProblemsFound(found.message, problems) from None
     recipe = loaded.recipe
     counts: dict[str, ShardCount] = {}
     if check_shards:
@@ -88,4 +97,4 @@ def validate_recipe(
         totals={k: v.total for k, v in counts.items()},
         sample_bytes={k: v.mean_sample_bytes for k, v in counts.items() if v.mean_sample_bytes},
     )
-    return ValidationReport(loaded, plan, check_recipe(loaded, plan), counts)
+    return ValidationReport(loaded, plan, check_recipe(loaded, plan, training=training), counts)

@@ -11,6 +11,10 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from flamingo_cli.units import format_bytes
+
+__all__ = ["configure", "detail", "format_bytes", "info", "print_json", "settings"]
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -65,15 +69,6 @@ def detail(message: str) -> None:
     """A line shown only with --verbose."""
     if settings.verbosity > 0:
         _console("err_console").print(message, style="dim")
-
-
-def format_bytes(n: float) -> str:
-    """Binary units with one decimal: 512 B, 1.5 KiB, 37.3 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def print_json(data: Any) -> None:

@@ -36,3 +36,11 @@ def render_error(error: FlamingoError) -> None:
     err_console.print(f"[bold red]error[/]: {escape(error.message)}")
     if error.fix:
         err_console.print(f"  [green]fix[/]: {escape(error.fix)}")
+
+
+def error_json(error: FlamingoError) -> dict[str, object]:
+    """A fatal error as data: what went wrong, the fix, and every problem when there are several."""
+    data: dict[str, object] = {"ok": False, "error": error.message, "fix": error.fix}
+    if isinstance(error, ProblemsFound):
+        data["problems"] = [p.to_dict() for p in error.problems]
+    return data

@@ -35,6 +35,7 @@ def render_plan(plan: Plan, title: str) -> None:
         "shuffle buffers per node (est.)",
         [format_bytes(d.shuffle_buffer_bytes_per_node) for d in ds],
     )
+    row("image batch per rank", [format_bytes(d.batch_pixel_bytes) for d in ds])
     console.print(table)
     console.print(
         f"world size {plan.world_size} ({plan.nnodes} node(s) x {plan.nproc_per_node} process(es)); "
