@@ -81,3 +81,13 @@ class ConvertError(FlamingoError):
 class OutputError(FlamingoError):
     """An output file or folder cannot be written (read-only, no permission, something in the
     way): a problem of the output location, so it stops the whole run, not one input."""
+
+
+class CheckpointDamaged(FlamingoError):
+    """A checkpoint directory is incomplete or damaged (a file missing, empty or cut short);
+    the caller sets the fix (another checkpoint, `run.resume = PATH`)."""
+
+
+class CheckpointRefused(FlamingoError):
+    """A checkpoint directory holds something flamingo/DCP never writes (code to run on load,
+    a data file outside it): refused before anything in it is used."""
