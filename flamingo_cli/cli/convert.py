@@ -74,16 +74,33 @@ MaxSideOption = Annotated[
     int | None,
     typer.Option("--max-side", min=1, help="With --reencode jpeg: shrink the longer side to N."),
 ]
+# The default is DEFAULT_MAX_IMAGE_PIXELS (recipe/schema.py, not imported here: start-up time).
+MaxPixelsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-image-pixels",
+        min=1,
+        help="Skip images over N pixels (width x height, read from the header) as too large "
+        "(default 40,000,000).",
+        show_default=False,
+    ),
+]
 
 
-def _image_options(reencode: Reencode, quality: int, max_side: int | None) -> ImageOptions:
+def _image_options(
+    reencode: Reencode, quality: int, max_side: int | None, max_pixels: int | None
+) -> ImageOptions:
     from flamingo_cli.convert.images import ImageOptions
+    from flamingo_cli.data.image_limits import DEFAULT_MAX_IMAGE_PIXELS
     from flamingo_cli.errors import UsageError
 
     if max_side is not None and reencode is Reencode.none:
         raise UsageError("--max-side needs --reencode jpeg", fix="add --reencode jpeg")
     return ImageOptions(
-        reencode="jpeg" if reencode is Reencode.jpeg else "none", quality=quality, max_side=max_side
+        reencode="jpeg" if reencode is Reencode.jpeg else "none",
+        quality=quality,
+        max_side=max_side,
+        max_pixels=DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels,
     )
 
 
@@ -95,7 +112,19 @@ def _finish(report: ConvertReport, json_: bool, strict: bool) -> None:
         ui.print_json(report.to_dict())
     else:
         render_convert_report(report)
-    failed = report.totals["inputs_failed"]
+    totals = report.totals
+    if (
+        totals["inputs"]
+        and totals["inputs_missing"] == totals["inputs"]
+        and not report.partition.split
+    ):
+        # Local inputs were checked before; here remote ones (s3://...) that all were absent.
+        ui.err_console.print(
+            f"[bold red]error[/]: none of the {totals['inputs']} input(s) exists; nothing was "
+            "converted (check the paths, and write ranges in brace syntax: shard_{0..9}.tar)"
+        )
+        raise typer.Exit(1)
+    failed = totals["inputs_failed"]
     if failed or (strict and report.skipped):
         if not json_:
             reason = f"{failed} input(s) failed" if failed else f"{report.skipped} item(s) skipped"
@@ -148,6 +177,7 @@ def mmc4(
     reencode: ReencodeOption = Reencode.none,
     quality: QualityOption = 95,
     max_side: MaxSideOption = None,
+    max_image_pixels: MaxPixelsOption = None,
     overwrite: OverwriteOption = False,
     strict: StrictOption = False,
     json_: JsonOption = False,
@@ -170,7 +200,7 @@ def mmc4(
         options = Mmc4Options(
             image_dir=image_dir,
             image_layout=image_layout.value,
-            image=_image_options(reencode, quality, max_side),
+            image=_image_options(reencode, quality, max_side, max_image_pixels),
             min_images=min_images,
             drop_url_duplicates=drop_url_duplicates,
             docs_per_shard=docs_per_shard,
@@ -220,6 +250,7 @@ def laion(
     reencode: ReencodeOption = Reencode.none,
     quality: QualityOption = 95,
     max_side: MaxSideOption = None,
+    max_image_pixels: MaxPixelsOption = None,
     overwrite: OverwriteOption = False,
     strict: StrictOption = False,
     json_: JsonOption = False,
@@ -240,7 +271,7 @@ def laion(
 
         partition, ray_options = cluster_options(num_nodes, node_rank, ray, ray_address)
         options = LaionOptions(
-            image=_image_options(reencode, quality, max_side),
+            image=_image_options(reencode, quality, max_side, max_image_pixels),
             samples_per_shard=samples_per_shard,
             image_column=image_column,
             caption_column=caption_column,

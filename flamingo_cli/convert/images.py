@@ -1,10 +1,21 @@
-"""Cheap image validity checks and optional JPEG re-encoding for the converters."""
+"""Cheap image validity checks and optional JPEG re-encoding for the converters.
+
+Every image's declared size is checked against the pixel cap (`data/image_limits.py`) before
+anything is decoded: an image over it (a decompression bomb among them) is `ImageTooLarge`.
+"""
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
 from typing import Literal
+
+from flamingo_cli.data.image_limits import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageTooLarge,
+    check_pixels,
+    open_image,
+)
 
 Reencode = Literal["none", "jpeg"]
 
@@ -20,14 +31,25 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 @dataclass(frozen=True)
 class ImageOptions:
-    """What to do with image bytes: keep them (default) or re-encode to JPEG."""
+    """What to do with image bytes: keep them (default) or re-encode to JPEG; images of more
+    than `max_pixels` pixels are skipped as too large."""
 
     reencode: Reencode = "none"
     quality: int = 95
     max_side: int | None = None
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     def to_dict(self) -> dict[str, object]:
-        return {"reencode": self.reencode, "quality": self.quality, "max_side": self.max_side}
+        options: dict[str, object] = {
+            "reencode": self.reencode,
+            "quality": self.quality,
+            "max_side": self.max_side,
+        }
+        # Only a cap other than the default is part of the fingerprint, so that conversions
+        # begun before the cap existed resume without --overwrite.
+        if self.max_pixels != DEFAULT_MAX_IMAGE_PIXELS:
+            options["max_image_pixels"] = self.max_pixels
+        return options
 
 
 @dataclass(frozen=True)
@@ -38,6 +60,14 @@ class CheckedImage:
     extension: str
     width: int
     height: int
+
+
+def too_large_fix(max_pixels: int) -> str:
+    """The fix line of an image skipped as over the pixel cap."""
+    return (
+        f"images of more than {max_pixels:,} pixels are skipped undecoded; pass "
+        "--max-image-pixels N to change the cap"
+    )
 
 
 class CorruptImage(ValueError):
@@ -86,13 +116,14 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
     raise CorruptImage("JPEG without a frame header")
 
 
-def check_image(data: bytes) -> CheckedImage:
+def check_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> CheckedImage:
     """Parse the header and check the file end, without decoding pixels.
 
     Catches the common damage of web downloads: empty or truncated files (a JPEG without its end
-    marker, a PNG without IEND) and bytes that are not an image PIL can parse.
+    marker, a PNG without IEND) and bytes that are not an image PIL can parse (`CorruptImage`);
+    an image declaring more than `max_pixels` pixels raises `ImageTooLarge`.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     if not data:
         raise CorruptImage("empty file")
@@ -101,27 +132,40 @@ def check_image(data: bytes) -> CheckedImage:
         raise CorruptImage(problem)
     if data.startswith(JPEG_SOI):  # most images: a header walk is much cheaper than PIL
         width, height = _jpeg_size(data)
+        check_pixels(width, height, max_pixels)
         return CheckedImage(data, "jpg", width, height)
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data, max_pixels) as image:
             fmt = (image.format or "").lower()
             width, height = image.size
+    except ImageTooLarge:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise CorruptImage(f"cannot parse the image header: {exc}") from exc
     extension = {"jpeg": "jpg", "mpo": "jpg", "tiff": "tif"}.get(fmt, fmt)
     return CheckedImage(data, extension, width, height)
 
 
-def reencode_jpeg(data: bytes, *, quality: int, max_side: int | None) -> CheckedImage:
-    """Decode `data` and write it as an RGB JPEG, shrunk so its longer side is at most `max_side`."""
+def reencode_jpeg(
+    data: bytes,
+    *,
+    quality: int,
+    max_side: int | None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> CheckedImage:
+    """Decode `data` and write it as an RGB JPEG, shrunk so its longer side is at most `max_side`.
+
+    Raises `ImageTooLarge` before decoding an image over `max_pixels`."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data, max_pixels) as image:
             if max_side is not None and max(image.size) > max_side:
                 image.draft("RGB", (max_side, max_side))
                 image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
             rgb = image.convert("RGB")
+    except ImageTooLarge:
+        raise
     except (OSError, SyntaxError, ValueError) as exc:
         raise CorruptImage(f"cannot decode the image: {exc}") from exc
     out = io.BytesIO()
@@ -130,8 +174,11 @@ def reencode_jpeg(data: bytes, *, quality: int, max_side: int | None) -> Checked
 
 
 def prepare_image(data: bytes, options: ImageOptions) -> CheckedImage:
-    """Check `data` and, when asked, re-encode it; raises `CorruptImage` for damaged bytes."""
-    checked = check_image(data)
+    """Check `data` and, when asked, re-encode it; raises `CorruptImage` for damaged bytes and
+    `ImageTooLarge` for an image over `options.max_pixels`."""
+    checked = check_image(data, options.max_pixels)
     if options.reencode == "jpeg":
-        return reencode_jpeg(data, quality=options.quality, max_side=options.max_side)
+        return reencode_jpeg(
+            data, quality=options.quality, max_side=options.max_side, max_pixels=options.max_pixels
+        )
     return checked

@@ -13,32 +13,45 @@ import json
 import posixpath
 import tarfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-from flamingo_cli.convert.images import IMAGE_EXTENSIONS, CorruptImage, ImageOptions, prepare_image
+from flamingo_cli.convert.images import (
+    IMAGE_EXTENSIONS,
+    CorruptImage,
+    ImageOptions,
+    prepare_image,
+    too_large_fix,
+)
 from flamingo_cli.convert.runner import (
     ConvertReport,
     ProgressCallback,
     ProgressSink,
     ShardRecord,
     TaskRecord,
+    check_found,
+    expand_inputs,
     open_error_is_missing,
     run_tasks,
 )
+from flamingo_cli.data.image_limits import ImageTooLarge
 from flamingo_cli.errors import ConvertError, OpenerError, Problem
 from flamingo_cli.shards.cluster import Partition, RayOptions
 from flamingo_cli.shards.opener import open_url
-from flamingo_cli.shards.spec import expand_spec, local_path, url_kind
+from flamingo_cli.shards.spec import local_path, url_kind
 from flamingo_cli.shards.store import OutputDir
 from flamingo_cli.shards.tar import split_member
-from flamingo_cli.shards.write import SplitTarWriter
+from flamingo_cli.shards.write import SplitTarWriter, fits_ustar
 
 STRICT_KEYS = (
     "dropped_no_image",
     "dropped_no_caption",
+    "bad_caption",
+    "bad_names",
     "images_corrupt",
+    "images_too_large",
     "count_mismatch",
     "stats_missing",
 )
@@ -73,6 +86,24 @@ def _read_optional(url: str) -> bytes | None:
         if open_error_is_missing(exc):
             return None
         raise
+
+
+_CAPTION_FIX = "save the caption as UTF-8 text (e.g. iconv -f latin1 -t utf-8)"
+
+
+def _is_utf8(text: str | bytes) -> bool:
+    """Whether bytes decode as UTF-8, or a string holds no undecodable bytes (surrogates that
+    `surrogateescape` decoding left for them)."""
+    try:
+        text.decode("utf-8") if isinstance(text, bytes) else text.encode("utf-8")
+    except UnicodeError:
+        return False
+    return True
+
+
+def escape_name(name: str) -> str:
+    """A name with its undecodable bytes shown as `\\xNN` escapes (printable in a message)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _image_member(sample: dict[str, bytes]) -> str | None:
@@ -136,9 +167,10 @@ class Img2DatasetTask:
             lambda k: dest.open_sink(self._shard_name(k)),
             max_samples=self.options.samples_per_shard,
         ) as writer:
-            for sample, size in _tar_samples(self.url):
+            bad_name = partial(self._bad_name, record=record)
+            for sample, size in _tar_samples(self.url, bad_name):
                 counts: Counter[str] = Counter()
-                out = self._convert(sample, counts)
+                out = self._convert(sample, counts, record)
                 if out is not None:
                     writer.write(out)
                 counts_by_part.setdefault(writer.part, Counter()).update(counts)
@@ -161,8 +193,30 @@ class Img2DatasetTask:
             record.shards.append(ShardRecord(name, samples, size, stats))
         return record
 
-    def _convert(self, sample: dict[str, bytes], counts: Counter[str]) -> dict[str, bytes] | None:
+    def _bad_name(self, name: str, why: str, record: TaskRecord) -> None:
+        """A member whose name cannot be written to a shard: left out, counted and named."""
+        record.counts["bad_names"] += 1
+        record.problem(
+            Problem(
+                f"member name '{escape_name(name)}' {why}; member skipped",
+                file=self.url,
+                severity="warning",
+                fix="rewrite the shard with short UTF-8 member names (img2dataset's keys)",
+            )
+        )
+
+    def _convert(
+        self, sample: dict[str, bytes], counts: Counter[str], record: TaskRecord
+    ) -> dict[str, bytes] | None:
         counts["samples_in"] += 1
+        key = sample["__key__"].decode()
+
+        def skip(counter: str, message: str, fix: str) -> None:
+            counts[counter] += 1
+            record.problem(
+                Problem(f"sample {key}: {message}", file=self.url, severity="warning", fix=fix)
+            )
+
         image_ext = _image_member(sample)
         if image_ext is None:
             counts["dropped_no_image"] += 1
@@ -170,10 +224,20 @@ class Img2DatasetTask:
         if not sample.get("txt", b"").strip():
             counts["dropped_no_caption"] += 1
             return None
+        if not _is_utf8(sample["txt"]):
+            skip("bad_caption", f"{key}.txt is not UTF-8 text; sample skipped", _CAPTION_FIX)
+            return None
         data = sample[image_ext]
         counts["image_bytes"] += len(data)
         try:
             checked = prepare_image(data, self.options.image)
+        except ImageTooLarge as exc:
+            skip(
+                "images_too_large",
+                f"{key}.{image_ext} is too large ({str(exc).rstrip('.')}); sample skipped",
+                too_large_fix(self.options.image.max_pixels),
+            )
+            return None
         except CorruptImage:
             counts["images_corrupt"] += 1
             return None
@@ -187,8 +251,11 @@ class Img2DatasetTask:
         return {"__key__": sample["__key__"], **out}
 
 
-def _tar_samples(url: str) -> Iterator[tuple[dict[str, bytes], int]]:
-    """Samples of a tar stream ({"__key__": key, ext: bytes}) and the bytes each took."""
+def _tar_samples(
+    url: str, on_bad_name: Callable[[str, str], None]
+) -> Iterator[tuple[dict[str, bytes], int]]:
+    """Samples of a tar stream ({"__key__": key, ext: bytes}) and the bytes each took; members
+    whose name is not UTF-8 or too long for a ustar shard go to `on_bad_name(name, why)`."""
     current: dict[str, bytes] | None = None
     size = 0
     try:
@@ -198,6 +265,12 @@ def _tar_samples(url: str) -> Iterator[tuple[dict[str, bytes], int]]:
         ):
             for member in archive:
                 if not member.isfile():
+                    continue
+                if not _is_utf8(member.name):
+                    on_bad_name(member.name, "is not UTF-8")
+                    continue
+                if not fits_ustar(member.name):
+                    on_bad_name(member.name, "is too long for a ustar shard (100 bytes)")
                     continue
                 key, ext = split_member(member.name)
                 reader = archive.extractfile(member)
@@ -297,10 +370,18 @@ class PairChunkTask:
 
         def skip(counter: str, message: str, fix: str | None = None) -> None:
             counts[counter] += 1
+            origin = escape_name(item.origin)
             record.problem(
-                Problem(message, file=item.origin, line=item.line, severity="warning", fix=fix)
+                Problem(message, file=origin, line=item.line, severity="warning", fix=fix)
             )
 
+        if not _is_utf8(item.image):
+            skip(
+                "bad_names",
+                f"image path '{escape_name(item.image)}' is not UTF-8; sample skipped",
+                fix="rename the file (or fix the table cell) to a UTF-8 name",
+            )
+            return None
         data = _read_optional(item.image)
         if data is None:
             skip("dropped_no_image", f"image {item.image} not found; sample skipped")
@@ -309,7 +390,11 @@ class PairChunkTask:
         caption = item.caption
         if caption is None and item.caption_file is not None:
             raw = _read_optional(item.caption_file)
-            caption = raw.decode("utf-8", errors="replace") if raw is not None else None
+            caption = raw.decode("utf-8", "surrogateescape") if raw is not None else None
+        if caption is not None and not _is_utf8(caption):
+            where = item.caption_file or "the caption cell"
+            skip("bad_caption", f"{where} is not UTF-8 text; sample skipped", fix=_CAPTION_FIX)
+            return None
         if caption is None or not caption.strip():
             skip(
                 "dropped_no_caption",
@@ -319,6 +404,13 @@ class PairChunkTask:
             return None
         try:
             checked = prepare_image(data, self.options.image)
+        except ImageTooLarge as exc:
+            skip(
+                "images_too_large",
+                f"image {item.image} is too large ({str(exc).rstrip('.')}); sample skipped",
+                fix=too_large_fix(self.options.image.max_pixels),
+            )
+            return None
         except CorruptImage as exc:
             skip("images_corrupt", f"image {item.image} is damaged ({exc}); sample skipped")
             return None
@@ -367,37 +459,76 @@ def _pick(columns: Sequence[str], wanted: str | None, candidates: Sequence[str],
     )
 
 
+def _table_text(url: str, raw: bytes) -> str:
+    """A CSV/TSV/JSONL table as text (a UTF-8 BOM dropped); not UTF-8 is an error that names
+    the line, since guessing the encoding would change captions silently."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConvertError(
+            f"{url}:{line}: the table is not UTF-8 text (byte {raw[exc.start : exc.start + 1]!r} "
+            f"at offset {exc.start})",
+            fix="convert it to UTF-8, e.g. `iconv -f latin1 -t utf-8 IN > OUT` for Latin-1",
+        ) from None
+
+
+def _jsonl_rows(url: str, text: str) -> list[tuple[int, dict[str, object]]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise ConvertError(
+                f"{url}:{number}: not a JSON object ({exc})", fix="repair the line"
+            ) from exc
+        if not isinstance(row, dict):
+            raise ConvertError(f"{url}:{number}: not a JSON object", fix="repair the line")
+        rows.append((number, row))
+    return rows
+
+
+def _read_table(url: str, raw: bytes) -> tuple[list[str], list[tuple[int, dict[str, object]]]]:
+    """(column names, (line or row number, row)) of a table file."""
+    if url.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(io.BytesIO(raw))
+        except (pa.ArrowException, OSError) as exc:
+            raise ConvertError(
+                f"{url} is not a readable Parquet table: {exc}",
+                fix="rewrite or re-download the file",
+            ) from exc
+        return list(table.column_names), [(i + 1, r) for i, r in enumerate(table.to_pylist())]
+    text = _table_text(url, raw)
+    if url.endswith(".jsonl"):
+        rows = _jsonl_rows(url, text)
+        return sorted({k for _, r in rows for k in r}), rows
+    reader = csv.DictReader(io.StringIO(text), delimiter="\t" if url.endswith(".tsv") else ",")
+    try:
+        return list(reader.fieldnames or []), [(reader.line_num, dict(r)) for r in reader]
+    except csv.Error as exc:
+        raise ConvertError(f"{url}:{reader.line_num}: {exc}", fix="repair the line") from exc
+
+
+def _cell(value: object) -> str:
+    """A table cell as text; bytes (Parquet binary columns) decoded as UTF-8, undecodable bytes
+    kept as surrogates so the sample is skipped as not UTF-8."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return str(value)
+
+
 def table_rows(url: str, options: LaionOptions) -> list[PairItem]:
     """(image, caption) rows of a CSV/TSV/Parquet/JSONL table; relative paths from its folder."""
     base = posixpath.dirname(url)
     with open_url(url) as handle:
         raw = handle.read()
-    rows: list[tuple[int, dict[str, object]]] = []
-    if url.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(io.BytesIO(raw))
-        rows = [(i + 1, r) for i, r in enumerate(table.to_pylist())]
-        columns: list[str] = list(table.column_names)
-    elif url.endswith(".jsonl"):
-        for number, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise ConvertError(
-                    f"{url}:{number}: not a JSON object ({exc})", fix="repair the line"
-                ) from exc
-            if not isinstance(row, dict):
-                raise ConvertError(f"{url}:{number}: not a JSON object", fix="repair the line")
-            rows.append((number, row))
-        columns = sorted({k for _, r in rows for k in r})
-    else:
-        delimiter = "\t" if url.endswith(".tsv") else ","
-        reader = csv.DictReader(io.StringIO(raw.decode("utf-8-sig")), delimiter=delimiter)
-        columns = list(reader.fieldnames or [])
-        rows = [(reader.line_num, dict(r)) for r in reader]
+    columns, rows = _read_table(url, raw)
     image_col = _pick(columns, options.image_column, IMAGE_COLUMNS, "image")
     caption_col = _pick(columns, options.caption_column, CAPTION_COLUMNS, "caption")
     items = []
@@ -405,8 +536,8 @@ def table_rows(url: str, options: LaionOptions) -> list[PairItem]:
         image, caption = row.get(image_col), row.get(caption_col)
         items.append(
             PairItem(
-                _join(base, str(image)) if image else "",
-                None if caption is None else str(caption),
+                _join(base, _cell(image)) if image else "",
+                None if caption is None else _cell(caption),
                 None,
                 url,
                 number,
@@ -450,7 +581,10 @@ def plan_laion(
             return _chunks(src, items, options)
         urls = [str(t) for t in tars]
     else:
-        urls = expand_spec(src)
+        inputs = expand_inputs(src)
+        urls = inputs.urls
+        if urls or inputs.globs:
+            check_found(inputs, "SRC", "shards/{00000..00099}.tar")
     bad = [u for u in urls if not u.endswith(".tar")]
     if bad or not urls:
         raise ConvertError(

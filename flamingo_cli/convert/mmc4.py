@@ -19,20 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from flamingo_cli.convert.images import CorruptImage, ImageOptions, prepare_image
+from flamingo_cli.convert.images import CorruptImage, ImageOptions, prepare_image, too_large_fix
 from flamingo_cli.convert.runner import (
     ConvertReport,
     ProgressCallback,
     ProgressSink,
     ShardRecord,
     TaskRecord,
+    check_found,
+    expand_inputs,
     open_error_is_missing,
     run_tasks,
 )
+from flamingo_cli.data.image_limits import ImageTooLarge
 from flamingo_cli.errors import ConvertError, OpenerError, Problem
 from flamingo_cli.shards.cluster import Partition, RayOptions
 from flamingo_cli.shards.opener import open_url
-from flamingo_cli.shards.spec import expand_spec, local_path, url_kind
+from flamingo_cli.shards.spec import local_path, url_kind
 from flamingo_cli.shards.store import OutputDir
 from flamingo_cli.shards.write import SplitTarWriter
 
@@ -40,7 +43,7 @@ ImageLayout = Literal["index", "shard-number", "flat"]
 IMAGE_LAYOUTS: tuple[ImageLayout, ...] = ("index", "shard-number", "flat")
 
 # Counts that mean something was left out because of a problem (`--strict` fails on them).
-STRICT_KEYS = ("bad_lines", "images_corrupt")
+STRICT_KEYS = ("bad_lines", "images_corrupt", "images_too_large")
 _SHARD_NUMBER = re.compile(r"shard_(\d+)")
 
 
@@ -150,7 +153,7 @@ class Mmc4Task:
             for number, size, doc, counts, images in self._read_ahead(lines, record):
                 sample = None
                 if doc is not None and images is not None:
-                    sample = self._sample(number, doc, images.result(), counts)
+                    sample = self._sample(number, doc, images.result(), counts, record)
                 if sample is not None:
                     writer.write(sample)
                 counts_by_part.setdefault(writer.part, Counter()).update(counts)
@@ -228,13 +231,28 @@ class Mmc4Task:
         return doc
 
     def _sample(
-        self, number: int, doc: dict[str, Any], images: list[_Image], counts: Counter[str]
+        self,
+        number: int,
+        doc: dict[str, Any],
+        images: list[_Image],
+        counts: Counter[str],
+        record: TaskRecord,
     ) -> dict[str, str | bytes] | None:
         """The output sample of a document whose images were loaded, or None when dropped."""
         encoded: list[bytes] = []
-        for info, (status, raw_size, data) in zip(doc["image_info"], images, strict=True):
+        for info, (status, raw_size, data, why) in zip(doc["image_info"], images, strict=True):
             counts["image_bytes"] += raw_size
             counts[status] += 1
+            if status == "images_too_large":
+                record.problem(
+                    Problem(
+                        f"image {why}; left out of the document",
+                        file=self.url,
+                        line=number,
+                        severity="warning",
+                        fix=too_large_fix(self.options.image.max_pixels),
+                    )
+                )
             if data is not None:
                 info["image_base64"] = _placeholder(len(encoded))
                 encoded.append(base64.b64encode(data))
@@ -245,8 +263,8 @@ class Mmc4Task:
         return {"__key__": f"{self.name}-{number:06d}", "json": _dump(doc, encoded)}
 
 
-# (count to increment, bytes read, bytes to store or None)
-_Image = tuple[str, int, bytes | None]
+# (count to increment, bytes read, bytes to store or None, what was wrong or None)
+_Image = tuple[str, int, bytes | None, str | None]
 READ_THREADS = 4
 READ_AHEAD = 16  # documents
 
@@ -257,16 +275,27 @@ def _load_images(
     """Read and check every image of a document (runs in a reader thread)."""
     loaded: list[_Image] = []
     for info in image_info:
-        raw = _read_image(prefix, info.get("image_name"))
+        name = info.get("image_name")
+        raw = _read_image(prefix, name)
         if raw is None:
-            loaded.append(("images_missing", 0, None))
+            loaded.append(("images_missing", 0, None, None))
             continue
         try:
             data = prepare_image(raw, options).data
-        except CorruptImage:
-            loaded.append(("images_corrupt", len(raw), None))
+        except ImageTooLarge as exc:
+            loaded.append(
+                (
+                    "images_too_large",
+                    len(raw),
+                    None,
+                    f"{prefix}/{name} is too large ({str(exc).rstrip('.')})",
+                )
+            )
             continue
-        loaded.append(("images_found", len(raw), data))
+        except CorruptImage:
+            loaded.append(("images_corrupt", len(raw), None, None))
+            continue
+        loaded.append(("images_found", len(raw), data, None))
     return loaded
 
 
@@ -391,9 +420,19 @@ def plan_mmc4(
     A multi-machine run picks a subset of these tasks; names and indexes stay the same. Only
     the files of this node's `partition` are looked at (existence, size for the progress bar).
     """
-    urls = expand_spec(docs_spec)
-    if not urls:
+    inputs = expand_inputs(docs_spec)
+    urls = inputs.urls
+    if not urls and not inputs.globs:
         raise ConvertError(f"DOCS_SPEC {docs_spec!r} names no files")
+    check_found(inputs, "DOCS_SPEC", "docs_shard_{0..23098}_v2.jsonl.zip")
+    if inputs.globs and options.image_layout == "index":
+        raise ConvertError(
+            f"DOCS_SPEC {docs_spec!r} is a glob ({', '.join(inputs.globs[:3])}): the index image "
+            "layout finds each file's images by its position in DOCS_SPEC, which a glob does "
+            "not keep (missing shard numbers would shift every later file)",
+            fix="write the range in brace syntax (docs_shard_{0..23098}_v2.jsonl.zip), or pass "
+            "--image-layout shard-number (images by the number in each file name) or flat",
+        )
     if options.image_layout == "shard-number":
         for url in urls:
             shard_number(url)

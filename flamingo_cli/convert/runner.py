@@ -9,6 +9,7 @@ location; `plan.json` lists every task, so `merge_outputs` can tell what is stil
 from __future__ import annotations
 
 import fnmatch
+import glob
 import json
 import multiprocessing
 import os
@@ -21,9 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from flamingo_cli.errors import ConvertError, FlamingoError, OpenerError, Problem
+from braceexpand import braceexpand
+
+from flamingo_cli.errors import ConvertError, FlamingoError, OpenerError, OutputError, Problem
 from flamingo_cli.shards.cluster import Partition, RayOptions, ray_map
 from flamingo_cli.shards.sizes import SIZES_FILE
+from flamingo_cli.shards.spec import local_path, split_spec, url_kind
 from flamingo_cli.shards.store import OutputDir, open_output
 from flamingo_cli.shards.write import TMP_MARKER, json_bytes
 
@@ -249,6 +253,8 @@ def _run_one(task: Task, out: OutputDir, progress: ProgressSink) -> TaskRecord:
     task, not the run. Records of missing or failed inputs let a merge name them."""
     try:
         record = task.run(out, progress)
+    except OutputError:  # the output location, not this input: stop the run
+        raise
     except FlamingoError as exc:
         record = TaskRecord(task.name, task.input, task.fingerprint(), "failed")
         record.problem(Problem(exc.message, file=task.input, fix=exc.fix))
@@ -298,10 +304,15 @@ def _no_progress(work: int, samples: int, image_bytes: int) -> None:
     """Ray tasks report progress when they finish."""
 
 
-def _run_on_ray(item: tuple[Task, OutputDir]) -> TaskRecord:
-    """One task on a Ray worker (module level, so workers import it instead of unpickling)."""
+def _run_on_ray(item: tuple[Task, OutputDir]) -> TaskRecord | OutputError:
+    """One task on a Ray worker (module level, so workers import it instead of unpickling).
+
+    An `OutputError` comes back as a value: Ray would wrap a raised one in its own type."""
     task, out = item
-    return _run_one(task, out, _no_progress)
+    try:
+        return _run_one(task, out, _no_progress)
+    except OutputError as exc:
+        return exc
 
 
 def default_workers() -> int:
@@ -310,6 +321,58 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+_GLOB_CHARS = "*?["
+_SHOWN_PATHS = 3
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The input URLs of a spec, in order, and the glob patterns among its parts."""
+
+    spec: str
+    urls: list[str]
+    globs: list[str]
+
+
+def expand_inputs(spec: str) -> Inputs:
+    """Expand the brace patterns of `spec`; a local path with `*`, `?` or `[` that does not
+    exist as such is a glob, replaced by the files it matches (sorted, so every run and every
+    node gets the same list)."""
+    urls: list[str] = []
+    globs: list[str] = []
+    for part in split_spec(spec):
+        for url in braceexpand(part):
+            if url_kind(url) == "local" and any(c in url for c in _GLOB_CHARS):
+                path = local_path(url)
+                if not path.exists():
+                    globs.append(url)
+                    urls += sorted(m for m in glob.glob(str(path)) if Path(m).is_file())
+                    continue
+            urls.append(url)
+    return Inputs(spec, urls, globs)
+
+
+def check_found(inputs: Inputs, what: str, example: str) -> None:
+    """Refuse a conversion whose inputs are all local and none exists (a typo in the path, or a
+    glob matching nothing): it would write nothing and succeed. Some missing inputs among
+    found ones are warnings (MMC4 has missing shard numbers); remote ones are looked at when
+    converted."""
+    urls = inputs.urls
+    if any(url_kind(u) != "local" for u in urls) or any(local_path(u).is_file() for u in urls):
+        return
+    fix = (
+        f"check the path; a range of numbered files is written in brace syntax ({example}), "
+        "a list as {a,b}, and '::' joins specs"
+    )
+    found: list[str] = []
+    if inputs.globs:
+        found.append(f"no file matches {', '.join(inputs.globs[:_SHOWN_PATHS])}")
+    if urls:
+        shown = ", ".join(urls[:_SHOWN_PATHS]) + (", ..." if len(urls) > _SHOWN_PATHS else "")
+        found.append(f"none of the {len(urls)} file(s) it names exists (looked for {shown})")
+    raise ConvertError(f"no input found: {what} {inputs.spec!r}: {'; '.join(found)}", fix=fix)
 
 
 def check_unique_names(tasks: Sequence[Task]) -> None:
@@ -322,6 +385,33 @@ def check_unique_names(tasks: Sequence[Task]) -> None:
                 fix="convert them into different --out directories, or rename one input file",
             )
         seen[task.name] = task.input
+
+
+def check_output(out: OutputDir, tasks: Sequence[Task]) -> None:
+    """Make the output location and probe it, before any work: an output that cannot be
+    written (read-only, no permission, a file in its path) or a folder where the run will write
+    a file (a shard, a record, manifest.json, sizes.json) raises `OutputError` naming it."""
+    fixed = {PLAN_FILE, MANIFEST_FILE, SIZES_FILE}
+    patterns = [p for task in tasks for p in task.output_names()]
+    for name in out.not_files():
+        if name == RECORDS_DIR:
+            continue
+        if name in fixed or any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            _blocked(out, name)
+    records = {f"{task.name}.json" for task in tasks}
+    for name in out.not_files(RECORDS_DIR):
+        if name in records:
+            _blocked(out, f"{RECORDS_DIR}/{name}")
+    out.make_folder(RECORDS_DIR)
+    out.check_writable()
+
+
+def _blocked(out: OutputDir, name: str) -> None:
+    raise OutputError(
+        f"{out.join(name)} is a folder (or another non-file): the conversion writes a file of "
+        "that name there",
+        fix="remove or rename it, or choose another --out folder",
+    )
 
 
 def _write_plan(out: OutputDir, kind: str, tasks: Sequence[Task]) -> None:
@@ -356,7 +446,7 @@ def run_tasks(
     partition = partition or Partition()
     out = open_output(out_dir)
     check_unique_names(tasks)
-    out.make_folder(RECORDS_DIR)
+    check_output(out, tasks)
     _write_plan(out, kind, tasks)
     tasks = partition.select(tasks)
 
@@ -407,13 +497,15 @@ def run_tasks(
     n = min(workers or default_workers(), len(pending))
     if ray is not None and pending:
 
-        def finished(index: int, record: TaskRecord) -> None:
+        def finished(index: int, record: TaskRecord | OutputError) -> None:
+            if isinstance(record, OutputError):
+                raise record  # ray_map cancels the other tasks
             state.tasks_done += 1
             samples = sum(s.samples for s in record.shards)
             report(pending[index].weight, samples, record.counts["image_bytes"])
 
         records = ray_map(_run_on_ray, [(t, out) for t in pending], ray, finished)
-        results.update((r.name, r) for r in records)
+        results.update((r.name, r) for r in records if isinstance(r, TaskRecord))
     elif n <= 1:
         for task in pending:
             results[task.name] = _run_one(task, out, report)

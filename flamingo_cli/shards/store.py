@@ -7,6 +7,7 @@ final key directly; on other fsspec filesystems a temporary key is moved into pl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 from abc import ABC, abstractmethod
@@ -14,9 +15,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from flamingo_cli.errors import ConvertError
+from flamingo_cli.errors import ConvertError, OutputError
 from flamingo_cli.shards.spec import local_path, url_kind
-from flamingo_cli.shards.write import LocalSink, Sink, TarWriter, json_bytes, tmp_suffix
+from flamingo_cli.shards.write import (
+    LocalSink,
+    Sink,
+    TarWriter,
+    json_bytes,
+    output_error,
+    tmp_suffix,
+)
+
+PROBE_NAME = ".write-probe"
 
 # Object stores whose uploads become visible only when complete (a multipart upload included).
 UPLOAD_COMMITS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"})
@@ -52,11 +62,30 @@ class OutputDir(ABC):
     def make_folder(self, folder: str) -> None:
         """Create `folder` (and the location itself) where the filesystem has folders."""
 
+    @abstractmethod
+    def not_files(self, folder: str = "") -> list[str]:
+        """Names directly in `folder` that are not plain files (folders, sockets, ...)."""
+
+    def check_writable(self) -> None:
+        """Write and remove a small file, so that a location we cannot write to (read-only, no
+        permission) stops a run before any work; raises `OutputError`."""
+        name = f"{PROBE_NAME}{tmp_suffix()}"
+        try:
+            self.write_bytes(name, b"")
+            self.remove([name])
+        except OutputError as exc:
+            cause = exc.__cause__
+            reason = (cause.strerror or str(cause)) if isinstance(cause, OSError) else exc.message
+            raise OutputError(f"cannot write to {self.url}: {reason}", fix=exc.fix) from cause
+
     def write_bytes(self, name: str, data: bytes) -> None:
         """Publish `data` as `name` in one piece."""
         sink = self.open_sink(name)
         try:
             sink.file.write(data)
+        except OSError as exc:
+            sink.abort()
+            raise output_error(sink.url, exc) from exc
         except BaseException:
             sink.abort()
             raise
@@ -78,25 +107,40 @@ class LocalDir(OutputDir):
     def __init__(self, path: str | Path) -> None:
         self.path = local_path(str(path))
         self.url = str(self.path)
-        if self.path.exists() and not self.path.is_dir():
-            raise ConvertError(f"--out {self.path} is a file", fix="give a directory")
+        try:
+            is_file = self.path.exists() and not self.path.is_dir()
+        except OSError as exc:
+            raise output_error(self.path, exc, "open") from exc
+        if is_file:
+            raise ConvertError(
+                f"--out {self.path} is a file, not a folder",
+                fix="give a folder for the shards (a new one is made), or move the file away",
+            )
 
     def open_sink(self, name: str) -> Sink:
         return LocalSink(self.path / name)
 
-    def file_sizes(self, folder: str = "") -> dict[str, int]:
-        sizes = {}
+    def _entries(self, folder: str) -> list[os.DirEntry[str]]:
         try:
             with os.scandir(self.path / folder) as entries:
-                for entry in entries:
-                    try:
-                        if entry.is_file():
-                            sizes[entry.name] = entry.stat().st_size
-                    except FileNotFoundError:  # renamed or removed by another process meanwhile
-                        continue
+                return list(entries)
         except (FileNotFoundError, NotADirectoryError):
-            return {}
+            return []
+        except OSError as exc:
+            raise output_error(self.path / folder, exc, "list") from exc
+
+    def file_sizes(self, folder: str = "") -> dict[str, int]:
+        sizes = {}
+        for entry in self._entries(folder):
+            try:
+                if entry.is_file():
+                    sizes[entry.name] = entry.stat().st_size
+            except FileNotFoundError:  # renamed or removed by another process meanwhile
+                continue
         return sizes
+
+    def not_files(self, folder: str = "") -> list[str]:
+        return sorted(e.name for e in self._entries(folder) if not e.is_file())
 
     def read(self, names: Sequence[str]) -> dict[str, bytes]:
         found = {}
@@ -105,14 +149,22 @@ class LocalDir(OutputDir):
                 found[name] = (self.path / name).read_bytes()
             except (FileNotFoundError, IsADirectoryError):
                 continue
+            except OSError as exc:
+                raise output_error(self.path / name, exc, "read") from exc
         return found
 
     def remove(self, names: Sequence[str]) -> None:
         for name in names:
-            (self.path / name).unlink(missing_ok=True)
+            try:
+                (self.path / name).unlink(missing_ok=True)
+            except OSError as exc:
+                raise output_error(self.path / name, exc, "remove") from exc
 
     def make_folder(self, folder: str) -> None:
-        (self.path / folder).mkdir(parents=True, exist_ok=True)
+        try:
+            (self.path / folder).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise output_error(self.path / folder, exc, "create the folder") from exc
 
 
 class FsspecSink:
@@ -125,21 +177,32 @@ class FsspecSink:
         folder, name = posixpath.split(path)
         self._target = path if direct else posixpath.join(folder, f".{name}{tmp_suffix()}")
         self._direct = direct
-        self._file: IO[bytes] = fs.open(self._target, "wb")
+        try:
+            self._file: IO[bytes] = fs.open(self._target, "wb")
+        except OSError as exc:
+            raise output_error(self.url, exc) from exc
 
     @property
     def name(self) -> str:
         return posixpath.basename(self._path)
 
     @property
+    def url(self) -> str:
+        return str(self._fs.unstrip_protocol(self._path))
+
+    @property
     def file(self) -> IO[bytes]:
         return self._file
 
     def commit(self) -> int:
-        size = self._file.tell()
-        self._file.close()
-        if not self._direct:
-            self._fs.mv(self._target, self._path)
+        try:
+            size = self._file.tell()
+            self._file.close()
+            if not self._direct:
+                self._fs.mv(self._target, self._path)
+        except OSError as exc:
+            self.abort()
+            raise output_error(self.url, exc) from exc
         return int(size)
 
     def abort(self) -> None:
@@ -152,9 +215,10 @@ class FsspecSink:
             self._file.discard()
             self._file.closed = True
             return
-        self._file.close()
-        if self._fs.exists(self._target):
-            self._fs.rm(self._target)
+        with contextlib.suppress(OSError):  # best effort: another error is being handled
+            self._file.close()
+            if self._fs.exists(self._target):
+                self._fs.rm(self._target)
 
 
 class FsspecDir(OutputDir):
@@ -182,19 +246,31 @@ class FsspecDir(OutputDir):
     def open_sink(self, name: str) -> Sink:
         return FsspecSink(self.fs, self._key(name), direct=self.direct)
 
-    def file_sizes(self, folder: str = "") -> dict[str, int]:
+    def _entries(self, folder: str) -> list[dict[str, Any]]:
         prefix = self._key(folder).rstrip("/")
         try:
-            entries = self.fs.ls(prefix, detail=True, refresh=True)
-        except FileNotFoundError:
-            return {}
-        except TypeError:  # filesystems without a `refresh` argument
-            entries = self.fs.ls(prefix, detail=True)
+            try:
+                return list(self.fs.ls(prefix, detail=True, refresh=True))
+            except TypeError:  # filesystems without a `refresh` argument
+                return list(self.fs.ls(prefix, detail=True))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            raise output_error(self.fs.unstrip_protocol(prefix), exc, "list") from exc
+
+    def file_sizes(self, folder: str = "") -> dict[str, int]:
         return {
             posixpath.basename(str(e["name"]).rstrip("/")): int(e.get("size") or 0)
-            for e in entries
+            for e in self._entries(folder)
             if e.get("type") == "file"
         }
+
+    def not_files(self, folder: str = "") -> list[str]:
+        return sorted(
+            posixpath.basename(str(e["name"]).rstrip("/"))
+            for e in self._entries(folder)
+            if e.get("type") != "file"
+        )
 
     def read(self, names: Sequence[str]) -> dict[str, bytes]:
         if not names:
@@ -207,11 +283,17 @@ class FsspecDir(OutputDir):
     def remove(self, names: Sequence[str]) -> None:
         for name in names:
             key = self._key(name)
-            if self.fs.exists(key):
-                self.fs.rm(key)
+            try:
+                if self.fs.exists(key):
+                    self.fs.rm(key)
+            except OSError as exc:
+                raise output_error(self.join(name), exc, "remove") from exc
 
     def make_folder(self, folder: str) -> None:
-        self.fs.makedirs(self._key(folder), exist_ok=True)
+        try:
+            self.fs.makedirs(self._key(folder), exist_ok=True)
+        except OSError as exc:
+            raise output_error(self.join(folder), exc, "create the folder") from exc
 
 
 def open_output(location: str | Path | OutputDir) -> OutputDir:

@@ -7,6 +7,8 @@ filesystem fsspec can write, so one `TarWriter` serves both.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import socket
@@ -16,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Protocol
 
+from flamingo_cli.errors import FlamingoError, OutputError
 from flamingo_cli.shards.sizes import SIZES_FILE
 
 FIXED_MTIME = 0  # byte-identical reruns: no wall-clock time in the archive
@@ -32,11 +35,62 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}{tmp_suffix()}")
 
 
+_FIXES = {
+    errno.EROFS: "the filesystem is mounted read-only: choose an output folder on a writable one",
+    errno.EACCES: "you may not write there: choose another output folder, or get write access "
+    "to it (`ls -ld` shows its owner and mode)",
+    errno.ENOTDIR: "a file is where a folder of the path should be: choose another output "
+    "folder, or move that file away",
+    errno.EISDIR: "a folder is in the way of a file the run writes: remove or rename the "
+    "folder, or choose another output folder",
+    errno.EEXIST: "a file is in the way of a folder the run makes: remove or rename the file, "
+    "or choose another output folder",
+    errno.ENOSPC: "the disk is full: free some space or choose another output folder, then "
+    "rerun (finished files are kept)",
+    errno.EDQUOT: "your disk quota is used up: free some space or choose another output "
+    "folder, then rerun (finished files are kept)",
+}
+_FIXES[errno.EPERM] = _FIXES[errno.EACCES]
+# Filesystems that raise an OSError subclass without an errno (fsspec backends often do).
+_ERRNO_OF_TYPE: dict[type[OSError], int] = {
+    PermissionError: errno.EACCES,
+    NotADirectoryError: errno.ENOTDIR,
+    IsADirectoryError: errno.EISDIR,
+    FileExistsError: errno.EEXIST,
+}
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first ancestor of `path` that exists and is not a folder."""
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return None
+
+
+def output_error(where: str | Path, exc: OSError, action: str = "write") -> OutputError:
+    """`OutputError` for an OS error met while writing (or listing, removing) `where`: the path,
+    the reason and a fix chosen by the errno."""
+    code = exc.errno or _ERRNO_OF_TYPE.get(type(exc), 0)
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if code == errno.ENOTDIR and isinstance(where, Path):
+        blocking = _file_in_the_way(where)
+        if blocking is not None:
+            reason = f"{blocking} is a file, not a folder"
+    return OutputError(
+        f"cannot {action} {where}: {reason}",
+        fix=_FIXES.get(code, "check the output location and rerun"),
+    )
+
+
 class Sink(Protocol):
     """A file being written: bytes go to `file`; `commit` publishes it whole, `abort` drops it."""
 
     @property
     def name(self) -> str: ...  # the final file name (no folder)
+
+    @property
+    def url(self) -> str: ...  # the final path or URL (for messages)
 
     @property
     def file(self) -> IO[bytes]: ...
@@ -47,30 +101,46 @@ class Sink(Protocol):
 
 
 class LocalSink:
-    """A local file written under a temporary name and renamed into place on `commit`."""
+    """A local file written under a temporary name and renamed into place on `commit`.
+
+    An OS error opening or publishing it is an `OutputError` naming the file."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._tmp = _tmp_name(self.path)
-        self._file = self._tmp.open("wb")  # closed by commit/abort
+        try:
+            self._file = self._tmp.open("wb")  # closed by commit/abort
+        except OSError as exc:
+            raise output_error(self.path, exc) from exc
 
     @property
     def name(self) -> str:
         return self.path.name
 
     @property
+    def url(self) -> str:
+        return str(self.path)
+
+    @property
     def file(self) -> IO[bytes]:
         return self._file
 
     def commit(self) -> int:
-        size = self._file.tell()
-        self._file.close()
-        self._tmp.replace(self.path)
+        try:
+            size = self._file.tell()
+            self._file.close()
+            self._tmp.replace(self.path)
+        except OSError as exc:
+            self.abort()
+            raise output_error(self.path, exc) from exc
         return size
 
     def abort(self) -> None:
-        self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        """Drop the temporary file (best effort: this runs while another error is handled)."""
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(OSError):
+            self._tmp.unlink(missing_ok=True)
 
 
 def json_bytes(data: object) -> bytes:
@@ -84,6 +154,30 @@ Sample = Mapping[str, str | bytes]
 def member_bytes(size: int) -> int:
     """Bytes one tar member of `size` data bytes takes: a header block plus padded data."""
     return tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+class MemberNameError(FlamingoError):
+    """A member name that a ustar header cannot hold."""
+
+
+def fits_ustar(name: str) -> bool:
+    """Whether `name` fits a ustar header: at most 100 bytes, or 255 split at a `/` (155 + 100)."""
+    try:
+        member_info(name, 0).tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+    except ValueError:
+        return False
+    return True
+
+
+def member_info(name: str, size: int) -> tarfile.TarInfo:
+    """The header of one member: fixed mtime, owner and mode, so that reruns give equal bytes."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = FIXED_MTIME
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
 
 
 def sample_bytes(sample: Sample) -> int:
@@ -126,20 +220,24 @@ class TarWriter:
                 continue
             if not isinstance(data, bytes):
                 raise TypeError(f"member {key_text}.{ext} must be bytes")
-            info = tarfile.TarInfo(f"{key_text}.{ext}")
-            info.size = len(data)
-            info.mtime = FIXED_MTIME
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._add(info, data)
+            try:
+                self._add(member_info(f"{key_text}.{ext}", len(data)), data)
+            except OSError as exc:
+                raise output_error(self._sink.url, exc) from exc
         self.samples += 1
         return self._tar.offset - before
 
     def _add(self, info: tarfile.TarInfo, data: bytes) -> None:
         """What `TarFile.addfile` does (same bytes), without copying `data` in small chunks."""
         tar = self._tar
-        header = info.tobuf(tar.format, tar.encoding, tar.errors)
+        try:
+            header = info.tobuf(tar.format, tar.encoding, tar.errors)
+        except ValueError as exc:  # a name too long for ustar
+            raise MemberNameError(
+                f"cannot write member {info.name!r} to {self._sink.url}: {exc} (a ustar shard "
+                "holds names of up to 100 bytes, or 255 split at a '/')",
+                fix="shorten the input file name (shard keys start with it)",
+            ) from exc
         padding = -len(data) % tarfile.BLOCKSIZE
         self._raw.write(header)
         self._raw.write(data)
@@ -148,13 +246,18 @@ class TarWriter:
 
     def close(self) -> int:
         """Finish the archive and publish it under its final name; return its size in bytes."""
-        self._tar.close()
+        try:
+            self._tar.close()
+        except OSError as exc:
+            self._sink.abort()
+            raise output_error(self._sink.url, exc) from exc
         self.size = self._sink.commit()
         return self.size
 
     def abort(self) -> None:
         """Drop the unfinished archive."""
-        self._tar.close()
+        with contextlib.suppress(OSError):
+            self._tar.close()
         self._sink.abort()
 
     def __enter__(self) -> TarWriter:
@@ -275,6 +378,9 @@ def write_json_atomic(path: str | Path, data: object) -> None:
     sink = LocalSink(path)
     try:
         sink.file.write(json_bytes(data))
+    except OSError as exc:
+        sink.abort()
+        raise output_error(sink.url, exc) from exc
     except BaseException:
         sink.abort()
         raise
