@@ -139,12 +139,15 @@ def load_weights(model: FlamingoModel, path: Path) -> str:
     """
     import torch
 
-    from flamingo_cli.model.openflamingo import load_openflamingo_state_dict, to_openflamingo_key
-    from flamingo_cli.model.params import checkpoint_parameter_names
+    from flamingo_cli.model.openflamingo import (
+        load_openflamingo_state_dict,
+        required_weight_names,
+        to_openflamingo_key,
+    )
     from flamingo_cli.train.checkpoint import load_model_weights
 
     if path.is_dir():
-        load_model_weights(model, checkpoint_parameter_names(model), path)
+        load_model_weights(model, required_weight_names(model), path)
         return "flamingo checkpoint"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

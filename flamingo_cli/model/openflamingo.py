@@ -79,8 +79,9 @@ class ImportReport:
     unexpected: list[str]
 
 
-def _required(model: FlamingoModel) -> set[str]:
-    """Keys an OpenFlamingo checkpoint must provide: the Flamingo layers and input embeddings."""
+def required_weight_names(model: FlamingoModel) -> set[str]:
+    """Names any checkpoint loaded into `model` must provide (an OpenFlamingo file or one of
+    our directories): the Flamingo layers (perceiver, cross-attention) and input embeddings."""
     embeddings = model.input_embeddings().weight
     names = {n for n, p in model.named_parameters() if p is embeddings}
     names |= {n for n, _ in model.named_parameters() if n.startswith("perceiver.")}
@@ -119,7 +120,7 @@ def load_openflamingo_state_dict(
             )
         mapped[target] = value
     flamingo_extra = [k for k in unexpected if "gated_cross_attn" in k or k.startswith("perceiver")]
-    missing = sorted(_required(model) - set(mapped))
+    missing = sorted(required_weight_names(model) - set(mapped))
     if missing or flamingo_extra:
         shown = ", ".join((missing or flamingo_extra)[:4])
         raise FlamingoError(

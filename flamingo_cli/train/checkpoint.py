@@ -21,17 +21,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
     set_state_dict,
 )
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from torch.distributed.checkpoint.stateful import Stateful
 
-from flamingo_cli.errors import FlamingoError
-from flamingo_cli.train.distributed import DistInfo
+from flamingo_cli.errors import CheckpointDamaged, FlamingoError
+from flamingo_cli.runtime.dcp_metadata import CheckpointReader, fit, flatten, load
+from flamingo_cli.train.distributed import DistInfo, all_agree
 
 COMPLETE = "COMPLETE"
 CHECKPOINTS = "checkpoints"
@@ -184,27 +185,182 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, state: TrainState, info: DistInfo) -> dict[str, Any] | None:
-    """Load into `state`; return this rank's saved state, or None when the world size changed."""
-    with _single_process_ok():
-        dcp_load({"train": state}, checkpoint_id=str(path), no_dist=info.world_size == 1)
-    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-    rank_file = path / f"rank{info.rank}.json"
-    if meta.get("world_size") != info.world_size or not rank_file.is_file():
+MODEL_PREFIX = "train.model."
+
+
+def _damaged_fix(path: Path) -> str:
+    """What to do about a damaged checkpoint of a run: resume from the previous one."""
+    older = sorted(
+        p for p in path.parent.glob("step-*") if p.name < path.name and (p / COMPLETE).is_file()
+    )
+    if older:
+        return (
+            f"delete {path} (or move it aside) and run again to resume from {older[-1]}, "
+            f'or set run.resume = "{older[-1]}"'
+        )
+    return (
+        f"delete {path} (or move it aside) to start the run over, or set run.resume to "
+        "another checkpoint directory"
+    )
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointDamaged(f"{file} is missing: the checkpoint is incomplete") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointDamaged(f"{file} is damaged: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointDamaged(f"{file} is damaged: not the JSON object flamingo writes")
+    return data
+
+
+def _rank_state(path: Path, info: DistInfo) -> dict[str, Any] | None:
+    """This rank's saved state (loader positions, RNG), None when the world size changed."""
+    meta = _read_json(path / "meta.json")
+    if not isinstance(meta.get("world_size"), int):
+        raise CheckpointDamaged(f"{path / 'meta.json'} is damaged: it has no world_size")
+    if meta["world_size"] != info.world_size:
         return None
-    loaded: dict[str, Any] = json.loads(rank_file.read_text(encoding="utf-8"))
-    return loaded
+    rank_file = path / f"rank{info.rank}.json"
+    state = _read_json(rank_file)
+    if not isinstance(state.get("loaders"), dict) or not isinstance(state.get("rng"), dict):
+        raise CheckpointDamaged(f"{rank_file} is damaged: it has no loader positions or RNG")
+    return state
 
 
-def load_model_weights(model: nn.Module, keep: set[str], path: Path) -> None:
-    """Load only the model part of a checkpoint directory into an unwrapped model, on any
-    number of processes (each reads what it needs; no collective). For `init_from` and eval."""
+def _does_not_fit(
+    path: Path, what: str, missing: list[str], extra: list[str], reshaped: list[str]
+) -> str:
+    examples = [
+        f"missing: {', '.join(missing[:3])}" if missing else "",
+        f"no place for: {', '.join(extra[:3])}" if extra else "",
+        f"another shape: {'; '.join(reshaped[:2])}" if reshaped else "",
+    ]
+    counts = [
+        f"{len(missing)} missing from it" if missing else "",
+        f"{len(extra)} with no place in the {what}" if extra else "",
+        f"{len(reshaped)} of another shape" if reshaped else "",
+    ]
+    return (
+        f"the checkpoint {path} does not fit this {what}: "
+        f"{', '.join(c for c in counts if c)} ({'; '.join(e for e in examples if e)})"
+    )
+
+
+def _prune_unset_optimizer_state(template: dict[str, Any], index: Metadata) -> None:
+    """Drop the template's optimizer state of parameters the checkpoint has none for: they
+    had no gradient yet when it was saved (a backbone output no loss reaches), so AdamW had
+    made no state for them, and after the load they have none either, as in the saved run."""
+    state = template["train"]["optim"]["state"]
+    entries = index.state_dict_metadata
+    for name in list(state):
+        keys = [f"train.optim.state.{name}.{k}" for k in flatten(state[name])]
+        if keys and not any(k in entries for k in keys):
+            del state[name]
+
+
+def _check_resume_fit(path: Path, template: dict[str, Any], index: Metadata) -> None:
+    """The model part must match exactly (same trainable set, layout and shapes); the rest
+    (optimizer, schedule, progress) must have every entry the template asks for."""
+    flat = flatten(template)
+    model = fit({k: v for k, v in flat.items() if k.startswith(MODEL_PREFIX)}, index, MODEL_PREFIX)
+    recipe = path / "recipe.toml"
+    if not model.ok:
+        raise FlamingoError(
+            _does_not_fit(path, "model", model.missing, model.unexpected, model.reshaped),
+            fix=f"resume with the model settings it was trained with ({recipe}: "
+            "model.cross_attn_every_n_layers, the language model and vision encoder, "
+            "train_backbones, freeze_lm_embeddings), or start a new run from its weights "
+            f'with model.init_from = "{path}"',
+        )
+    rest = fit({k: v for k, v in flat.items() if not k.startswith(MODEL_PREFIX)}, index, "train.")
+    if rest.missing or rest.reshaped:
+        raise FlamingoError(
+            _does_not_fit(path, "run", rest.missing, [], rest.reshaped)
+            + ": the optimizer, schedule or datasets differ",
+            fix=f"resume with the recipe it was saved with ({recipe}), or start a new run "
+            f'from its weights with model.init_from = "{path}"',
+        )
+
+
+def _prepare_resume(
+    path: Path, state: TrainState, info: DistInfo
+) -> tuple[dict[str, Any] | None, CheckpointReader, dict[str, Any]]:
+    reader = CheckpointReader(path)
+    index = reader.index()
+    rank_state = _rank_state(path, info)
+    template = {"train": state.state_dict()}
+    _prune_unset_optimizer_state(template, index)
+    _check_resume_fit(path, template, index)
+    return rank_state, reader, template
+
+
+def load_checkpoint(path: Path, state: TrainState, info: DistInfo) -> dict[str, Any] | None:
+    """Load into `state`; return this rank's saved state, or None when the world size changed.
+
+    Checks first, so nothing half-loads: the directory's files are whole and were written by
+    flamingo (nothing in it is unpickled unchecked), and the model, optimizer, schedule and
+    progress fit this run. Collective: every rank calls it, and all raise when one does."""
+    try:
+        rank_state, reader, template = _prepare_resume(path, state, info)
+    except FlamingoError as exc:
+        all_agree(True, info)
+        if isinstance(exc, CheckpointDamaged):
+            raise CheckpointDamaged(exc.message, fix=_damaged_fix(path)) from None
+        raise
+    if all_agree(False, info):
+        raise FlamingoError(
+            f"another rank could not load the checkpoint {path}",
+            fix="see that rank's error in the run's per-rank logs",
+        )
+    try:
+        with _single_process_ok():
+            load(template, reader, no_dist=info.world_size == 1)
+    except CheckpointDamaged as exc:
+        raise CheckpointDamaged(exc.message, fix=_damaged_fix(path)) from None
+    state.load_state_dict(template["train"])
+    return rank_state
+
+
+def load_model_weights(model: nn.Module, required: set[str], path: Path) -> None:
+    """Load the model part of a checkpoint directory into an unwrapped model: every entry the
+    model has a place for (trainable weights, embeddings, the backbones when they trained),
+    on any number of processes (each reads what it needs; no collective). The checkpoint must
+    hold every name in `required`, and nothing the model lacks. For `init_from` and eval."""
     if not (path / COMPLETE).is_file():
         raise FlamingoError(
             f"{path} is not a complete flamingo checkpoint (no {COMPLETE} marker)",
             fix="pick a directory under <run>/checkpoints/ that has COMPLETE, or 'latest'",
         )
-    state = {k: v for k, v in model.state_dict().items() if k in keep}
-    with _single_process_ok():
-        dcp_load({"train": {"model": state}}, checkpoint_id=str(path), no_dist=True)
+    reader = CheckpointReader(path)
+    try:
+        index = reader.index()
+    except CheckpointDamaged as exc:
+        raise CheckpointDamaged(
+            exc.message, fix="give another checkpoint: an older step-N directory of the run"
+        ) from None
+    ours = model.state_dict()
+    saved = {
+        k.removeprefix(MODEL_PREFIX)
+        for k in index.state_dict_metadata
+        if k.startswith(MODEL_PREFIX)
+    }
+    state = {k: ours[k] for k in sorted(saved) if k in ours}
+    found = fit({MODEL_PREFIX + k: v for k, v in state.items()}, index, MODEL_PREFIX)
+    missing = sorted(required - saved)
+    if missing or found.unexpected or found.reshaped:
+        raise FlamingoError(
+            _does_not_fit(path, "model", missing, found.unexpected, found.reshaped),
+            fix=f"build the model as the checkpoint's run did ({path / 'recipe.toml'}: "
+            "model.cross_attn_every_n_layers, the language model, vision encoder and tokenizer)",
+        )
+    try:
+        with _single_process_ok():
+            load({"train": {"model": state}}, reader, no_dist=True)
+    except CheckpointDamaged as exc:
+        raise CheckpointDamaged(
+            exc.message, fix="give another checkpoint: an older step-N directory of the run"
+        ) from None
     model.load_state_dict(state, strict=False)
