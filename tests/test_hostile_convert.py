@@ -500,3 +500,19 @@ def test_mmc4_input_whose_keys_are_too_long_fails_alone(raw: RawMmc4, tmp_path: 
     assert f"cannot write member '{'d' * 95}-000001.json'" in err
     assert "fix: shorten the input file name" in err
     assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"docs_shard_1_v2.tar": 3}
+
+
+def test_mmc4_zip_damaged_mid_stream_fails_alone(raw: RawMmc4, tmp_path: Path) -> None:
+    data = bytearray(raw.zips[0].read_bytes())
+    middle = len(data) // 3
+    data[middle : middle + 40] = bytes(b ^ 0x55 for b in data[middle : middle + 40])
+    damaged = tmp_path / "damaged.zip"
+    damaged.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    result = mmc4(raw, f"{damaged}::{raw.zips[1]}", out, "--image-layout", "flat")
+    assert result.exit_code == 1
+    err = stderr(result)
+    assert f"{damaged} is damaged" in err  # zlib's or zipfile's reason follows
+    assert "fix: re-download the file and rerun" in err
+    assert json.loads((out / "sizes.json").read_text()) == {"docs_shard_1_v2.tar": 3}
+    assert sorted(p.name for p in out.glob("*.tar")) == ["docs_shard_1_v2.tar"]

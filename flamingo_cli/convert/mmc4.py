@@ -12,6 +12,7 @@ import json
 import posixpath
 import re
 import zipfile
+import zlib
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -387,11 +388,18 @@ def _open_lines(url: str) -> Iterator[tuple[int, bytes]]:
         stream = handle
 
     def lines() -> Iterator[tuple[int, bytes]]:
+        number = 0
         try:
             with stream:
                 for number, line in enumerate(stream, start=1):
                     if line.strip():
                         yield number, line
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # damaged compressed data
+            where = f" after line {number}" if number else ""
+            raise ConvertError(
+                f"{url} is damaged{where}: {exc}",
+                fix="re-download the file and rerun (inputs already converted are kept)",
+            ) from exc
         finally:
             handle.close()
 
