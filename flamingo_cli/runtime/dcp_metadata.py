@@ -62,18 +62,18 @@ _BUILT: tuple[type, ...] = (
 def _allowed() -> dict[tuple[str, str], object]:
     """(module, name) -> object for every global a DCP index may name: its dataclasses, the
     memory-format enum, torch.Size, dtypes, layouts, memory formats, the path of the save."""
+    paths = (pathlib.PurePosixPath, pathlib.PureWindowsPath, pathlib.PosixPath, pathlib.WindowsPath)
     objects: list[Any] = [
         *_BUILT,
         dcp_md._MEM_FORMAT_ENCODING,
         torch.Size,
         torch.serialization._get_layout,
         OrderedDict,
-        pathlib.PurePosixPath,
-        pathlib.PureWindowsPath,
-        pathlib.PosixPath,
-        pathlib.WindowsPath,
+        *paths,
     ]
     allowed = {(o.__module__, o.__qualname__): o for o in objects}
+    for path_class in paths:  # pathlib became a package (3.13): its older names too
+        allowed["pathlib", path_class.__name__] = path_class
     for name, value in vars(torch).items():
         if isinstance(value, torch.dtype | torch.layout | torch.memory_format):
             allowed["torch", name] = value
@@ -140,7 +140,9 @@ def read_index(directory: Path) -> dcp_md.Metadata:
     index = _unpickle(file, data)
     problem = _index_problem(index)
     if problem is not None:
-        raise CheckpointRefused(f"{file} is not a checkpoint index ({problem}): {_NOT_OURS}")
+        raise CheckpointRefused(
+            f"{file} is not a checkpoint index ({problem}): {_NOT_OURS}", fix=_REFUSED_FIX
+        )
     index = cast(dcp_md.Metadata, index)
     _check_data_files(directory, index)
     return index
@@ -241,6 +243,18 @@ def _check_data_files(directory: Path, index: dcp_md.Metadata) -> None:
             )
 
 
+_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue")
+
+
+def _reason(exc: Exception) -> str:
+    """The line of torch's weights-only refusal that says what was refused (its first line
+    advises `weights_only=False`, the very thing not to do here)."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    useful = [ln for ln in lines if ln and not ln.startswith(_BOILERPLATE)]
+    useful = [ln.removeprefix("WeightsUnpickler error:").strip() for ln in useful]
+    return next((ln for ln in useful if ln), type(exc).__name__)
+
+
 class _WeightsOnlyBytes:
     """The load planner, except that non-tensor items are decoded weights-only (plain data:
     numbers, strings, lists, dicts, tensors) before the planner sees them, re-encoded."""
@@ -258,8 +272,7 @@ class _WeightsOnlyBytes:
             item = torch.load(value, map_location="cpu", weights_only=True)
         except Exception as exc:  # weights-only refusals and damage raise several types
             raise CheckpointRefused(
-                f"item {fqn!r} in {self._directory} is not plain data "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
+                f"item {fqn!r} in {self._directory} is not plain data ({_reason(exc)}): "
                 f"the checkpoint is damaged, or {_NOT_OURS}",
                 fix=_REFUSED_FIX,
             ) from None
