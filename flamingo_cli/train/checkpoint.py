@@ -4,6 +4,10 @@ Layout: `<run_dir>/checkpoints/step-00000120/` holds the DCP files (model subset
 scheduler, progress), `rank<r>.json` per rank (data-loader position, RNG states), the recipe,
 and `COMPLETE`, written last. Local checkpoints are also written under a hidden temporary name
 and renamed; a directory without `COMPLETE` is never resumed from.
+
+Loading reads through `runtime.dcp_metadata` (nothing in a directory is unpickled unchecked)
+and checks before it loads: files whole, and the model (and for a resume the optimizer,
+schedule and progress) fitting this run; each failure names the file or keys and a fix.
 """
 
 from __future__ import annotations
@@ -186,6 +190,7 @@ def save_checkpoint(
 
 
 MODEL_PREFIX = "train.model."
+_ANOTHER = "give another checkpoint: an older step-N directory of the run"
 
 
 def _damaged_fix(path: Path) -> str:
@@ -338,9 +343,7 @@ def load_model_weights(model: nn.Module, required: set[str], path: Path) -> None
     try:
         index = reader.index()
     except CheckpointDamaged as exc:
-        raise CheckpointDamaged(
-            exc.message, fix="give another checkpoint: an older step-N directory of the run"
-        ) from None
+        raise CheckpointDamaged(exc.message, fix=_ANOTHER) from None
     ours = model.state_dict()
     saved = {
         k.removeprefix(MODEL_PREFIX)
@@ -360,7 +363,5 @@ def load_model_weights(model: nn.Module, required: set[str], path: Path) -> None
         with _single_process_ok():
             load({"train": {"model": state}}, reader, no_dist=True)
     except CheckpointDamaged as exc:
-        raise CheckpointDamaged(
-            exc.message, fix="give another checkpoint: an older step-N directory of the run"
-        ) from None
+        raise CheckpointDamaged(exc.message, fix=_ANOTHER) from None
     model.load_state_dict(state, strict=False)
