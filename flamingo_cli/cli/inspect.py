@@ -20,6 +20,10 @@ from flamingo_cli.cli.common import (
 if TYPE_CHECKING:
     from flamingo_cli.inspect.report import InspectReport
 
+# recipe.schema's DEFAULT_MAX_IMAGE_PIXELS, written out: importing the schema would load
+# pydantic in every run (a test checks the two agree)
+MAX_IMAGE_PIXELS_HELP = "40,000,000"
+
 
 def register(app: typer.Typer) -> None:
     app.command("inspect-shards")(inspect_shards)
@@ -83,6 +87,17 @@ def inspect_shards(
     workers: Annotated[
         int | None,
         typer.Option("--workers", min=1, help="Processes scanning shards (default: CPU count)."),
+    ] = None,
+    max_image_pixels: Annotated[
+        int | None,
+        typer.Option(
+            "--max-image-pixels",
+            min=1,
+            metavar="N",
+            help="Images declaring more pixels (width x height) are reported as damaged, not "
+            "decoded (default: the recipe's data.max_image_pixels, else "
+            f"{MAX_IMAGE_PIXELS_HELP}).",
+        ),
     ] = None,
     num_nodes: NumNodesOption = None,
     node_rank: NodeRankOption = None,
@@ -149,6 +164,7 @@ def inspect_shards(
             workers=workers,
             partition=partition,
             ray=ray_options,
+            max_image_pixels=max_image_pixels,
         )
         groups = groups_from_specs(specs or [], options)
         if recipe is not None:

@@ -10,6 +10,7 @@ pads the short ones with `padding_batch()` so every rank runs the same forward p
 from __future__ import annotations
 
 import functools
+import shlex
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from flamingo_cli.data.labels import IGNORE
 from flamingo_cli.data.loader import sample_functions
-from flamingo_cli.data.pipeline import Batch, Collate, Preprocess, RawSample, prepare, read_stages
+from flamingo_cli.data.pipeline import (
+    Batch,
+    Collate,
+    Preprocess,
+    RawSample,
+    ReadLog,
+    prepare,
+    read_stages,
+)
 from flamingo_cli.data.preprocess import (
     CORRUPT_IMAGES,
     DROP_REASONS,
@@ -31,9 +40,10 @@ from flamingo_cli.data.preprocess import (
 )
 from flamingo_cli.errors import FlamingoError
 from flamingo_cli.model.tokenizer import SpecialTokens
-from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config
+from flamingo_cli.recipe.schema import DEFAULT_MAX_IMAGE_PIXELS, LaionConfig, Mmc4Config
 from flamingo_cli.shards.opener import open_url
 from flamingo_cli.shards.spec import expand_spec, missing_local, url_kind
+from flamingo_cli.shards.tar import printable_name
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -68,9 +78,9 @@ def select_samples(
             yield index, sample
 
 
-def _stats_only(worker: int, counters: Counter[str]) -> Batch:
+def _stats_only(worker: int, log: ReadLog) -> Batch:
     empty = torch.zeros((0,), dtype=torch.long)
-    return Batch(torch.zeros((0,)), empty, empty, empty, [], worker, 0, dict(counters))
+    return _stamped(Batch(torch.zeros((0,)), empty, empty, empty, []), worker, log)
 
 
 def batch_all(
@@ -79,7 +89,7 @@ def batch_all(
     size: int,
     collate: Collate,
     worker: int,
-    counters: Counter[str],
+    log: ReadLog,
     no_single: bool,
 ) -> Iterator[Batch]:
     """Batches of `size`, then the rest (evaluation keeps every sample). With `no_single`, a
@@ -91,18 +101,19 @@ def batch_all(
         pending.append(sample)
         if len(pending) == size:
             if held:
-                yield _stamped(collate(held), worker, counters)
+                yield _stamped(collate(held), worker, log)
             held, pending = pending, []
     if pending and held and no_single and len(pending) == 1:
         held, pending = held + pending, []
     for rows in (held, pending):
         if rows:
-            yield _stamped(collate(rows), worker, counters)
-    yield _stats_only(worker, counters)
+            yield _stamped(collate(rows), worker, log)
+    yield _stats_only(worker, log)
 
 
-def _stamped(batch: Batch, worker: int, counters: Counter[str]) -> Batch:
-    batch.worker, batch.dropped = worker, dict(counters)
+def _stamped(batch: Batch, worker: int, log: ReadLog) -> Batch:
+    batch.worker, batch.dropped = worker, dict(log.counters)
+    batch.damaged = log.take_damaged()
     return batch
 
 
@@ -139,21 +150,16 @@ class EvalStream(IterableDataset[Batch]):
         part = eval_slice(
             self.urls, self.rank * self.workers + worker, self.world_size * self.workers
         )
-        counters: Counter[str] = Counter()
-
-        def handler(exc: BaseException) -> bool:
-            counters["tar_error"] += 1
-            return True
-
+        log = ReadLog()
         pipeline = wds.DataPipeline(
-            *read_stages(part.urls, allow_pipe=self.allow_pipe, handler=handler),
+            *read_stages(part.urls, allow_pipe=self.allow_pipe, log=log),
             functools.partial(select_samples, offset=part.offset, stride=part.stride),
             functools.partial(
                 prepare,
                 preprocess=self.preprocess,
                 seed=0,  # unused: a deterministic context draws nothing
                 epoch=0,
-                counters=counters,
+                counters=log.counters,
                 progress=[0, 0],
             ),
             functools.partial(
@@ -161,7 +167,7 @@ class EvalStream(IterableDataset[Batch]):
                 size=self.batch_size,
                 collate=self.collate,
                 worker=worker,
-                counters=counters,
+                log=log,
                 no_single=self.no_single,
             ),
         )
@@ -171,7 +177,8 @@ class EvalStream(IterableDataset[Batch]):
 class EvalLoader:
     """Evaluation batches of one dataset for one rank; iterate as often as needed (each pass
     yields the same batches). `dropped` counts the samples preprocessing dropped so far in the
-    current pass, by reason."""
+    current pass, by reason; `damaged_shards` names the shards of this rank that pass found
+    unreadable or damaged (each counted as `tar_error`, the rest of the shards still read)."""
 
     def __init__(
         self,
@@ -209,6 +216,7 @@ class EvalLoader:
         if not allow_pipe and any(url_kind(u) == "pipe" for u in self.urls):
             open_url(next(u for u in self.urls if url_kind(u) == "pipe"))  # raises, with the fix
         self.dropped: dict[str, int] = {}
+        self.damaged_shards: dict[str, str] = {}
 
     def stream(self) -> EvalStream:
         preprocess, collate = sample_functions(self.config, self.ctx)
@@ -234,14 +242,27 @@ class EvalLoader:
         )
         per_worker: dict[int, dict[str, int]] = {}
         self.dropped = {}
+        self.damaged_shards = {}
         for batch in loader:
             per_worker[batch.worker] = batch.dropped
+            self.damaged_shards.update(batch.damaged)
             total: Counter[str] = Counter()
             for counts in per_worker.values():
                 total.update(counts)
             self.dropped = dict(sorted(total.items()))
             if batch.keys:
                 yield batch
+
+    def damage_note(self) -> str | None:
+        """The damaged shards of the last pass, for the report; None when there were none."""
+        if not self.damaged_shards:
+            return None
+        shards = " ".join(shlex.quote(printable_name(u)) for u in self.damaged_shards)
+        return (
+            f"{len(self.damaged_shards)} damaged shard(s) skipped where unreadable "
+            f"(dropped tar_error): {'; '.join(self.damaged_shards.values())}. Fix: run "
+            f"`flamingo inspect-shards {shards}`, then rewrite or re-download them"
+        )
 
     def padding_batch(self) -> Batch:
         """One row whose labels are all masked: the forward pass of a rank with no data left."""
@@ -270,10 +291,17 @@ def make_eval_loader(
     batch_size: int | None = None,
     allow_pipe: bool = False,
     no_single: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> EvalLoader:
-    """The evaluation loader of a dataset's `shards`, preprocessed as its config says."""
+    """The evaluation loader of a dataset's `shards`, preprocessed as its config says; images
+    declaring more than `max_image_pixels` count as corrupt."""
     ctx = Context.create(
-        tokenizer, tokens, image_transform, fast_images=config.fast_images, deterministic=True
+        tokenizer,
+        tokens,
+        image_transform,
+        fast_images=config.fast_images,
+        deterministic=True,
+        max_image_pixels=max_image_pixels,
     )
     return EvalLoader(
         name,

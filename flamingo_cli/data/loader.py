@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import random
+import shlex
 from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from flamingo_cli.data.pipeline import (
     Preprocess,
     RawSample,
     ShardStream,
+    StreamFailure,
     StreamSpec,
     StreamStart,
 )
@@ -31,9 +33,10 @@ from flamingo_cli.data.preprocess import (
 from flamingo_cli.errors import FlamingoError
 from flamingo_cli.model.tokenizer import SpecialTokens
 from flamingo_cli.recipe.plan import batches_per_epoch
-from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config
+from flamingo_cli.recipe.schema import DEFAULT_MAX_IMAGE_PIXELS, LaionConfig, Mmc4Config
 from flamingo_cli.shards.opener import open_url
 from flamingo_cli.shards.spec import expand_spec, url_kind
+from flamingo_cli.shards.tar import printable_name
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -106,7 +109,10 @@ class TrainLoader:
     `set_epoch(e)` before iterating epoch e; iterating yields the batches of the current epoch
     not yet consumed. `state_dict()` records what the trainer consumed (not what workers
     prefetched); after `load_state_dict()` the next batches are those an uninterrupted run
-    would have yielded. `dropped` counts dropped samples by reason over the whole run.
+    would have yielded. `dropped` counts dropped samples by reason over the whole run;
+    `damaged_shards` names the shards found unreadable or damaged (counted as `tar_error`), and
+    `damage_notices()` gives one message per shard not yet reported. A worker that cannot go on
+    (no usable sample in its shards) stops the iteration with a FlamingoError naming them.
     """
 
     def __init__(
@@ -147,6 +153,8 @@ class TrainLoader:
         self.epoch = epoch
         self._reset_position()
         self._dropped_before: Counter[str] = Counter()
+        self.damaged_shards: dict[str, str] = {}  # shard -> what is wrong, in the order found
+        self._noticed = 0
 
     def _reset_position(self) -> None:
         self.batches = 0
@@ -196,6 +204,7 @@ class TrainLoader:
             batch_size=config.batch_size,
             batches_per_worker=self.num_batches // self.workers,
             allow_pipe=self.allow_pipe,
+            name=self.name,
         )
         start = StreamStart(
             rotation=self.batches % self.workers,
@@ -209,7 +218,7 @@ class TrainLoader:
         if self.remaining <= 0:
             return
         workers = self.config.workers
-        loader: DataLoader[Batch] = DataLoader(
+        loader: DataLoader[Batch | StreamFailure] = DataLoader(
             self.stream(),
             batch_size=None,
             num_workers=workers,
@@ -218,11 +227,26 @@ class TrainLoader:
             generator=torch.Generator().manual_seed(self.seed),
         )
         for batch in loader:
+            if isinstance(batch, StreamFailure):
+                raise batch.error()
+            for url, message in batch.damaged.items():
+                self.damaged_shards.setdefault(url, message)
             self.batches += 1
             self._worker_batches[batch.worker] += 1
             self._drawn[batch.worker] = batch.drawn
             self._worker_dropped[batch.worker] = batch.dropped
             yield batch
+
+    def damage_notices(self) -> list[str]:
+        """A message for each damaged shard found since the last call (each shard once)."""
+        found = list(self.damaged_shards.items())[self._noticed :]
+        self._noticed = len(self.damaged_shards)
+        return [
+            f"data.{self.name}: {message}; what cannot be read is skipped (counted as "
+            f"dropped/{self.name}/tar_error). Fix: run `flamingo inspect-shards "
+            f"{shlex.quote(printable_name(url))}`, then rewrite or re-download the shard"
+            for url, message in found
+        ]
 
     def skip_to(self, batches: int) -> None:
         """Start this epoch as if `batches` batches had been consumed from a fresh stream.
@@ -291,9 +315,17 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     allow_pipe: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> TrainLoader:
-    """The training loader of a LAION or MMC4 dataset config for one rank."""
-    ctx = Context.create(tokenizer, tokens, image_transform, fast_images=config.fast_images)
+    """The training loader of a LAION or MMC4 dataset config for one rank; images declaring
+    more than `max_image_pixels` (the recipe's `data.max_image_pixels`) count as corrupt."""
+    ctx = Context.create(
+        tokenizer,
+        tokens,
+        image_transform,
+        fast_images=config.fast_images,
+        max_image_pixels=max_image_pixels,
+    )
     name = "laion" if isinstance(config, LaionConfig) else "mmc4"
     return TrainLoader(
         name,

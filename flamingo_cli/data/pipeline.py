@@ -12,6 +12,8 @@ import functools
 import hashlib
 import itertools
 import random
+import re
+import shlex
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,18 +22,24 @@ from typing import Any
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
 from flamingo_cli.data.preprocess import CORRUPT_IMAGES, Dropped, Sample, sample_rng
 from flamingo_cli.errors import FlamingoError, OpenerError
-from flamingo_cli.shards.opener import open_url
+from flamingo_cli.shards.tar import TarReader, is_utf8, printable_name, split_member
 
 RawSample = dict[str, Any]
 Preprocess = Callable[[RawSample, random.Random], Sample]
 Collate = Callable[[list[Sample]], "Batch"]
 
-# Passes over a worker's shards that may yield no usable sample before we give up.
+# Passes in a row over a worker's shards that may yield no usable sample before we give up
+# (at least, with every shard tried; at most).
 _FRUITLESS_PASSES = 3
+_MAX_FRUITLESS_PASSES = 50
+# webdataset's tar reader skips these members (`__key__`-style metadata files)
+_META = re.compile(r"__[^/]*__($|/)")
+# damaged shards named in the error that stops a worker with no usable sample
+_NAMED_SHARDS = 5
 
 
 @dataclass
@@ -41,7 +49,8 @@ class Batch:
     images `(B, N, 3, H, W)` float (N = 1 for LAION, max_num_images for MMC4, zero-padded);
     input_ids, attention_mask, labels `(B, L)` long (labels -100 where masked); the k-th
     `<image>` token of a row belongs to `images[row, k]`. `worker`, `drawn` and `dropped`
-    are the loader's bookkeeping for exact resume and drop metrics.
+    are the loader's bookkeeping for exact resume and drop metrics; `damaged` names the
+    shards the worker found damaged since its previous batch (shard -> what is wrong).
     """
 
     images: torch.Tensor
@@ -52,6 +61,7 @@ class Batch:
     worker: int = 0
     drawn: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    damaged: dict[str, str] = field(default_factory=dict)
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True)."""
@@ -64,6 +74,7 @@ class Batch:
             self.worker,
             self.drawn,
             self.dropped,
+            self.damaged,
         )
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
@@ -77,7 +88,51 @@ class Batch:
             self.worker,
             self.drawn,
             self.dropped,
+            self.damaged,
         )
+
+
+@dataclass(frozen=True)
+class StreamFailure:
+    """What a worker sends instead of a batch when it cannot go on: the loader raises it as a
+    FlamingoError in the training process (torch would turn a worker's exception into its
+    traceback as the message, and drop the fix)."""
+
+    message: str
+    fix: str | None = None
+
+    def error(self) -> FlamingoError:
+        return FlamingoError(self.message, fix=self.fix)
+
+
+@dataclass
+class ReadLog:
+    """What reading shards met, for one logical worker: drop counters by reason (shared with
+    preprocessing) and the damaged shards, each named once (`take_damaged` hands over the
+    ones not yet reported)."""
+
+    counters: Counter[str] = field(default_factory=Counter)
+    damaged: dict[str, str] = field(default_factory=dict)
+    _reported: int = 0
+
+    def damage(self, url: str, message: str) -> None:
+        """A shard that could not be read to its end: one `tar_error` per pass over it."""
+        self.counters["tar_error"] += 1
+        self.damaged.setdefault(url, message)
+
+    def bad_name(self) -> None:
+        self.counters["bad_name"] += 1
+
+    def handler(self, exc: BaseException) -> bool:
+        """webdataset's error hook (grouping members into samples): count and go on."""
+        self.counters["tar_error"] += 1
+        return True
+
+    def take_damaged(self) -> dict[str, str]:
+        """The damaged shards found since the previous call."""
+        items = list(self.damaged.items())[self._reported :]
+        self._reported = len(self.damaged)
+        return dict(items)
 
 
 @dataclass(frozen=True)
@@ -96,6 +151,7 @@ class StreamSpec:
     batch_size: int
     batches_per_worker: int
     allow_pipe: bool
+    name: str = "dataset"  # in messages: data.NAME
 
 
 @dataclass(frozen=True)
@@ -146,32 +202,55 @@ def pass_urls(spec: StreamSpec, worker: int, index: int) -> list[str]:
     return split_by_worker(mine, worker, spec.workers)
 
 
-def open_shards(
-    src: Iterable[dict[str, Any]], *, allow_pipe: bool, handler: Callable[[BaseException], bool]
+def tar_members(
+    src: Iterable[dict[str, Any]], *, allow_pipe: bool, log: ReadLog
 ) -> Iterator[dict[str, Any]]:
-    """webdataset's URL-opener stage, through `open_url`; each stream is closed once read."""
+    """webdataset's opener and tar stages in one, on our tar reader: the members of each shard
+    as `{"fname", "data", "__url__"}`, then `{}` at its end (webdataset's end-of-shard mark).
+
+    Unlike Python's tarfile, which ends a shard quietly at a corrupt header, the reader says
+    why and where it stopped: an unreadable or damaged shard is one `tar_error` per pass, named
+    in `log`. Members whose name is not UTF-8 are skipped and counted (`bad_name`, once per
+    sample key): their key cannot seed a sample's generator nor appear in a message.
+    """
     for item in src:
         url = item["url"]
         try:
-            stream = open_url(url, allow_pipe=allow_pipe)
-        except OpenerError as exc:
-            if handler(exc):
+            yield from _shard_members(url, allow_pipe, log)
+        except OpenerError as exc:  # cannot open, or a stream failed while being read
+            log.damage(url, exc.message)
+        yield {}
+
+
+def _shard_members(url: str, allow_pipe: bool, log: ReadLog) -> Iterator[dict[str, Any]]:
+    bad_key: str | None = None
+    with TarReader(url, allow_pipe=allow_pipe, want=_every_member) as reader:
+        for member, data in reader:
+            name = member.name
+            if _META.match(name):
+                continue  # as webdataset: metadata members
+            if not is_utf8(name):
+                key = split_member(name)[0]
+                if key != bad_key:
+                    log.bad_name()
+                    bad_key = key
                 continue
-            raise
-        with stream:
-            yield {**item, "stream": stream}
+            yield {"fname": name, "data": data, "__url__": url}
+    if reader.damage is not None:
+        log.damage(url, f"tar shard {printable_name(url)} {reader.damage.message}")
 
 
-def read_stages(
-    urls: Sequence[str], *, allow_pipe: bool, handler: Callable[[BaseException], bool]
-) -> list[Any]:
+def _every_member(name: str) -> bool:
+    return True
+
+
+def read_stages(urls: Sequence[str], *, allow_pipe: bool, log: ReadLog) -> list[Any]:
     """The stages that turn shard URLs, in the given order, into raw samples (dicts of members);
-    tar errors go to `handler`, which returns True to skip and go on."""
+    damage is counted in `log` and reading goes on with the next shard."""
     return [
         wds.SimpleShardList(list(urls)),
-        functools.partial(open_shards, allow_pipe=allow_pipe, handler=handler),
-        functools.partial(tar_file_expander, handler=handler),
-        functools.partial(group_by_keys, handler=handler),
+        functools.partial(tar_members, allow_pipe=allow_pipe, log=log),
+        functools.partial(group_by_keys, handler=log.handler),
     ]
 
 
@@ -219,7 +298,7 @@ def batch_up(
     size: int,
     collate: Collate,
     worker: int,
-    counters: Counter[str],
+    log: ReadLog,
 ) -> Iterator[Batch]:
     """Full batches only, yielded as soon as the last sample is in (so the stamp is exact)."""
     pending: list[Sample] = []
@@ -227,13 +306,16 @@ def batch_up(
         pending.append(sample)
         if len(pending) == size:
             batch = collate(pending)
-            batch.worker, batch.drawn, batch.dropped = worker, drawn, dict(counters)
+            batch.worker, batch.drawn, batch.dropped = worker, drawn, dict(log.counters)
+            batch.damaged = log.take_damaged()
             yield batch
             pending = []
 
 
-class ShardStream(IterableDataset[Batch]):
-    """The batches of one rank for one epoch, split among DataLoader workers."""
+class ShardStream(IterableDataset[Batch | StreamFailure]):
+    """The batches of one rank for one epoch, split among DataLoader workers.
+
+    A worker that cannot go on yields one `StreamFailure` and stops."""
 
     def __init__(
         self,
@@ -248,7 +330,7 @@ class ShardStream(IterableDataset[Batch]):
         self.preprocess = preprocess
         self.collate = collate
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | StreamFailure]:
         info = get_worker_info()
         physical = info.id if info is not None else 0
         # after a restart the worker due next is DataLoader worker 0: rotate the roles
@@ -256,25 +338,21 @@ class ShardStream(IterableDataset[Batch]):
         remaining = self.spec.batches_per_worker - self.start.worker_batches[worker]
         if remaining <= 0:
             return iter(())
-        return itertools.islice(self.batches(worker), remaining)
+        return _failures_as_items(itertools.islice(self.batches(worker), remaining))
 
     def batches(self, worker: int) -> Iterator[Batch]:
         """The endless batch stream of logical worker `worker`, from its resume point."""
         spec = self.spec
-        counters: Counter[str] = Counter()
+        log = ReadLog()
         progress = [0, 0]  # samples accepted, samples skipped
 
         def skipped() -> None:
             # replayed tar errors were counted before the restart too: take the saved counters
-            counters.clear()
-            counters.update(self.start.dropped[worker])
-
-        def handler(exc: BaseException) -> bool:
-            counters["tar_error"] += 1
-            return True
+            log.counters.clear()
+            log.counters.update(self.start.dropped[worker])
 
         pipeline = wds.DataPipeline(
-            functools.partial(self.raw_samples, worker, handler, progress),
+            functools.partial(self.raw_samples, worker, log, progress),
             functools.partial(
                 number_and_skip,
                 skip=self.start.drawn[worker],
@@ -286,7 +364,7 @@ class ShardStream(IterableDataset[Batch]):
                 preprocess=self.preprocess,
                 seed=spec.seed,
                 epoch=spec.epoch,
-                counters=counters,
+                counters=log.counters,
                 progress=progress,
             ),
             functools.partial(
@@ -294,22 +372,22 @@ class ShardStream(IterableDataset[Batch]):
                 size=spec.batch_size,
                 collate=self.collate,
                 worker=worker,
-                counters=counters,
+                log=log,
             ),
         )
         return iter(pipeline)
 
-    def raw_samples(
-        self, worker: int, handler: Callable[[BaseException], bool], progress: list[int]
-    ) -> Iterator[RawSample]:
+    def raw_samples(self, worker: int, log: ReadLog, progress: list[int]) -> Iterator[RawSample]:
         """Raw samples of successive passes over the worker's shards, each pass shuffled."""
         spec = self.spec
-        fruitless = 0
+        shards = len(set(spec.urls))
+        fruitless = 0  # passes in a row without a usable sample
+        tried: set[str] = set()  # and their shards
         for index in itertools.count():
             urls = pass_urls(spec, worker, index)
             before = (progress[0], progress[1])
             reader = wds.DataPipeline(
-                *read_stages(urls, allow_pipe=spec.allow_pipe, handler=handler),
+                *read_stages(urls, allow_pipe=spec.allow_pipe, log=log),
                 wds.shuffle(
                     spec.shuffle_buffer,
                     spec.shuffle_initial,
@@ -319,11 +397,48 @@ class ShardStream(IterableDataset[Batch]):
                 ),
             )
             yield from reader
-            fruitless = fruitless + 1 if (progress[0], progress[1]) == before else 0
-            if fruitless >= _FRUITLESS_PASSES:
-                raise FlamingoError(
-                    f"{_FRUITLESS_PASSES} passes over the shards of loader worker {worker} "
-                    f"(rank {spec.rank}) gave no usable sample",
-                    fix="run `flamingo inspect-shards` on these shards: they are empty, "
-                    "unreadable, or every sample is dropped by the filters",
-                )
+            if (progress[0], progress[1]) != before:
+                fruitless = 0
+                tried.clear()
+                continue
+            fruitless += 1
+            tried.update(urls)
+            # hopeless once every shard was tried (a resampled or reshuffled pass may just
+            # have drawn only the bad ones), or after many passes in any case
+            covered = len(tried) == shards or fruitless >= _MAX_FRUITLESS_PASSES
+            if fruitless >= _FRUITLESS_PASSES and covered:
+                raise _no_usable_sample(spec, worker, fruitless, tried, log)
+
+
+def _no_usable_sample(
+    spec: StreamSpec, worker: int, passes: int, tried: set[str], log: ReadLog
+) -> FlamingoError:
+    """The error of a worker whose passes give nothing: its damaged shards named, the fix."""
+    where = (
+        f"data.{spec.name}: {passes} passes over the shards of loader worker {worker} "
+        f"(rank {spec.rank}) gave no usable sample"
+    )
+    damaged = [u for u in log.damaged if u in tried]
+    if not damaged:
+        dropped = ", ".join(f"{k} {v}" for k, v in sorted(log.counters.items())) or "none"
+        return FlamingoError(
+            f"{where} (dropped: {dropped})",
+            fix="run `flamingo inspect-shards --deep` on these shards: every sample is dropped "
+            "by the filters, or the shards are empty",
+        )
+    named = damaged[:_NAMED_SHARDS]
+    more = f"; {len(damaged) - len(named)} more" if len(damaged) > len(named) else ""
+    shown = " ".join(shlex.quote(printable_name(u)) for u in named)
+    return FlamingoError(
+        f"{where}; unreadable or damaged: {'; '.join(log.damaged[u] for u in named)}{more}",
+        fix=f"run `flamingo inspect-shards {shown}`, then rewrite or re-download these "
+        f"shards, or leave them out of data.{spec.name}.shards",
+    )
+
+
+def _failures_as_items(batches: Iterator[Batch]) -> Iterator[Batch | StreamFailure]:
+    """The batches, and a FlamingoError raised while making them as a last StreamFailure."""
+    try:
+        yield from batches
+    except FlamingoError as exc:
+        yield StreamFailure(exc.message, exc.fix)

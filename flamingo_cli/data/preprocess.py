@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import io
 import json
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +20,7 @@ from PIL import Image
 
 from flamingo_cli.data.assign import assign_images, large_enough
 from flamingo_cli.data.fast_image import TensorTransform, tensor_transform
+from flamingo_cli.data.image_limits import DEFAULT_MAX_IMAGE_PIXELS, open_image
 from flamingo_cli.data.text import (
     GPT_PLACEHOLDER,
     caption_text,
@@ -40,9 +40,13 @@ ImageTransform = Callable[[Image.Image], torch.Tensor]
 PAIR_IMAGE_EXTENSIONS = ("jpg", "png", "jpeg")
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
-# Why a sample was dropped; `images_corrupt` counts single images dropped from kept documents.
+# Why a sample was dropped; `images_corrupt` counts single images dropped from kept documents
+# (corrupt, or declaring more pixels than `data.max_image_pixels`). `tar_error` counts a shard
+# that could not be opened or read to its end, once per pass; `bad_name` a sample key whose tar
+# member names are not UTF-8 (its members are skipped).
 DROP_REASONS = (
     "tar_error",
+    "bad_name",
     "missing_member",
     "bad_caption",
     "bad_json",
@@ -84,7 +88,8 @@ class Context:
     """What every sample of a dataset is preprocessed with (no per-sample state).
 
     `deterministic` (evaluation) turns off every random choice: no flips and no random drop of
-    single-image documents; the generator is then never drawn from.
+    single-image documents; the generator is then never drawn from. An image declaring more
+    than `max_image_pixels` pixels is not decoded: it counts as corrupt.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -95,6 +100,7 @@ class Context:
     fast_transform: TensorTransform | None
     control_strings: tuple[str, ...]
     deterministic: bool = False
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     @classmethod
     def create(
@@ -105,6 +111,7 @@ class Context:
         *,
         fast_images: bool = True,
         deterministic: bool = False,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> Context:
         """Probe the transform once for its output shape (zero padding, draft-mode target).
         `fast_images`: JPEG draft decoding, and torch's resize when the transform is CLIP's."""
@@ -122,6 +129,7 @@ class Context:
             fast_transform=tensor_transform(image_transform) if fast_images else None,
             control_strings=tuple(sorted((s for s in specials if s), key=len, reverse=True)),
             deterministic=deterministic,
+            max_image_pixels=max_image_pixels,
         )
 
     @property
@@ -137,9 +145,13 @@ def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
     return random.Random(int.from_bytes(digest, "little"))
 
 
-def decode_image(raw: bytes, draft_size: int | None) -> Image.Image:
-    """Decode image bytes to RGB; JPEGs at the smallest DCT scale no smaller than `draft_size`."""
-    with Image.open(io.BytesIO(raw)) as image:
+def decode_image(
+    raw: bytes, draft_size: int | None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> Image.Image:
+    """Decode image bytes to RGB; JPEGs at the smallest DCT scale no smaller than `draft_size`.
+
+    Raises `ImageTooLarge` (a ValueError) before decoding an image over `max_pixels`."""
+    with open_image(raw, max_pixels) as image:
         if draft_size is not None and image.format == "JPEG":
             image.draft("RGB", (draft_size, draft_size))
         image.load()
@@ -150,7 +162,7 @@ def decode_image(raw: bytes, draft_size: int | None) -> Image.Image:
 def _try_decode(raw: bytes, ctx: Context, flip: bool) -> torch.Tensor | None:
     """The transformed image, mirrored left-right when `flip`; None when it cannot decode."""
     try:
-        image = decode_image(raw, ctx.draft_size)
+        image = decode_image(raw, ctx.draft_size, ctx.max_image_pixels)
     except _IMAGE_ERRORS:
         return None
     if ctx.fast_transform is not None:

@@ -291,6 +291,8 @@ def _result(
                 f"{alone} sample(s) were alone in their batch: with nobody to swap images with, "
                 "they are left out of the shuffle comparison"
             )
+    damage = loader.damage_note()  # this rank's damaged shards, named
+    note = damage if note is None else note if damage is None else f"{note}; {damage}"
     return DatasetLoss(
         dataset=loader.name,
         shards=len(loader.urls),

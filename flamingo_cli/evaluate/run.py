@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Any
 from flamingo_cli.errors import FlamingoError, UsageError
 from flamingo_cli.evaluate.loss import Ablation, DatasetLoss, EvalEvents, evaluate_dataset
 from flamingo_cli.recipe.load import LoadedRecipe
-from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config, Recipe, ShardSpec
+from flamingo_cli.recipe.schema import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    LaionConfig,
+    Mmc4Config,
+    Recipe,
+    ShardSpec,
+)
 from flamingo_cli.shards.sizes import known_counts
 
 if TYPE_CHECKING:
@@ -191,8 +197,10 @@ def make_eval_loaders(
     allow_pipe: bool = False,
     batch_size: int | None = None,
     no_single: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict[str, EvalLoader]:
-    """One evaluation loader per target, for this rank."""
+    """One evaluation loader per target, for this rank (images declaring more than
+    `max_image_pixels` count as corrupt)."""
     from flamingo_cli.data.eval_loader import make_eval_loader
 
     return {
@@ -208,6 +216,7 @@ def make_eval_loaders(
             batch_size=batch_size,
             allow_pipe=allow_pipe,
             no_single=no_single,
+            max_image_pixels=max_image_pixels,
         )
         for t in targets
     }
@@ -228,7 +237,13 @@ def recipe_eval_loaders(
         if config.eval_shards
     ]
     return make_eval_loaders(
-        targets, tokenizer, tokens, transform, info, allow_pipe=recipe.data.allow_pipe
+        targets,
+        tokenizer,
+        tokens,
+        transform,
+        info,
+        allow_pipe=recipe.data.allow_pipe,
+        max_image_pixels=recipe.data.max_image_pixels,
     )
 
 
@@ -291,6 +306,7 @@ def evaluate_loss(
             allow_pipe=recipe.data.allow_pipe,
             batch_size=batch_size,
             no_single=ablation == "shuffle",
+            max_image_pixels=recipe.data.max_image_pixels,
         )
         results = []
         for name, loader in loaders.items():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,12 +32,14 @@ IMAGE_EXTS = (*PAIR_IMAGE_EXTS, "webp")
 
 @dataclass(frozen=True)
 class Filters:
-    """OpenFlamingo's MMC4 filters and limits (defaults of its published command)."""
+    """OpenFlamingo's MMC4 filters and limits (defaults of its published command), and the cap
+    on decoded pixels (None: `DEFAULT_MAX_IMAGE_PIXELS`, the recipe default)."""
 
     threshold: float = 0.24
     assignment: Assignment = "hungarian"
     max_num_images: int = 6
     min_num_images: int = 1
+    max_image_pixels: int | None = None
 
 
 @dataclass(frozen=True)
@@ -104,21 +105,43 @@ def sample_kind(extensions: set[str] | frozenset[str]) -> Kind | None:
     return None
 
 
-def decode_image(data: bytes) -> tuple[int, int]:
-    """Decode image bytes fully (JPEG at reduced scale); raises ValueError when corrupt."""
+def decode_image(data: bytes, max_pixels: int | None = None) -> tuple[int, int]:
+    """Decode image bytes fully (JPEG at reduced scale); raises ValueError when corrupt, and
+    `ImageTooLarge` (a ValueError), without decoding, when it declares more than
+    `max_pixels` pixels (default: the recipe default)."""
     from PIL import Image, UnidentifiedImageError
 
+    from flamingo_cli.data.image_limits import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLarge, open_image
+
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data, max_pixels or DEFAULT_MAX_IMAGE_PIXELS) as image:
             if image.format == "JPEG":
                 image.draft("RGB", (64, 64))
             size = image.size
             image.load()
+    except ImageTooLarge:
+        raise
+    except Image.DecompressionBombError as exc:  # PIL's own limit, met while decoding
+        raise ImageTooLarge(str(exc)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ValueError(str(exc) or type(exc).__name__) from None
-    if Image.MAX_IMAGE_PIXELS and size[0] * size[1] > 2 * Image.MAX_IMAGE_PIXELS:
-        raise ValueError(f"{size[0]}x{size[1]} pixels is too large")
     return size
+
+
+def _undecodable(view: SampleView, image: ImageView, where: str, exc: ValueError) -> None:
+    """Record why an image does not decode: over the pixel cap, or corrupt."""
+    from flamingo_cli.data.image_limits import ImageTooLarge  # loaded by decode_image
+
+    if isinstance(exc, ImageTooLarge):
+        image.dropped = "too large"
+        reason = (
+            f"{where} not decoded: {exc}; the loaders skip it like a corrupt image "
+            "(raise the cap with --max-image-pixels / data.max_image_pixels if it is wanted)"
+        )
+    else:
+        image.dropped = "corrupt"
+        reason = f"{where} cannot be decoded: {exc}"
+    view.issues.append(Issue("image", reason))
 
 
 def _check_text(issues: list[Issue], where: str, text: str) -> None:
@@ -158,7 +181,7 @@ def view_sample(
     """
     kind = sample_kind(frozenset(members)) or "interleaved"
     if kind == "pairs":
-        return _view_pair(key, members)
+        return _view_pair(key, members, filters)
     view = SampleView(key, "interleaved")
     raw = members.get("json")
     if raw is None:
@@ -179,7 +202,7 @@ def view_sample(
     return view
 
 
-def _view_pair(key: str, members: Mapping[str, bytes]) -> SampleView:
+def _view_pair(key: str, members: Mapping[str, bytes], filters: Filters) -> SampleView:
     view = SampleView(key, "pairs")
     raw_caption = members.get("txt")
     if raw_caption is None:
@@ -198,10 +221,9 @@ def _view_pair(key: str, members: Mapping[str, bytes]) -> SampleView:
     else:
         image = ImageView(0, members[ext], sentence=0)
         try:
-            image.size = decode_image(members[ext])
+            image.size = decode_image(members[ext], filters.max_image_pixels)
         except ValueError as exc:
-            image.dropped = "corrupt"
-            view.issues.append(Issue("image", f".{ext} cannot be decoded: {exc}"))
+            _undecodable(view, image, f".{ext}", exc)
         if ext not in PAIR_IMAGE_EXTS and image.dropped is None:
             image.dropped = f".{ext} is not read by OpenFlamingo"
         view.images.append(image)
@@ -273,7 +295,7 @@ def _view_mmc4(view: SampleView, doc: dict[str, Any], filters: Filters, decode_a
             image.dropped = "under 11,000 bytes"
         eligible.append(image.dropped is None)
         if decode_all:
-            _decode_into(view, image, f"image_info[{i}]")
+            _decode_into(view, image, f"image_info[{i}]", filters)
     if not shape_ok:
         for image in view.images:
             image.dropped = image.dropped or "no usable similarity row"
@@ -292,7 +314,7 @@ def _view_mmc4(view: SampleView, doc: dict[str, Any], filters: Filters, decode_a
             image.dropped = f"not assigned (similarity under {filters.threshold:g})"
     for image in view.images:
         if image.sentence is not None and image.size is None and image.dropped is None:
-            _decode_into(view, image, f"image_info[{image.index}]")
+            _decode_into(view, image, f"image_info[{image.index}]", filters)
         if image.dropped is not None:
             image.sentence = None
     for image in view.kept[filters.max_num_images :]:
@@ -300,13 +322,12 @@ def _view_mmc4(view: SampleView, doc: dict[str, Any], filters: Filters, decode_a
         image.sentence = None
 
 
-def _decode_into(view: SampleView, image: ImageView, where: str) -> None:
+def _decode_into(view: SampleView, image: ImageView, where: str, filters: Filters) -> None:
     assert image.data is not None
     try:
-        image.size = decode_image(image.data)
+        image.size = decode_image(image.data, filters.max_image_pixels)
     except ValueError as exc:
-        image.dropped = "corrupt"
-        view.issues.append(Issue("image", f"{where}: cannot be decoded: {exc}"))
+        _undecodable(view, image, f"{where}:", exc)
 
 
 def _view_gpt(view: SampleView, doc: dict[str, Any], filters: Filters) -> None:
@@ -338,7 +359,7 @@ def _view_gpt(view: SampleView, doc: dict[str, Any], filters: Filters) -> None:
             image.dropped = "bad base64"
             view.issues.append(Issue("base64", f"image_map[{placeholder!r}]: {exc}"))
             continue
-        _decode_into(view, image, f"image_map[{placeholder!r}]")
+        _decode_into(view, image, f"image_map[{placeholder!r}]", filters)
     view.texts.append(text)
     for j, part in enumerate(view.texts):
         if part.strip():

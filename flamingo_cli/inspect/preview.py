@@ -51,7 +51,9 @@ def _e(text: object) -> str:
 
 
 def _thumbnail(data: bytes) -> str | None:
-    """A JPEG/PNG data URI of at most THUMBNAIL pixels a side; None when it does not decode."""
+    """A JPEG/PNG data URI of at most THUMBNAIL pixels a side; None when it does not decode.
+
+    Called only for images that decoded within the pixel cap (`ImageView.size` is set)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -59,7 +61,7 @@ def _thumbnail(data: bytes) -> str | None:
             image.thumbnail((THUMBNAIL, THUMBNAIL))
             has_alpha = image.mode in ("RGBA", "LA") or "transparency" in image.info
             converted = image.convert("RGBA" if has_alpha else "RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
     buffer = io.BytesIO()
     fmt, mime = ("PNG", "image/png") if has_alpha else ("JPEG", "image/jpeg")
@@ -69,7 +71,8 @@ def _thumbnail(data: bytes) -> str | None:
 
 def _figure(image: ImageView, label: str, text: str | None = None) -> str:
     """An image (or a box saying why there is none) with its facts, and `text` under it."""
-    uri = _thumbnail(image.data) if image.data is not None else None
+    # an image that did not decode within the pixel cap (no size) is not opened again
+    uri = _thumbnail(image.data) if image.data is not None and image.size is not None else None
     parts = [f"image {image.index}"]
     if image.similarity is not None:
         parts.append(f"similarity {image.similarity:.3f}")

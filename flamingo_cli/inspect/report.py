@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from flamingo_cli.errors import Severity
+from flamingo_cli.shards.tar import is_utf8, printable_name
 
 Kind = Literal["interleaved", "pairs"]
 
@@ -158,7 +159,15 @@ class ShardReport:
     max_findings: int = 1000
 
     def add(self, finding: Finding) -> None:
-        """Count a finding and keep it while under the cap."""
+        """Count a finding and keep it while under the cap. Text from member names that are
+        not UTF-8 is kept with those bytes escaped: it must print and go into JSON."""
+        key = finding.key
+        if not (is_utf8(finding.reason) and (key is None or is_utf8(key))):
+            finding = replace(
+                finding,
+                reason=printable_name(finding.reason),
+                key=None if key is None else printable_name(key),
+            )
         if finding.severity == "error":
             self.errors += 1
         else:

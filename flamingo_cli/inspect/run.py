@@ -16,13 +16,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from flamingo_cli.errors import OpenerError, UsageError
+from flamingo_cli.errors import OpenerError, OutputError, UsageError
 from flamingo_cli.inspect.document import Filters
 from flamingo_cli.inspect.report import Finding, GroupReport, InspectReport, ShardReport
 from flamingo_cli.inspect.scan import ScanSettings, scan_shard
 from flamingo_cli.shards.cluster import Partition, RayOptions, ray_map
 from flamingo_cli.shards.opener import open_url
-from flamingo_cli.shards.sizes import read_sizes
+from flamingo_cli.shards.sizes import SIZES_FILE, read_sizes
 from flamingo_cli.shards.spec import expand_spec, local_path, url_kind
 from flamingo_cli.shards.write import write_sizes
 
@@ -42,6 +42,7 @@ class InspectOptions:
     workers: int | None = None
     partition: Partition = field(default_factory=Partition)
     ray: RayOptions | None = None
+    max_image_pixels: int | None = None  # None: a recipe's data.max_image_pixels, else default
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class ShardGroup:
 
 
 def _base_settings(options: InspectOptions) -> ScanSettings:
-    filters = Filters()
+    filters = Filters(max_image_pixels=options.max_image_pixels)
     if options.sim_threshold is not None:
         filters = replace(filters, threshold=options.sim_threshold)
     return ScanSettings(
@@ -84,7 +85,13 @@ def groups_from_recipe(path: str | Path, options: InspectOptions) -> list[ShardG
     from flamingo_cli.recipe.schema import Mmc4Config
 
     recipe = load_recipe(path).recipe
-    base = replace(_base_settings(options), allow_pipe=options.allow_pipe or recipe.data.allow_pipe)
+    pixels = options.max_image_pixels or recipe.data.max_image_pixels
+    base = _base_settings(options)
+    base = replace(
+        base,
+        allow_pipe=options.allow_pipe or recipe.data.allow_pipe,
+        filters=replace(base.filters, max_image_pixels=pixels),
+    )
     groups = []
     for name, config in recipe.datasets().items():
         settings = replace(
@@ -102,6 +109,7 @@ def groups_from_recipe(path: str | Path, options: InspectOptions) -> list[ShardG
                     assignment=config.assignment,
                     max_num_images=config.max_num_images,
                     min_num_images=config.min_num_images,
+                    max_image_pixels=pixels,
                 ),
             )
         groups.append(ShardGroup(f"{name} training", expand_spec(config.shards), settings))
@@ -268,8 +276,25 @@ def _write_sizes(shards: list[ShardReport]) -> list[str]:
             existing = read_sizes(directory) or {}
         except OpenerError:
             existing = {}  # unreadable: replaced by the true counts
-        written.append(str(write_sizes(directory, {**existing, **counts})))
+        written.append(_write_sizes_file(directory, {**existing, **counts}))
     return written
+
+
+def _write_sizes_file(directory: str, counts: dict[str, int]) -> str:
+    """Write one sizes.json; a location that refuses it stops the run, naming the file."""
+    target = posixpath.join(directory, SIZES_FILE)
+    try:
+        return str(write_sizes(directory, counts))
+    except (OSError, OutputError) as exc:
+        if isinstance(exc, OutputError):
+            message = exc.message
+        else:
+            message = f"cannot write {target}: {exc.strerror or exc}"
+        if Path(target).is_dir():
+            fix = f"remove or rename the folder {target}, which is in the way of the file"
+        else:
+            fix = f"make {directory} writable (or copy the shards to a writable place)"
+        raise OutputError(message, fix=f"{fix}, or run without --write-sizes") from exc
 
 
 def _load_report(source: str, allow_pipe: bool) -> dict[str, Any]:

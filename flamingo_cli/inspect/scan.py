@@ -24,7 +24,14 @@ from flamingo_cli.inspect.document import (
 from flamingo_cli.inspect.report import DeepStats, Finding, Kind, ShardReport
 from flamingo_cli.shards.opener import open_url
 from flamingo_cli.shards.spec import local_path, url_kind
-from flamingo_cli.shards.tar import TarListing, TarMember, TarReader, split_member
+from flamingo_cli.shards.tar import (
+    TarListing,
+    TarMember,
+    TarReader,
+    is_utf8,
+    printable_name,
+    split_member,
+)
 
 DEFAULT_MAX_TOKENS: dict[Kind, int] = {"pairs": 32, "interleaved": 256}
 _KIND_NAMES: dict[Kind, str] = {"pairs": "image-text pairs", "interleaved": "interleaved documents"}
@@ -92,7 +99,10 @@ def _scan(url: str, settings: ScanSettings, report: ShardReport) -> None:
             listing = reader.listing()
     report.members = len(listing.names)
     report.samples = len(listing.keys)
-    report.extensions = _check_repeats(url, listing, report)
+    _check_names(url, listing, report)
+    report.extensions = {
+        printable_name(ext): n for ext, n in _check_repeats(url, listing, report).items()
+    }
     report.bytes = reader.file_size if reader.file_size is not None else reader.end
     if reader.damage is not None:
         damage = reader.damage
@@ -109,6 +119,26 @@ def _scan(url: str, settings: ScanSettings, report: ShardReport) -> None:
         )
     _check_members(url, listing, settings, report)
     report.deep = deep
+
+
+def _check_names(url: str, listing: TarListing, report: ShardReport) -> None:
+    """Report member names that are not UTF-8: the loaders skip those members."""
+    names = listing.names
+    if "".join(names).isascii() or all(is_utf8(name) for name in names):
+        return
+    for index, name in enumerate(names):
+        if not is_utf8(name):
+            report.add(
+                Finding(
+                    url,
+                    "bad-name",
+                    f"member name {printable_name(name)} is not valid UTF-8: training and "
+                    "eval-loss skip the member (counted as bad_name); rename it and rewrite "
+                    "the shard",
+                    key=split_member(name)[0],
+                    offset=listing.offsets[index],
+                )
+            )
 
 
 def _check_repeats(url: str, listing: TarListing, report: ShardReport) -> dict[str, int]:

@@ -11,11 +11,12 @@ archive ends the scan with the byte offset and the reason.
 from __future__ import annotations
 
 import os
+import stat
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Literal, NamedTuple
+from typing import IO, TYPE_CHECKING, Literal, NamedTuple, TypeVar
 
 from flamingo_cli.errors import OpenerError
 from flamingo_cli.shards.opener import open_url
@@ -31,6 +32,8 @@ try:
     from flamingo_cli.shards._tarlist import list_plain as _list_plain
 except ImportError:  # built without a C compiler: the general walk lists every archive
     _list_plain = None
+
+_T = TypeVar("_T")
 
 BLOCK = 512
 _CHUNK = 1 << 20
@@ -53,6 +56,24 @@ def split_member(name: str) -> tuple[str, str]:
     if dot < 0:
         return name, ""
     return name[:dot], name[dot + 1 :]
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a member name read with `surrogateescape` was valid UTF-8 in the archive."""
+    if name.isascii():
+        return True
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_name(name: str) -> str:
+    """A member name fit for messages and JSON: bytes that are not UTF-8 as `\\xNN` escapes."""
+    if is_utf8(name):
+        return name
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class TarMember(NamedTuple):
@@ -232,7 +253,10 @@ class TarReader:
         if self._local:
             try:
                 self._fd = os.open(local_path(url), os.O_RDONLY)
-                self.file_size = os.fstat(self._fd).st_size
+                info = os.fstat(self._fd)
+                if stat.S_ISDIR(info.st_mode):
+                    raise IsADirectoryError(21, "Is a directory")
+                self.file_size = info.st_size
             except OSError as exc:
                 self.close()
                 raise OpenerError(f"cannot open {url}: {exc.strerror or exc}") from exc
@@ -260,21 +284,37 @@ class TarReader:
 
     def __iter__(self) -> Iterator[tuple[TarMember, bytes | None]]:
         if self._local:
-            members = self._walk_local()
+            members = self._read_error_wrapped(self._walk_local)
             fd = self._fd
-            for member in members:
-                data = None
-                if self.want is not None and fd is not None and self.want(member.name):
-                    data = os.pread(fd, member.size, member.data_offset)
-                yield member, data
+            try:
+                for member in members:
+                    data = None
+                    if self.want is not None and fd is not None and self.want(member.name):
+                        data = os.pread(fd, member.size, member.data_offset)
+                    yield member, data
+            except OSError as exc:
+                raise self._read_error(exc) from exc
         else:
             yield from self._walk_stream()
 
     def members(self) -> list[TarMember]:
         """All regular-file members without their data (the fast path for listings)."""
         if self._local:
-            return self._walk_local()
+            return self._read_error_wrapped(self._walk_local)
         return [member for member, _ in self._walk_stream()]
+
+    def _read_error(self, exc: OSError) -> OpenerError:
+        return OpenerError(
+            f"cannot read {self.url}: {exc.strerror or exc}",
+            fix="check the file and the disk, then rewrite or re-download the shard",
+        )
+
+    def _read_error_wrapped(self, walk: Callable[[], _T]) -> _T:
+        """`walk()` with a failed read of the local file (EIO, a file gone) as OpenerError."""
+        try:
+            return walk()
+        except OSError as exc:
+            raise self._read_error(exc) from exc
 
     def _stop(self, kind: DamageKind, offset: int, message: str, name: str | None = None) -> None:
         self.damage = TarDamage(kind, offset, message, name)
@@ -287,9 +327,12 @@ class TarReader:
     def listing(self) -> TarListing:
         """Every regular-file member and every sample, without member data (the listing)."""
         if self._local:
-            fast = self._list_fast()
-            return fast if fast is not None else TarListing.of(self._walk_general())
+            return self._read_error_wrapped(self._list_local)
         return TarListing.of([member for member, _ in self._walk_stream()])
+
+    def _list_local(self) -> TarListing:
+        fast = self._list_fast()
+        return fast if fast is not None else TarListing.of(self._walk_general())
 
     def _list_fast(self) -> TarListing | None:
         """The compiled walk; None when it leaves the archive to the general walk (which

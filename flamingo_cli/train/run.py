@@ -177,6 +177,7 @@ def _train(
             rank=info.rank,
             world_size=info.world_size,
             allow_pipe=recipe.data.allow_pipe,
+            max_image_pixels=recipe.data.max_image_pixels,
         )
         for name, config in recipe.datasets().items()
     }
@@ -280,6 +281,8 @@ def _train(
                         loader.batches * loader.config.batch_size * info.world_size
                     )
                 step = progress["step"]
+                for note in [n for loader in loaders.values() for n in loader.damage_notices()]:
+                    events.message(note)  # each damaged shard named once
                 eval_metrics: dict[str, float] = {}
                 if eval_loaders and step % recipe.run.eval_every == 0:  # every rank, same step
                     eval_metrics = evaluate_during_training(
