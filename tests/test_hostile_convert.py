@@ -425,14 +425,20 @@ def test_read_only_filesystem(
     out = tmp_path / "out"
     out.mkdir()
     (out / "manifest.d").mkdir()
-    real_open = Path.open
+    real_open, real_os_open = Path.open, os.open
 
     def read_only_open(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         if self.is_relative_to(out) and mode.startswith("w"):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
         return real_open(self, mode, *args, **kwargs)
 
+    def read_only_os_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if Path(os.fsdecode(path)).is_relative_to(out) and flags & (os.O_WRONLY | os.O_RDWR):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real_os_open(path, flags, *args, **kwargs)
+
     monkeypatch.setattr(Path, "open", read_only_open)
+    monkeypatch.setattr(os, "open", read_only_os_open)
     result = mmc4(raw, raw.docs_spec, out)
     assert result.exit_code == 1
     err = stderr(result)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from flamingo_cli.convert.images import (
     IMAGE_EXTENSIONS,
+    CheckedImage,
     CorruptImage,
     ImageOptions,
     prepare_image,
@@ -414,26 +415,31 @@ class PairChunkTask:
         except CorruptImage as exc:
             skip("images_corrupt", f"image {item.image} is damaged ({exc}); sample skipped")
             return None
-        meta = {
-            "key": key,
-            "url": item.image,
-            "caption": caption,
-            "status": "success",
-            "error_message": None,
-            "width": checked.width,
-            "height": checked.height,
-            "original_width": checked.width,
-            "original_height": checked.height,
-            "exif": None,
-            "sha256": hashlib.sha256(checked.data).hexdigest(),
-        }
         counts["samples_out"] += 1
-        return {
-            "__key__": key,
-            checked.extension: checked.data,
-            "txt": caption.encode(),
-            "json": json.dumps(meta).encode(),
-        }
+        return _pair_sample(key, item.image, caption, checked)
+
+
+def _pair_sample(key: str, url: str, caption: str, image: CheckedImage) -> dict[str, str | bytes]:
+    """An img2dataset-layout sample: the image, its caption and img2dataset's metadata."""
+    meta = {
+        "key": key,
+        "url": url,
+        "caption": caption,
+        "status": "success",
+        "error_message": None,
+        "width": image.width,
+        "height": image.height,
+        "original_width": image.width,
+        "original_height": image.height,
+        "exif": None,
+        "sha256": hashlib.sha256(image.data).hexdigest(),
+    }
+    return {
+        "__key__": key,
+        image.extension: image.data,
+        "txt": caption.encode(),
+        "json": json.dumps(meta).encode(),
+    }
 
 
 def _join(base: str, path: str) -> str:

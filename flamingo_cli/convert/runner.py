@@ -387,20 +387,32 @@ def check_unique_names(tasks: Sequence[Task]) -> None:
         seen[task.name] = task.input
 
 
-def check_output(out: OutputDir, tasks: Sequence[Task]) -> None:
+@dataclass(frozen=True)
+class Listing:
+    """What the output location holds at the start ({name: bytes}, None for a folder)."""
+
+    top: dict[str, int | None]
+    records: dict[str, int | None]
+
+    @classmethod
+    def of(cls, out: OutputDir) -> Listing:
+        return cls(out.entries(), out.entries(RECORDS_DIR))
+
+
+def check_output(out: OutputDir, tasks: Sequence[Task], listing: Listing) -> None:
     """Make the output location and probe it, before any work: an output that cannot be
     written (read-only, no permission, a file in its path) or a folder where the run will write
     a file (a shard, a record, manifest.json, sizes.json) raises `OutputError` naming it."""
     fixed = {PLAN_FILE, MANIFEST_FILE, SIZES_FILE}
     patterns = [p for task in tasks for p in task.output_names()]
-    for name in out.not_files():
-        if name == RECORDS_DIR:
+    for name, size in sorted(listing.top.items()):
+        if size is not None or name == RECORDS_DIR:
             continue
         if name in fixed or any(fnmatch.fnmatchcase(name, p) for p in patterns):
             _blocked(out, name)
     records = {f"{task.name}.json" for task in tasks}
-    for name in out.not_files(RECORDS_DIR):
-        if name in records:
+    for name, size in sorted(listing.records.items()):
+        if size is None and name in records:
             _blocked(out, f"{RECORDS_DIR}/{name}")
     out.make_folder(RECORDS_DIR)
     out.check_writable()
@@ -446,7 +458,8 @@ def run_tasks(
     partition = partition or Partition()
     out = open_output(out_dir)
     check_unique_names(tasks)
-    check_output(out, tasks)
+    listing = Listing.of(out)  # one listing serves the checks and the resume
+    check_output(out, tasks, listing)
     _write_plan(out, kind, tasks)
     tasks = partition.select(tasks)
 
@@ -461,12 +474,12 @@ def run_tasks(
                     f"options or inputs (record {out.join(_record_name(task.name))})",
                     fix="pass --overwrite to redo them, or choose another --out directory",
                 )
-    sizes = out.file_sizes()
+    sizes = {name: size for name, size in listing.top.items() if size is not None}
     temporaries = [n for n in sizes if n.startswith(".") and TMP_MARKER in n]
     temporaries += [
         f"{RECORDS_DIR}/{n}"
-        for n in out.file_sizes(RECORDS_DIR)
-        if n.startswith(".") and TMP_MARKER in n
+        for n, size in listing.records.items()
+        if size is not None and n.startswith(".") and TMP_MARKER in n
     ]
     done: dict[str, TaskRecord] = {}
     pending: list[Task] = []

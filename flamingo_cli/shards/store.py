@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,8 +48,13 @@ class OutputDir(ABC):
         """A sink that publishes `name` whole when committed."""
 
     @abstractmethod
+    def entries(self, folder: str = "") -> dict[str, int | None]:
+        """{name: bytes} of everything directly in `folder` (temporaries included); None for
+        what is not a plain file (a folder)."""
+
     def file_sizes(self, folder: str = "") -> dict[str, int]:
         """{file name: bytes} of the files directly in `folder` (temporaries included)."""
+        return {name: size for name, size in self.entries(folder).items() if size is not None}
 
     @abstractmethod
     def read(self, names: Sequence[str]) -> dict[str, bytes]:
@@ -61,10 +67,6 @@ class OutputDir(ABC):
     @abstractmethod
     def make_folder(self, folder: str) -> None:
         """Create `folder` (and the location itself) where the filesystem has folders."""
-
-    @abstractmethod
-    def not_files(self, folder: str = "") -> list[str]:
-        """Names directly in `folder` that are not plain files (folders, sockets, ...)."""
 
     def check_writable(self) -> None:
         """Write and remove a small file, so that a location we cannot write to (read-only, no
@@ -120,27 +122,28 @@ class LocalDir(OutputDir):
     def open_sink(self, name: str) -> Sink:
         return LocalSink(self.path / name)
 
-    def _entries(self, folder: str) -> list[os.DirEntry[str]]:
+    def check_writable(self) -> None:
+        """An unnamed temporary file (O_TMPFILE on Linux): nothing is left even when killed."""
         try:
-            with os.scandir(self.path / folder) as entries:
-                return list(entries)
+            with tempfile.TemporaryFile(dir=self.path):
+                pass
+        except OSError as exc:
+            raise output_error(self.path, exc, "write to") from exc
+
+    def entries(self, folder: str = "") -> dict[str, int | None]:
+        found: dict[str, int | None] = {}
+        try:
+            with os.scandir(self.path / folder) as listing:
+                for entry in listing:
+                    try:
+                        found[entry.name] = entry.stat().st_size if entry.is_file() else None
+                    except FileNotFoundError:  # renamed or removed by another process meanwhile
+                        continue
         except (FileNotFoundError, NotADirectoryError):
-            return []
+            return {}
         except OSError as exc:
             raise output_error(self.path / folder, exc, "list") from exc
-
-    def file_sizes(self, folder: str = "") -> dict[str, int]:
-        sizes = {}
-        for entry in self._entries(folder):
-            try:
-                if entry.is_file():
-                    sizes[entry.name] = entry.stat().st_size
-            except FileNotFoundError:  # renamed or removed by another process meanwhile
-                continue
-        return sizes
-
-    def not_files(self, folder: str = "") -> list[str]:
-        return sorted(e.name for e in self._entries(folder) if not e.is_file())
+        return found
 
     def read(self, names: Sequence[str]) -> dict[str, bytes]:
         found = {}
@@ -246,31 +249,23 @@ class FsspecDir(OutputDir):
     def open_sink(self, name: str) -> Sink:
         return FsspecSink(self.fs, self._key(name), direct=self.direct)
 
-    def _entries(self, folder: str) -> list[dict[str, Any]]:
+    def entries(self, folder: str = "") -> dict[str, int | None]:
         prefix = self._key(folder).rstrip("/")
         try:
             try:
-                return list(self.fs.ls(prefix, detail=True, refresh=True))
+                listing = self.fs.ls(prefix, detail=True, refresh=True)
             except TypeError:  # filesystems without a `refresh` argument
-                return list(self.fs.ls(prefix, detail=True))
+                listing = self.fs.ls(prefix, detail=True)
         except (FileNotFoundError, NotADirectoryError):
-            return []
+            return {}
         except OSError as exc:
             raise output_error(self.fs.unstrip_protocol(prefix), exc, "list") from exc
-
-    def file_sizes(self, folder: str = "") -> dict[str, int]:
         return {
-            posixpath.basename(str(e["name"]).rstrip("/")): int(e.get("size") or 0)
-            for e in self._entries(folder)
-            if e.get("type") == "file"
+            posixpath.basename(str(e["name"]).rstrip("/")): (
+                int(e.get("size") or 0) if e.get("type") == "file" else None
+            )
+            for e in listing
         }
-
-    def not_files(self, folder: str = "") -> list[str]:
-        return sorted(
-            posixpath.basename(str(e["name"]).rstrip("/"))
-            for e in self._entries(folder)
-            if e.get("type") != "file"
-        )
 
     def read(self, names: Sequence[str]) -> dict[str, bytes]:
         if not names:
