@@ -38,6 +38,7 @@ from flamingo_cli.data.preprocess import (
     ImageTransform,
     Sample,
 )
+from flamingo_cli.data.worker_signals import leave_stop_signals_to_parent
 from flamingo_cli.errors import FlamingoError
 from flamingo_cli.model.tokenizer import SpecialTokens
 from flamingo_cli.recipe.schema import DEFAULT_MAX_IMAGE_PIXELS, LaionConfig, Mmc4Config
@@ -239,6 +240,7 @@ class EvalLoader:
             batch_size=None,
             num_workers=workers,
             prefetch_factor=self.config.prefetch_factor if workers else None,
+            worker_init_fn=leave_stop_signals_to_parent,  # the trainer handles them
         )
         per_worker: dict[int, dict[str, int]] = {}
         self.dropped = {}

@@ -30,6 +30,7 @@ from flamingo_cli.data.preprocess import (
     preprocess_document,
     preprocess_pair,
 )
+from flamingo_cli.data.worker_signals import leave_stop_signals_to_parent
 from flamingo_cli.errors import FlamingoError
 from flamingo_cli.model.tokenizer import SpecialTokens
 from flamingo_cli.recipe.plan import batches_per_epoch
@@ -223,6 +224,7 @@ class TrainLoader:
             batch_size=None,
             num_workers=workers,
             prefetch_factor=self.config.prefetch_factor if workers else None,
+            worker_init_fn=leave_stop_signals_to_parent,  # the trainer handles them
             # its own generator: creating worker seeds must not consume the global RNG
             generator=torch.Generator().manual_seed(self.seed),
         )

@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -15,6 +15,7 @@ from types import FrameType
 from flamingo_cli.recipe.schema import Recipe
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+ABORTED = 130  # exit code of a run aborted by a second Ctrl-C (128 + SIGINT)
 
 
 @dataclass(frozen=True)
@@ -119,22 +120,32 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def run_torchrun(cmd: Sequence[str]) -> int:
+def run_torchrun(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     """Run torchrun; SIGTERM/SIGUSR1/SIGINT become SIGUSR1 to the ranks, which checkpoint and exit.
 
     torchrun runs in its own session so a signal sent to our process group (Slurm, Ctrl-C) does
-    not make the elastic agent kill the ranks before they have saved.
+    not make the elastic agent kill the ranks before they have saved. A second SIGINT (Ctrl-C
+    again) kills torchrun and the ranks at once; that returns `ABORTED`.
     """
-    proc = subprocess.Popen(list(cmd), start_new_session=True)
+    proc = subprocess.Popen(list(cmd), start_new_session=True, env=env)
+    stopping = aborted = False
 
     def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping, aborted
+        if signum == signal.SIGINT and stopping:
+            aborted = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session: torchrun's group
+            return
+        stopping = True
         for child in _children(proc.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGUSR1)
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
-        return proc.wait()
+        code = proc.wait()
+        return ABORTED if aborted else code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

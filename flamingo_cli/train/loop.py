@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Protocol
@@ -32,18 +33,48 @@ class Batch(Protocol):
     labels: torch.Tensor
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 @dataclass
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1; checked (and agreed on by all ranks) at step boundaries."""
+    """Set by SIGTERM, SIGUSR1 or SIGINT (Ctrl-C); checked, and agreed on by all ranks, at step
+    boundaries, where the run saves a checkpoint and stops. A second SIGINT aborts at once
+    (KeyboardInterrupt). `on_request` hears of the first request (a message for the user).
+    """
 
     requested: bool = False
+    on_request: Callable[[str], None] | None = None
+    _previous: dict[int, Any] = field(default_factory=dict, repr=False)
+
+    def request(self, why: str) -> None:
+        if not self.requested:
+            self.requested = True
+            if self.on_request is not None:
+                self.on_request(why)
 
     def install(self) -> None:
-        def handler(signum: int, frame: FrameType | None) -> None:
-            self.requested = True
+        """Handle the stop signals (main thread only: elsewhere Python cannot set handlers)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
+        def handler(signum: int, frame: FrameType | None) -> None:
+            if signum == signal.SIGINT and self.requested:
+                raise KeyboardInterrupt
+            again = "; Ctrl-C again aborts without saving" if signum == signal.SIGINT else ""
+            self.request(
+                f"{signal.Signals(signum).name}: saving a checkpoint at the end of this step, "
+                f"then stopping{again}"
+            )
+
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, handler)
+
+    def restore(self) -> None:
+        """Put back the handlers `install` replaced."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()
 
 
 @dataclass

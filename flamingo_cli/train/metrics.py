@@ -4,10 +4,71 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from flamingo_cli.recipe.schema import Recipe
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """Rows moved out of metrics.jsonl when a run resumed: how many, and where to."""
+
+    rows: int
+    path: Path
+
+
+def set_aside_rows_after(path: Path, step: int) -> SetAside | None:
+    """Move the rows of a metrics file logged after `step`, and any row that cannot be read
+    (a line half written when a run was killed), to `<name>.replaced-N` (N counting up from 1),
+    so that the resumed run writes each later step once. None when nothing was moved.
+
+    Reads and writes line by line (a long run's file can be large); the kept rows are written
+    to a temporary file that then replaces the original, so a crash here loses no row.
+    """
+    if not path.is_file():
+        return None
+    aside = _next_free(path)
+    kept_tmp = path.with_name(f".{path.name}.tmp")
+    aside_tmp = aside.with_name(f".{aside.name}.tmp")
+    moved = 0
+    with path.open("rb") as src, kept_tmp.open("wb") as kept, aside_tmp.open("wb") as other:
+        for raw in src:
+            line = raw.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            row_step = _step_of(line)
+            if row_step is not None and row_step <= step:
+                kept.write(line + b"\n")
+            else:
+                other.write(line + b"\n")
+                moved += 1
+    if not moved:
+        kept_tmp.unlink()
+        aside_tmp.unlink()
+        return None
+    aside_tmp.replace(aside)
+    kept_tmp.replace(path)
+    return SetAside(moved, aside)
+
+
+def _step_of(line: bytes) -> int | None:
+    try:
+        row = json.loads(line)
+    except ValueError:  # half written, or not JSON at all
+        return None
+    step = row.get("step") if isinstance(row, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _next_free(path: Path) -> Path:
+    n = 1
+    while path.with_name(f"{path.name}.replaced-{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}.replaced-{n}")
 
 
 class MetricsSink(Protocol):
@@ -93,7 +154,7 @@ class Sinks:
 
 
 def open_sinks(recipe: Recipe, run_dir: Path) -> Sinks:
-    sinks: list[MetricsSink] = [JsonlSink(run_dir / "metrics.jsonl")]
+    sinks: list[MetricsSink] = [JsonlSink(run_dir / METRICS_FILE)]
     if recipe.logging.wandb:
         sinks.append(WandbSink(recipe, run_dir))
     return Sinks(sinks)

@@ -1,11 +1,15 @@
 """One rank's training run: build everything, resume, loop over epochs, checkpoint, export.
 
-Set-up happens here, in order, before the loop: process group, model (same seed on every
-rank), sharding, optimizer and schedule, loaders, resume or `init_from`, metrics sinks.
+Set-up happens here, in order, before the loop: process group, stop signals, the run
+directory's lock (which also checks that the directory can be written), model (same seed on
+every rank), sharding, optimizer and schedule, loaders, resume or `init_from`, metrics sinks
+(rows of steps the run does again are moved aside first).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +27,7 @@ from flamingo_cli.model.params import checkpoint_parameter_names, embedding_grad
 from flamingo_cli.recipe.load import LoadedRecipe
 from flamingo_cli.recipe.plan import make_plan
 from flamingo_cli.recipe.toml_write import dumps
+from flamingo_cli.runtime.run_lock import RunDirLocked, RunLock, claim_for_rank
 from flamingo_cli.train.checkpoint import (
     TrainState,
     load_checkpoint,
@@ -33,6 +38,7 @@ from flamingo_cli.train.checkpoint import (
 )
 from flamingo_cli.train.distributed import (
     DistInfo,
+    all_agree,
     apply_parallelism,
     init_distributed,
     mean_across_ranks,
@@ -48,7 +54,7 @@ from flamingo_cli.train.loop import (
     optimizer_step,
     should_stop,
 )
-from flamingo_cli.train.metrics import Sinks, open_sinks
+from flamingo_cli.train.metrics import METRICS_FILE, Sinks, open_sinks, set_aside_rows_after
 from flamingo_cli.train.optim import build_optimizer
 from flamingo_cli.train.schedule import build_scheduler
 
@@ -118,24 +124,82 @@ def grad_masks(model: FlamingoModel, wrapped: nn.Module) -> list[tuple[nn.Parame
 
 
 def train_rank(
-    loaded: LoadedRecipe, events: TrainEvents | None = None, *, max_steps: int | None = None
+    loaded: LoadedRecipe,
+    events: TrainEvents | None = None,
+    *,
+    max_steps: int | None = None,
+    take_over: bool = False,
 ) -> TrainOutcome:
     """Train as this process's rank (a single process when not launched distributed).
 
     `max_steps` stops after that many optimizer steps in all, with a checkpoint, as a
-    preemption signal would.
+    preemption signal would. The run directory's lock (runtime/run_lock.py) is held while
+    training, by rank 0 unless `flamingo train` launched the ranks and holds it;
+    `take_over` replaces a lock that looks alive.
     """
     recipe = loaded.recipe
     check_device_support(recipe.run.precision)
     info = init_distributed(recipe.distributed.timeout_s)
+    shown = events if info.is_main and events else _Silent()
+    stop = StopFlag(on_request=shown.message)
+    stop.install()  # from here a stop signal means: checkpoint at the next step boundary
     try:
-        return _train(loaded, info, events if info.is_main and events else _Silent(), max_steps)
+        with hold_run_dir(run_dir_of(loaded), info, take_over, stop, shown) as lock:
+            return _train(loaded, info, shown, max_steps, stop, lock)
     finally:
+        stop.restore()
         teardown()
 
 
+@contextlib.contextmanager
+def hold_run_dir(
+    run_dir: Path, info: DistInfo, take_over: bool, stop: StopFlag, events: TrainEvents
+) -> Iterator[RunLock | None]:
+    """The run directory's lock for the length of the run (None where rank 0 does not hold it
+    itself). Creating the directory checks it is writable, before anything is built; when
+    rank 0 cannot, every rank stops."""
+    lock: RunLock | None = None
+    failure: FlamingoError | None = None
+    if info.is_main:
+        try:
+            lock = claim_for_rank(run_dir, take_over=take_over)
+        except FlamingoError as error:
+            failure = error
+    if all_agree(failure is not None, info):
+        raise failure or FlamingoError(
+            f"rank 0 could not take the run directory {run_dir}", fix="see rank 0's error"
+        )
+    try:
+        if lock is not None:
+            if lock.took_over:
+                events.message(lock.took_over)
+            lock.on_lost = lambda: stop.request(
+                f"another run took over {run_dir}: stopping at the end of this step, "
+                "without saving over its checkpoints"
+            )
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lost_error(run_dir: Path, lock: RunLock | None) -> RunDirLocked:
+    holder = lock.lost_to.describe() if lock is not None and lock.lost_to else "another run"
+    return RunDirLocked(
+        f"{holder} took over the run directory {run_dir} while this run was training; "
+        "this run stopped without saving, so as not to write over that run's checkpoints",
+        fix="let one run at a time use a run directory (--take-over only for a run that is "
+        "gone); the other run continues from the newest checkpoint",
+    )
+
+
 def _train(
-    loaded: LoadedRecipe, info: DistInfo, events: TrainEvents, max_steps: int | None
+    loaded: LoadedRecipe,
+    info: DistInfo,
+    events: TrainEvents,
+    max_steps: int | None,
+    stop: StopFlag,
+    lock: RunLock | None,
 ) -> TrainOutcome:
     recipe = loaded.recipe
     run_dir = run_dir_of(loaded)
@@ -226,8 +290,13 @@ def _train(
         grad_masks=grad_masks(model, wrapped),
     )
     scaler = torch.amp.GradScaler("cuda") if recipe.run.precision == "fp16" else None
-    stop = StopFlag()
-    stop.install()
+    if info.is_main:  # one row per step: rows of steps this run does again are moved aside
+        moved = set_aside_rows_after(run_dir / METRICS_FILE, progress["step"])
+        if moved is not None:
+            events.message(
+                f"moved {moved.rows} row(s) of {METRICS_FILE} after step {progress['step']} "
+                f"to {moved.path.name}: this run logs those steps again"
+            )
     sinks: Sinks | None = open_sinks(recipe, run_dir) if info.is_main else None
     # the recipe as this run resolved it: overrides applied, world size as launched
     recipe_text = dumps(recipe.model_dump(mode="json", exclude_none=True))
@@ -312,13 +381,17 @@ def _train(
                         sinks.log(step, eval_metrics)
                     events.step(step, eval_metrics)
                 at_end = index == total
+                stopping = should_stop(stop, info) or (max_steps is not None and step >= max_steps)
+                if stopping and all_agree(lock is not None and lock.lost, info):
+                    raise _lost_error(run_dir, lock)
                 if (
                     recipe.run.checkpoint_every
                     and step % recipe.run.checkpoint_every == 0
                     and not at_end
+                    and not stopping  # the stop saves this step
                 ):
                     last_checkpoint = checkpoint()
-                if should_stop(stop, info) or (max_steps is not None and step >= max_steps):
+                if stopping:
                     if at_end:  # the epoch is complete: resume at the next one
                         progress["epoch"] = epoch + 1
                         for name in loaders:

@@ -20,6 +20,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("recipe")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--take-over", action="store_true")  # rank 0 takes the run's lock
     return parser.parse_args(list(argv))
 
 
@@ -30,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         loaded = load_recipe(args.recipe, [parse_override(o) for o in args.overrides])
         with TrainDisplay() as display:
-            train_rank(loaded, display, max_steps=args.max_steps)
+            train_rank(loaded, display, max_steps=args.max_steps, take_over=args.take_over)
     except FlamingoError as error:
         render_error(error)
         return error.exit_code
