@@ -189,3 +189,23 @@ def test_json_fatal_error_carries_every_problem(write_recipe: WriteRecipe) -> No
     data = json.loads(result.stdout)
     assert data["ok"] is False
     assert [p["key"] for p in data["problems"]] == ["optim.lr"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["convert", "laion", "{tmp}/absent", "--out", "{tmp}/out"],
+        ["convert", "mmc4", "{tmp}/absent.zip", "--image-dir", "{tmp}", "--out", "{tmp}/out"],
+        ["quickstart", "--dir", "{tmp}/busy"],
+        ["validate-config", "{tmp}/absent.toml"],
+    ],
+)
+def test_json_fatal_error_on_every_command(tmp_path: Path, command: list[str]) -> None:
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "unrelated.txt").write_text("x", encoding="utf-8")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code in (1, 2), result.output
+    data = json.loads(result.stdout)
+    assert data["ok"] is False
+    assert data["error"] and data["fix"], data
