@@ -39,6 +39,7 @@ from flamingo_cli.runtime.run_lock import (
     read_lock,
 )
 from flamingo_cli.train.checkpoint import list_checkpoints
+from flamingo_cli.train.launch import _children
 from flamingo_cli.train.metrics import set_aside_rows_after
 from flamingo_cli.train.run import train_rank
 
@@ -70,8 +71,9 @@ def steps(run_dir: Path) -> list[int]:
 def start_training(out: Path, *extra: str) -> subprocess.Popen[str]:
     """`flamingo train` on the tiny recipe (one loader worker per dataset), for long enough
     to be stopped, in its own session: its process group is it and its loader workers."""
+    args = train_args(out, "--set", "run.num_epochs=100", *extra)
     return subprocess.Popen(
-        [sys.executable, "-m", "flamingo_cli", *train_args(out, "--set", "run.num_epochs=100")],
+        [sys.executable, "-m", "flamingo_cli", *args],
         env=env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -181,6 +183,40 @@ def test_ctrl_c_to_the_group_saves_once_and_a_second_aborts(tmp_path: Path) -> N
     assert "Traceback" not in stderr
     assert list_checkpoints(tmp_path / "twice" / "tiny-cpu") == []
     assert not (tmp_path / "twice" / "tiny-cpu" / LOCK_FILE).exists()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_torchrun_launcher_holds_the_lock_and_a_second_ctrl_c_aborts(tmp_path: Path) -> None:
+    run = tmp_path / "tiny-cpu"
+    two_ranks = ("--set", "distributed.strategy=ddp", "--nproc-per-node", "2")
+    launcher = start_training(tmp_path, *two_ranks)
+    wait_for_steps(launcher, run, 1)
+    holder = read_lock(run)
+    assert holder is not None and holder.pid == launcher.pid  # the launcher, not a rank
+    torchrun = _children(launcher.pid)
+    started = [*torchrun, *(rank for pid in torchrun for rank in _children(pid))]
+    assert len(started) == 3, started  # torchrun and two ranks
+    os.killpg(launcher.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGINT)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode == 130, stderr
+    assert "aborted by a second Ctrl-C, without saving" in " ".join(stderr.split())
+    assert not (run / LOCK_FILE).exists()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in started) and time.monotonic() < deadline:
+        time.sleep(0.1)  # killed: gone once reaped
+    assert [pid for pid in started if _alive(pid)] == []
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie waiting for its parent."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 # --- the run directory's lock ---------------------------------------------------------------

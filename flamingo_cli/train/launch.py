@@ -120,12 +120,22 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group `pid` leads (torchrun starts each rank in its own session),
+    or the process alone when it leads none."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def run_torchrun(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     """Run torchrun; SIGTERM/SIGUSR1/SIGINT become SIGUSR1 to the ranks, which checkpoint and exit.
 
     torchrun runs in its own session so a signal sent to our process group (Slurm, Ctrl-C) does
     not make the elastic agent kill the ranks before they have saved. A second SIGINT (Ctrl-C
-    again) kills torchrun and the ranks at once; that returns `ABORTED`.
+    again) kills the ranks, their loader workers and torchrun at once; that returns `ABORTED`.
     """
     proc = subprocess.Popen(list(cmd), start_new_session=True, env=env)
     stopping = aborted = False
@@ -134,8 +144,9 @@ def run_torchrun(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> in
         nonlocal stopping, aborted
         if signum == signal.SIGINT and stopping:
             aborted = True
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # its own session: torchrun's group
+            for child in _children(proc.pid):
+                _kill_group(child)  # a rank and its loader workers
+            _kill_group(proc.pid)
             return
         stopping = True
         for child in _children(proc.pid):
