@@ -1,9 +1,10 @@
 """A run directory belongs to one run at a time: the lock file `<run_dir>/run.lock`.
 
 The process that launches a run takes the lock before it builds anything: `flamingo train`
-itself for one process or when it starts torchrun (the ranks it starts find the lock's token
-in `FLAMINGO_RUN_LOCK_TOKEN` and leave it alone), rank 0 when an outside launcher (srun,
-torchrun run directly) started the ranks. The holder keeps the lock file open and, from a daemon thread, touches it every
+itself for one process, or when it starts torchrun on one node (the ranks find the lock's
+token in `FLAMINGO_RUN_LOCK_TOKEN` and leave it alone); rank 0 when an outside launcher
+(srun, torchrun run directly) started the ranks, or across nodes, where the rendezvous decides
+which node rank 0 runs on. The holder keeps the lock file open and, from a daemon thread, touches it every
 `HEARTBEAT_S` seconds: the file's modification time is the heartbeat (touching the open file
 cannot overwrite a lock another run has put in its place, as rewriting the path could). It
 removes the lock when it ends, also after an error or a stop signal. A second start finds the
