@@ -8,6 +8,7 @@ only then decodes. An image over the cap counts as damaged, like a corrupt one.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 from PIL import Image
@@ -15,6 +16,11 @@ from PIL import Image
 from flamingo_cli.recipe.schema import DEFAULT_MAX_IMAGE_PIXELS
 
 __all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "ImageTooLarge", "check_pixels", "open_image"]
+
+
+# PIL's own refusal, which fires first when its process-wide limit is below the image (other
+# code may have changed that limit: OpenFlamingo's data module sets it to 1e9 on import)
+_PIL_BOMB = re.compile(r"Image size \((\d+) pixels\)")
 
 
 class ImageTooLarge(ValueError):
@@ -40,8 +46,13 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:  # over PIL's own limit (2 x MAX_IMAGE_PIXELS)
-        raise ImageTooLarge(str(exc)) from None
+    except Image.DecompressionBombError as exc:  # over PIL's limit (2 x MAX_IMAGE_PIXELS)
+        # the same words as our cap's, so that what a report says does not depend on it
+        found = _PIL_BOMB.search(str(exc))
+        size = f"{int(found.group(1)):,} pixels" if found else "the declared size"
+        raise ImageTooLarge(
+            f"{size} is over the cap of {max_pixels:,} (max_image_pixels)"
+        ) from None
     try:
         check_pixels(image.width, image.height, max_pixels)
     except ImageTooLarge:
