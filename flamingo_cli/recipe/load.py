@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
 import sys
 import types
 import typing
@@ -138,10 +139,35 @@ class RecipeProblems(ProblemsFound):
         self.untyped = untyped
 
 
+MAX_RECIPE_BYTES = 4 * 1024 * 1024  # far beyond any recipe; a bound for a mistaken path
+
+
+def _read_bounded(path: Path) -> bytes:
+    """The bytes of a regular file of at most MAX_RECIPE_BYTES: a FIFO, a device (/dev/zero)
+    or a huge file is refused before it is read, so a mistaken path never blocks or fills
+    memory. Raises OSError for a file that cannot be opened."""
+    info = path.stat()
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(
+            f"recipe {path} is not a regular file (a pipe, socket or device)",
+            fix="write the recipe to a .toml file and give its path",
+        )
+    if info.st_size > MAX_RECIPE_BYTES:
+        raise UsageError(
+            f"recipe {path} is {info.st_size:,} bytes, more than any recipe "
+            f"(at most {MAX_RECIPE_BYTES:,})",
+            fix="give the recipe's .toml file (a shard, checkpoint or log is not a recipe)",
+        )
+    with path.open("rb") as handle:
+        return handle.read(MAX_RECIPE_BYTES + 1)[:MAX_RECIPE_BYTES]
+
+
 def read_recipe_text(path: Path) -> str:
     """The recipe's text: UTF-8, a leading byte-order mark dropped (editors on Windows add one)."""
     try:
-        raw = path.read_bytes()
+        raw = _read_bounded(path)
     except FileNotFoundError:
         raise UsageError(f"recipe {path} does not exist", fix="check the path") from None
     except IsADirectoryError:
