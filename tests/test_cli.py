@@ -171,3 +171,36 @@ def test_format_bytes() -> None:
         "40.0 GiB",
         "3.0 TiB",
     ]
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_global_options_work_after_the_subcommand(where: str) -> None:
+    recipe = str(RECIPES / "tiny-cpu.toml")
+    args = ["validate-config", recipe]
+    quiet = runner.invoke(app, ["-q", *args] if where == "before" else [*args, "-q"])
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stdout == ""  # no plan
+    assert quiet.stderr == ""  # no "ok" line
+    verbose = runner.invoke(app, [*args, "-v"] if where == "after" else ["-v", *args])
+    assert "ok: " in verbose.stderr
+
+
+def test_debug_after_the_subcommand_shows_the_traceback(tmp_path: Path) -> None:
+    missing = str(tmp_path / "absent.toml")
+    plain = runner.invoke(app, ["validate-config", missing])
+    assert plain.exit_code == 2
+    assert "Traceback" not in plain.output
+    debug = runner.invoke(app, ["validate-config", missing, "--debug"])
+    assert debug.exit_code == 2
+    assert "Traceback" in debug.stderr
+
+
+def test_convert_takes_quiet_after_its_subcommand(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        ["convert", "mmc4", str(tmp_path / "absent.zip"), "--image-dir", str(tmp_path)]
+        + ["--out", str(tmp_path / "out"), "-q"],
+    )
+    assert "No such option" not in result.output
+    assert result.exit_code == 1  # nothing to convert, reported; the option was accepted
+    assert "no input" in " ".join(result.stderr.split()).lower()

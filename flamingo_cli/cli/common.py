@@ -4,17 +4,79 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
+import click
 import typer
+from typer.core import TyperCommand, TyperOption
 
 from flamingo_cli.errors import FlamingoError
+from flamingo_cli.ui.console import settings
 
 if TYPE_CHECKING:
     from flamingo_cli.recipe.load import Override
     from flamingo_cli.shards.cluster import Partition, RayOptions
 
 T = TypeVar("T")
+GLOBAL_PANEL = "Global options (also before the command)"
+
+
+def _quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        settings.verbosity = -1
+
+
+def _verbose(ctx: click.Context, param: click.Parameter, value: int) -> None:
+    if value:
+        settings.verbosity = max(settings.verbosity, 0) + value
+
+
+def _debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        settings.debug = True
+
+
+class GlobalOptionsCommand(TyperCommand):
+    """A subcommand that also takes `-q`, `-v` and `--debug` after its name
+    (`flamingo convert mmc4 ... -q`), as uv and pip users type them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params += [
+            TyperOption(
+                param_decls=["--quiet", "-q"],
+                is_flag=True,
+                default=False,
+                expose_value=False,
+                callback=_quiet,
+                help="Only errors and results.",
+                rich_help_panel=GLOBAL_PANEL,
+            ),
+            TyperOption(
+                param_decls=["--verbose", "-v"],
+                count=True,
+                default=0,
+                expose_value=False,
+                callback=_verbose,
+                help="More detail (repeatable).",
+                rich_help_panel=GLOBAL_PANEL,
+            ),
+            TyperOption(
+                param_decls=["--debug"],
+                is_flag=True,
+                default=False,
+                expose_value=False,
+                callback=_debug,
+                help="Show tracebacks for user errors.",
+                rich_help_panel=GLOBAL_PANEL,
+            ),
+        ]
+
+
+def command(app: typer.Typer, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Register a subcommand of `app` that takes the global options after its name too."""
+    return app.command(name, cls=GlobalOptionsCommand)
+
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 SetOption = Annotated[
@@ -134,10 +196,3 @@ def user_errors(json_: bool = False) -> Iterator[None]:
 
             print_json(error_json(error))
         raise typer.Exit(error.exit_code) from None
-
-
-def call(fn: Callable[[], T]) -> T:
-    """Run `fn` under `user_errors`."""
-    with user_errors():
-        return fn()
-    raise AssertionError("unreachable")  # pragma: no cover

@@ -14,6 +14,7 @@ from flamingo_cli.cli.common import (
     RayAddressOption,
     RayOption,
     cluster_options,
+    command,
     user_errors,
 )
 
@@ -132,7 +133,7 @@ def _finish(report: ConvertReport, json_: bool, strict: bool) -> None:
         raise typer.Exit(1)
 
 
-@convert_app.command("mmc4")
+@command(convert_app, "mmc4")
 def mmc4(
     docs_spec: Annotated[
         list[str],
@@ -220,7 +221,7 @@ def mmc4(
         _finish(report, json_, strict)
 
 
-@convert_app.command("laion")
+@command(convert_app, "laion")
 def laion(
     src: Annotated[
         str,
@@ -290,7 +291,7 @@ def laion(
         _finish(report, json_, strict)
 
 
-@convert_app.command("merge")
+@command(convert_app, "merge")
 def merge(
     out: Annotated[
         str,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from flamingo_cli.cli.common import AllowPipeOption, JsonOption, SetOption, user_errors
+from flamingo_cli.cli.common import AllowPipeOption, JsonOption, SetOption, command, user_errors
 
 if TYPE_CHECKING:
     from flamingo_cli.evaluate.loss import Ablation
@@ -26,7 +26,7 @@ class Ablate(str, Enum):
 
 
 def register(app: typer.Typer) -> None:
-    app.command("eval-loss")(eval_loss)
+    command(app, "eval-loss")(eval_loss)
 
 
 def eval_loss(

@@ -14,6 +14,7 @@ from flamingo_cli.cli.common import (
     RayAddressOption,
     RayOption,
     cluster_options,
+    command,
     user_errors,
 )
 
@@ -26,7 +27,7 @@ MAX_IMAGE_PIXELS_HELP = "40,000,000"
 
 
 def register(app: typer.Typer) -> None:
-    app.command("inspect-shards")(inspect_shards)
+    command(app, "inspect-shards")(inspect_shards)
 
 
 def inspect_shards(

@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
-from flamingo_cli.cli.common import JsonOption, user_errors
+from flamingo_cli.cli.common import JsonOption, command, user_errors
 
 
 def register(app: typer.Typer) -> None:
-    app.command("quickstart")(quickstart)
+    command(app, "quickstart")(quickstart)
 
 
 def quickstart(

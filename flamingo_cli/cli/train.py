@@ -12,13 +12,14 @@ from flamingo_cli.cli.common import (
     NnodesOption,
     NprocOption,
     SetOption,
+    command,
     recipe_overrides,
     user_errors,
 )
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train")(train)
+    command(app, "train")(train)
 
 
 def train(

@@ -15,13 +15,14 @@ from flamingo_cli.cli.common import (
     NnodesOption,
     NprocOption,
     SetOption,
+    command,
     recipe_overrides,
     user_errors,
 )
 
 
 def register(app: typer.Typer) -> None:
-    app.command("validate-config")(validate_config)
+    command(app, "validate-config")(validate_config)
 
 
 def validate_config(
