@@ -585,3 +585,41 @@ def test_chatgpt_documents_are_checked(tmp_path: Path) -> None:
     deep = report.groups[0].deep
     assert deep is not None
     assert (deep.images_per_sample, deep.kept_per_sample) == ({1: 1}, {1: 1})
+
+
+def _rendered(group: Any, width: int) -> list[str]:
+    from rich.console import Console
+
+    from flamingo_cli.ui.inspect import _shard_table
+
+    console = Console(width=width, record=True, file=io.StringIO(), color_system=None)
+    console.print(_shard_table(group, width))
+    return console.export_text().splitlines()
+
+
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_shard_table_fits_the_terminal_and_keeps_names_whole(width: int) -> None:
+    from flamingo_cli.inspect.report import GroupReport, ShardReport
+
+    names = [f"docs_no_face_shard_{n}_v2.tar" for n in (7, 12345)]
+    shards = [
+        ShardReport(
+            f"/data/mmc4/{name}",
+            "interleaved",
+            4,
+            12,
+            5 * 2**20,
+            {"json": 4, "jpg": 8},
+            sizes_json=4,
+        )
+        for name in names
+    ]
+    lines = _rendered(GroupReport("/data/mmc4", shards), width)
+    assert max(len(line) for line in lines) <= width
+    text = "\n".join(lines)
+    for name in names:
+        assert name in text  # never cut to "docs_sha…"
+    header = next(line for line in lines if "shard" in line and "samples" in line)
+    assert "extension" not in header or "extensions" in header  # a header never wraps
+    assert ("members" in header) == (width >= 120)
+    assert "problems" in header

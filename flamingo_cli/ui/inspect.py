@@ -64,36 +64,78 @@ def _problems(errors: int, warnings: int) -> str:
     return ", ".join(parts)
 
 
-def _shard_table(group: GroupReport) -> Table:
-    kind = group.kind or "unknown kind"
-    table = Table(title=f"{escape(group.name)} ({kind})", title_justify="left", show_footer=True)
-    shards = group.shards
-    table.add_column("shard", footer=f"{len(shards)} shard(s)")
-    table.add_column("samples", justify="right", footer=f"{group.total('samples'):,}")
-    table.add_column("members", justify="right", footer=f"{group.total('members'):,}")
-    table.add_column("size", justify="right", footer=format_bytes(group.total("bytes")))
-    table.add_column("extensions", footer=escape(_extensions(group.extensions)), overflow="fold")
-    table.add_column("sizes.json", justify="right")
-    table.add_column("problems", footer=_problems(group.total("errors"), group.total("warnings")))
-    shown_clean = 0
-    hidden = 0
-    for shard in shards:
+# Columns of the shard table by how much they are missed when the terminal is narrow: the
+# last ones go first. The shard name is never cut or wrapped.
+_DROP_ORDER = ("shard", "samples", "problems", "size", "extensions", "sizes.json", "members")
+_RIGHT = {"samples", "members", "size", "sizes.json"}
+
+
+def _shard_rows(group: GroupReport) -> tuple[list[dict[str, str]], int]:
+    """The table's cells by column name, and how many clean shards were left out."""
+    rows: list[dict[str, str]] = []
+    shown_clean = hidden = 0
+    for shard in group.shards:
         clean = not shard.errors and not shard.warnings
         if clean and settings.verbosity < 1 and shown_clean >= CLEAN_ROWS:
             hidden += 1
             continue
         shown_clean += clean
-        table.add_row(
-            escape(posixpath.basename(shard.url) or shard.url),
-            f"{shard.samples:,}",
-            f"{shard.members:,}",
-            format_bytes(shard.bytes),
-            escape(_extensions(shard.extensions)),
-            "-" if shard.sizes_json is None else f"{shard.sizes_json:,}",
-            _problems(shard.errors, shard.warnings),
+        rows.append(
+            {
+                "shard": escape(posixpath.basename(shard.url) or shard.url),
+                "samples": f"{shard.samples:,}",
+                "members": f"{shard.members:,}",
+                "size": format_bytes(shard.bytes),
+                "extensions": escape(_extensions(shard.extensions)),
+                "sizes.json": "-" if shard.sizes_json is None else f"{shard.sizes_json:,}",
+                "problems": _problems(shard.errors, shard.warnings),
+            }
         )
+    return rows, hidden
+
+
+def _fitting(cells: list[dict[str, str]], width: int) -> list[str]:
+    """The columns that fit in `width` cells, in table order; extensions fold to their header."""
+    from rich.text import Text
+
+    def need(name: str) -> int:
+        widest = max(Text.from_markup(row[name]).cell_len for row in cells)
+        return 3 + max(len(name), min(widest, len(name)) if name == "extensions" else widest)
+
+    shown = list(_DROP_ORDER)
+    while len(shown) > 2 and 1 + sum(need(n) for n in shown) > width:
+        shown.pop()
+    order = ("shard", "samples", "members", "size", "extensions", "sizes.json", "problems")
+    return [n for n in order if n in shown]
+
+
+def _shard_table(group: GroupReport, width: int) -> Table:
+    kind = group.kind or "unknown kind"
+    table = Table(title=f"{escape(group.name)} ({kind})", title_justify="left", show_footer=True)
+    rows, hidden = _shard_rows(group)
+    footer = {
+        "shard": f"{len(group.shards)} shard(s)",
+        "samples": f"{group.total('samples'):,}",
+        "members": f"{group.total('members'):,}",
+        "size": format_bytes(group.total("bytes")),
+        "extensions": escape(_extensions(group.extensions)),
+        "sizes.json": "",
+        "problems": _problems(group.total("errors"), group.total("warnings")),
+    }
+    columns = _fitting([*rows, footer], width)
+    for name in columns:
+        table.add_column(
+            name,
+            footer=footer[name],
+            justify="right" if name in _RIGHT else "left",
+            no_wrap=name != "extensions",
+            overflow="fold",
+        )
+    for row in rows:
+        table.add_row(*(row[name] for name in columns))
     if hidden:
-        table.add_row(f"[dim]... {hidden} more clean shard(s) (-v lists them)[/]", *[""] * 6)
+        table.caption = f"... {hidden} more clean shard(s) (-v lists them)"
+        table.caption_justify = "left"
     return table
 
 
@@ -139,7 +181,7 @@ def render_report(report: InspectReport) -> None:
     """Shard tables with totals, deep statistics, every listed finding, a summary line."""
     if settings.verbosity >= 0:
         for group in report.groups:
-            console.print(_shard_table(group))
+            console.print(_shard_table(group, console.width))
             deep = group.deep
             if deep is not None:
                 _deep(group, deep)
