@@ -117,7 +117,7 @@ def gpt_samples(
     shard: int, count: int, seed: int, size: int = 64, images_per_doc: int = 2
 ) -> Iterator[dict[str, str | bytes]]:
     """ChatGPT-generated documents: `is_gpt`, an `example` with `_!_IMAGE<k>_!_` placeholders
-    and `image_map` (FORMATS 2); placeholders appear in reverse order of their numbers.
+    and `image_map` (docs/formats.md §2.4); placeholders appear in reverse order of their numbers.
     """
     rng = random.Random(f"gpt-{seed}-{shard}")
     for i in range(count):

@@ -196,10 +196,9 @@ def test_debug_after_the_subcommand_shows_the_traceback(tmp_path: Path) -> None:
 
 
 def test_convert_takes_quiet_after_its_subcommand(tmp_path: Path) -> None:
+    absent, out = str(tmp_path / "absent.zip"), str(tmp_path / "out")
     result = runner.invoke(
-        app,
-        ["convert", "mmc4", str(tmp_path / "absent.zip"), "--image-dir", str(tmp_path)]
-        + ["--out", str(tmp_path / "out"), "-q"],
+        app, ["convert", "mmc4", absent, "--image-dir", str(tmp_path), "--out", out, "-q"]
     )
     assert "No such option" not in result.output
     assert result.exit_code == 1  # nothing to convert, reported; the option was accepted

@@ -1,4 +1,4 @@
-"""Our preprocessing agrees with OpenFlamingo's own code where FORMATS 5.9 changes nothing."""
+"""Our preprocessing agrees with OpenFlamingo's own code where docs/formats.md §5.9 changes nothing."""
 
 from __future__ import annotations
 

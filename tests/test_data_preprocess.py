@@ -1,4 +1,4 @@
-"""Each preprocessing and labelling rule (FORMATS 5.2-5.5, 5.9) against hand-computed values."""
+"""Each preprocessing and labelling rule (docs/formats.md §5.2-§5.5, §5.9) against hand-computed values."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training labels from input ids (FORMATS 5.5), with tensor operations only."""
+"""Training labels from input ids (docs/formats.md §5.5), with tensor operations only."""
 
 from __future__ import annotations
 

@@ -106,7 +106,7 @@ def sample_functions(config: LaionConfig | Mmc4Config, ctx: Context) -> tuple[Pr
 class TrainLoader:
     """Batches of one dataset for one rank, epoch by epoch, resumable exactly.
 
-    An epoch has `num_batches` full batches on every rank (FORMATS 5.8). Call
+    An epoch has `num_batches` full batches on every rank (docs/formats.md §5.8). Call
     `set_epoch(e)` before iterating epoch e; iterating yields the batches of the current epoch
     not yet consumed. `state_dict()` records what the trainer consumed (not what workers
     prefetched); after `load_state_dict()` the next batches are those an uninterrupted run

@@ -1,6 +1,6 @@
 """Per-sample preprocessing of LAION pairs, MMC4 documents and ChatGPT-generated documents.
 
-OpenFlamingo's rules (FORMATS 5.2-5.4) with our deliberate differences (5.9). Each function is a
+OpenFlamingo's rules (docs/formats.md §5.2-§5.4) with our deliberate differences (§5.9). Each function is a
 pure function of (sample, context, config, rng): it returns a `Sample` or raises `Dropped`.
 """
 
@@ -288,7 +288,7 @@ def _mmc4_document(
         pairs = assign_images(similarity, eligible, config.textsim_threshold, config.assignment)
         if not pairs:
             raise Dropped("below_threshold", len(corrupt))
-        # FORMATS 5.9: images follow their <image> tokens (sentence order, then image index)
+        # docs/formats.md §5.9: images follow their <image> tokens (sentence order, then image index)
         ordered = sorted(pairs, key=lambda p: (p[1], p[0]))[: config.max_num_images]
         text = interleave_text(sentences, [s for _, s in ordered], ctx.eos_token)
         ids, mask = _tokenize(ctx, text, config.max_tokens, True)
@@ -323,7 +323,7 @@ def _gpt_document(
     flip = not ctx.deterministic and rng.random() < 0.5
     example = strip_control_tokens(str(info["example"]), ctx.control_strings)
     image_map = info["image_map"]
-    # FORMATS 5.9: the j-th placeholder in the text names the image of the j-th <image> token
+    # docs/formats.md §5.9: the j-th placeholder in the text names the image of the j-th <image> token
     names = [m.group(0) for m in GPT_PLACEHOLDER.finditer(example)]
     if any(name not in image_map for name in names):
         raise Dropped("bad_json")

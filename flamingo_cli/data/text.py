@@ -1,4 +1,4 @@
-"""The text the tokenizer receives (FORMATS 5.2-5.4, 5.9), without torch: shared by the
+"""The text the tokenizer receives (docs/formats.md §5.2-§5.4, §5.9), without torch: shared by the
 training preprocessing and by `inspect-shards`, which shows it."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ GPT_PLACEHOLDER = re.compile(r"_!_IMAGE(\d+)_!_")
 
 
 def strip_control_tokens(text: str, control: Sequence[str] = CONTROL_TOKENS) -> str:
-    """Remove literal special-token strings from web text (FORMATS 5.9), until none is left."""
+    """Remove literal special-token strings from web text (docs/formats.md §5.9), until none is left."""
     while any(c in text for c in control):
         for c in control:
             text = text.replace(c, "")

@@ -1,7 +1,7 @@
 """One sample as the model will see it: decoding, checks, filters and image placement.
 
 Shared by `--deep` (every sample) and `--preview` (a few). Interleaved documents follow
-FORMATS.md 5.3 with our ordering of 5.9: images survive the size filter, are assigned to
+docs/formats.md §5.3 with our ordering of §5.9: images survive the size filter, are assigned to
 sentences, corrupt ones are dropped one by one, and the kept ones are ordered by sentence.
 """
 
@@ -87,7 +87,7 @@ class SampleView:
         return any(i.severity == "error" for i in self.issues)
 
     def model_text(self, eos: str = "") -> str:
-        """The text before tokenization (FORMATS.md 5.2/5.3, special strings removed)."""
+        """The text before tokenization (docs/formats.md §5.2, §5.3; special strings removed)."""
         if self.kind == "pairs":
             return caption_text(strip_control_tokens(self.texts[0] if self.texts else ""), eos)
         sentences = [strip_control_tokens(text) for text in self.texts]
@@ -331,7 +331,7 @@ def _decode_into(view: SampleView, image: ImageView, where: str, filters: Filter
 
 
 def _view_gpt(view: SampleView, doc: dict[str, Any], filters: Filters) -> None:
-    """ChatGPT-generated documents (FORMATS.md 5.4): `_!_IMAGE<k>_!_` placeholders, no filters."""
+    """ChatGPT-generated documents (docs/formats.md §5.4): `_!_IMAGE<k>_!_` placeholders."""
     example, image_map = doc.get("example"), doc.get("image_map")
     if not isinstance(example, str) or not isinstance(image_map, dict):
         view.issues.append(Issue("document", "is_gpt document without example text and image_map"))

@@ -1,4 +1,4 @@
-"""Flamingo's own layers: perceiver resampler and gated cross-attention (FORMATS 5.7).
+"""Flamingo's own layers: perceiver resampler and gated cross-attention (docs/formats.md §5.7).
 
 Attention runs through `scaled_dot_product_attention`; every linear layer is bias-free and every
 feed-forward is LayerNorm -> Linear(x mult) -> exact GELU -> Linear, as in OpenFlamingo, so

@@ -29,7 +29,7 @@ class SpecialTokens:
 
 
 def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
-    """Add `<|endofchunk|>`, `<image>`, then `<PAD>` when there is no pad token (FORMATS 5.1).
+    """Add `<|endofchunk|>`, `<image>`, then `<PAD>` when there is no pad token (docs/formats.md §5.1).
 
     The order fixes the embedding rows of released checkpoints: ids V and V+1 for a vocabulary
     of V, then V+2 for `<PAD>`. Adding to a tokenizer that already has them changes nothing.

@@ -52,7 +52,7 @@ def batch_pixel_bytes(config: LaionConfig | Mmc4Config, side: int) -> int:
 
 
 def batches_per_epoch(num_samples: int, batch_size: int, world_size: int, workers: int) -> int:
-    """Batches each rank runs per epoch, OpenFlamingo's formula (FORMATS 5.8).
+    """Batches each rank runs per epoch, OpenFlamingo's formula (docs/formats.md §5.8).
 
     ceil(ceil(n / (b * W)) / w) * w: every loader worker yields the same number of batches.
     """

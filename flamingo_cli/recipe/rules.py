@@ -70,7 +70,7 @@ def _datasets_present(loaded: LoadedRecipe) -> list[Problem]:
 
 
 def _equal_batches(loaded: LoadedRecipe) -> list[Problem]:
-    """Both loaders must give every rank the same number of batches per epoch (FORMATS 5.8)."""
+    """Both loaders must give every rank the same number of batches per epoch (docs/formats.md §5.8)."""
     recipe = loaded.recipe
     laion, mmc4 = recipe.data.laion, recipe.data.mmc4
     if laion is None or mmc4 is None:

@@ -1,4 +1,4 @@
-"""The training step of FORMATS 5.6 with our differences (5.9), one optimizer step at a time.
+"""The training step of docs/formats.md §5.6 with our differences (§5.9), one optimizer step at a time.
 
 Per micro-step: LAION forward/backward, then MMC4 forward/backward, each loss times its
 multiplier over the accumulation steps; gradients are reduced once per optimizer step. Then the

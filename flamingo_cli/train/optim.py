@@ -1,4 +1,4 @@
-"""AdamW over the trainable parameters, weight decay only on gated cross-attention (FORMATS 5.6)."""
+"""AdamW over the trainable parameters, weight decay only on gated cross-attention (docs/formats.md §5.6)."""
 
 from __future__ import annotations
 
