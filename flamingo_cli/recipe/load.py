@@ -308,10 +308,3 @@ def _validation_messages(exc: ValidationError) -> list[tuple[str, str]]:
             message = f"{message} (got {error['input']!r})"
         merged.setdefault(key, []).append(message)
     return [(key, "; or ".join(dict.fromkeys(msgs))) for key, msgs in merged.items()]
-
-
-def raise_on_errors(problems: Sequence[Problem], what: str) -> None:
-    """Raise ProblemsFound when any problem is an error (warnings pass)."""
-    errors = [p for p in problems if p.severity == "error"]
-    if errors:
-        raise ProblemsFound(f"{what} has {len(errors)} error(s)", list(problems))
