@@ -6,14 +6,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from flamingo_cli.cli.app import app
 from flamingo_cli.recipe import load as recipe_load
 
+from .conftest import RECIPES
+
 runner = CliRunner()
+TINY = RECIPES / "tiny-cpu.toml"
 
 
 def flat(text: str) -> str:
@@ -66,4 +71,81 @@ def test_a_huge_recipe_is_refused_before_it_is_read(
     assert flat(result.stderr) == (
         f"error: recipe {path} is 1,200 bytes, more than any recipe (at most 1,000) "
         "fix: give the recipe's .toml file (a shard, checkpoint or log is not a recipe)"
+    )
+
+
+# --- .pt weights files: eval-loss --checkpoint FILE and model.init_from = FILE --------------
+
+
+class _Touch:
+    """What a crafted pickle does when it is loaded: here, create a file."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.target,))
+
+
+_PT_FIX = (
+    "fix: give a checkpoint directory, an exported flamingo.pt or an OpenFlamingo checkpoint.pt"
+)
+
+
+def _eval_file(checkpoint: Path) -> tuple[int, str]:
+    args = ["eval-loss", str(TINY), "--checkpoint", str(checkpoint), "--max-batches", "1"]
+    result = runner.invoke(app, args)
+    assert "Traceback" not in result.output, result.output
+    return result.exit_code, flat(result.output)
+
+
+def test_a_crafted_pt_file_is_named_without_torchs_advice_to_unpickle_it(tmp_path: Path) -> None:
+    marker, weights = tmp_path / "ran", tmp_path / "checkpoint.pt"
+    torch.save({"model_state_dict": _Touch(marker)}, weights)
+    code, output = _eval_file(weights)
+    assert (code, marker.exists()) == (1, False)
+    assert output == (
+        f"error: cannot read {weights} as a weights file (Unsupported global: GLOBAL getattr "
+        "was not an allowed global by default.): it is damaged, or not a weights file; "
+        f"nothing from it was run {_PT_FIX}"
+    )
+    assert "weights_only" not in output and "add_safe_globals" not in output
+
+
+def test_an_empty_pt_file_says_what_failed(tmp_path: Path) -> None:
+    weights = tmp_path / "flamingo.pt"
+    weights.write_bytes(b"")
+    assert _eval_file(weights) == (
+        1,
+        f"error: cannot read {weights} as a weights file (EOFError): it is damaged, or not a "
+        f"weights file; nothing from it was run {_PT_FIX}",
+    )
+
+
+def test_a_pt_file_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    weights = tmp_path / "flamingo.pt"
+    os.mkfifo(weights)
+    assert _eval_file(weights) == (
+        1,
+        f"error: {weights} is not a regular file (a pipe, socket or device) {_PT_FIX}",
+    )
+
+
+@pytest.mark.parametrize(
+    ("state", "shown"),
+    [
+        ({1: torch.zeros(1)}, "1 is a key that is not a name (Tensor)"),
+        ({"perceiver.latents": 3}, "'perceiver.latents' is not a tensor (int)"),
+    ],
+)
+def test_a_pt_file_of_other_entries_is_not_a_state_dict(
+    tmp_path: Path, state: dict[Any, Any], shown: str
+) -> None:
+    weights = tmp_path / "checkpoint.pt"
+    torch.save(state, weights)
+    assert _eval_file(weights) == (
+        1,
+        f"error: the checkpoint's entry {shown}: the file does not hold a state dict of "
+        "weights fix: give the checkpoint.pt of an OpenFlamingo model, a flamingo.pt export "
+        "or a checkpoint directory",
     )

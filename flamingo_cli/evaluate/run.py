@@ -150,16 +150,24 @@ def load_weights(model: FlamingoModel, path: Path) -> str:
         required_weight_names,
         to_openflamingo_key,
     )
+    from flamingo_cli.runtime.dcp_metadata import weights_only_refusal
     from flamingo_cli.train.checkpoint import load_model_weights
 
     if path.is_dir():
         load_model_weights(model, required_weight_names(model), path)
         return "flamingo checkpoint"
+    if not path.is_file():
+        raise FlamingoError(
+            f"{path} is not a regular file (a pipe, socket or device)",
+            fix="give a checkpoint directory, an exported flamingo.pt or an OpenFlamingo "
+            "checkpoint.pt",
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
         raise FlamingoError(
-            f"cannot read {path} as a weights file: {exc}",
+            f"cannot read {path} as a weights file ({weights_only_refusal(exc)}): it is "
+            "damaged, or not a weights file; nothing from it was run",
             fix="give a checkpoint directory, an exported flamingo.pt or an OpenFlamingo "
             "checkpoint.pt",
         ) from exc

@@ -106,6 +106,14 @@ def load_openflamingo_state_dict(
     mapped: dict[str, Tensor] = {}
     unexpected: list[str] = []
     for raw_key, value in inner.items():
+        if not isinstance(raw_key, str) or not isinstance(value, Tensor):
+            what = "a key that is not a name" if not isinstance(raw_key, str) else "not a tensor"
+            raise FlamingoError(
+                f"the checkpoint's entry {raw_key!r} is {what} ({type(value).__name__}): "
+                "the file does not hold a state dict of weights",
+                fix="give the checkpoint.pt of an OpenFlamingo model, a flamingo.pt export or "
+                "a checkpoint directory",
+            )
         key = _canonical(raw_key, layers_path)
         target = by_of_key.get(key)
         if target is None:
@@ -146,8 +154,11 @@ def load_openflamingo_checkpoint(model: FlamingoModel, path: str | Path) -> Impo
     except FileNotFoundError as exc:
         raise FlamingoError(f"checkpoint {str(path)!r} does not exist") from exc
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        from flamingo_cli.runtime.dcp_metadata import weights_only_refusal
+
         raise FlamingoError(
-            f"cannot read {str(path)!r} as an OpenFlamingo checkpoint: {exc}",
+            f"cannot read {str(path)!r} as an OpenFlamingo checkpoint "
+            f"({weights_only_refusal(exc)}): nothing from it was run",
             fix="give the checkpoint.pt file of an OpenFlamingo model or training run",
         ) from exc
     if not isinstance(state, dict):

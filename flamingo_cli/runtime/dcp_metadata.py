@@ -244,14 +244,20 @@ def _check_data_files(directory: Path, index: dcp_md.Metadata) -> None:
 
 
 _BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue")
+_UNPICKLER = "WeightsUnpickler error:"
+_ALLOW_ADVICE = " Please use `torch.serialization.add_safe_globals"
 
 
-def _reason(exc: Exception) -> str:
-    """The line of torch's weights-only refusal that says what was refused (its first line
-    advises `weights_only=False`, the very thing not to do here)."""
-    lines = [line.strip() for line in str(exc).splitlines()]
+def weights_only_refusal(exc: BaseException) -> str:
+    """What torch's weights-only refusal (or another load error) says was refused, without
+    its advice: to load with `weights_only=False` or to allow-list the global, the very things
+    not to do with a file nobody vouches for."""
+    text = str(exc)
+    if _UNPICKLER in text:  # "(1) ... weights_only=False ... (2) ... WeightsUnpickler error: X"
+        text = text.split(_UNPICKLER, 1)[1]
+    lines = [line.strip() for line in text.splitlines()]
     useful = [ln for ln in lines if ln and not ln.startswith(_BOILERPLATE)]
-    useful = [ln.removeprefix("WeightsUnpickler error:").strip() for ln in useful]
+    useful = [ln.split(_ALLOW_ADVICE, 1)[0].strip() for ln in useful if "weights_only" not in ln]
     return next((ln for ln in useful if ln), type(exc).__name__)
 
 
@@ -272,7 +278,7 @@ class _WeightsOnlyBytes:
             item = torch.load(value, map_location="cpu", weights_only=True)
         except Exception as exc:  # weights-only refusals and damage raise several types
             raise CheckpointRefused(
-                f"item {fqn!r} in {self._directory} is not plain data ({_reason(exc)}): "
+                f"item {fqn!r} in {self._directory} is not plain data ({weights_only_refusal(exc)}): "
                 f"the checkpoint is damaged, or {_NOT_OURS}",
                 fix=_REFUSED_FIX,
             ) from None
