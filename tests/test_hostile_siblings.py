@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ import torch
 from typer.testing import CliRunner
 
 from flamingo_cli.cli.app import app
+from flamingo_cli.errors import FlamingoError
 from flamingo_cli.recipe import load as recipe_load
+from flamingo_cli.runtime.run_lock import LOCK_FILE, acquire_run_lock, read_lock
 
 from .conftest import RECIPES
 
@@ -149,3 +152,30 @@ def test_a_pt_file_of_other_entries_is_not_a_state_dict(
         "weights fix: give the checkpoint.pt of an OpenFlamingo model, a flamingo.pt export "
         "or a checkpoint directory",
     )
+
+
+# --- run.lock that is not a lock file --------------------------------------------------------
+
+
+def test_a_lock_path_that_is_a_directory_is_named_and_left_alone(tmp_path: Path) -> None:
+    lock = tmp_path / "run" / LOCK_FILE
+    (lock / "notes").mkdir(parents=True)  # someone's directory: must not be moved or removed
+    with pytest.raises(FlamingoError) as caught:
+        acquire_run_lock(tmp_path / "run")
+    assert (caught.value.message, caught.value.fix) == (
+        f"the lock file of the run directory {tmp_path / 'run'} is a directory: {lock}",
+        f"remove or rename the directory {lock} (flamingo writes a file there)",
+    )
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_FILE]
+    assert (lock / "notes").is_dir()
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe garbage {", b'{"host": 1}', b"[1, 2]"])
+def test_an_unreadable_old_lock_file_is_replaced(tmp_path: Path, content: bytes) -> None:
+    lock = tmp_path / LOCK_FILE
+    lock.write_bytes(content)
+    os.utime(lock, (time.time() - 60, time.time() - 60))  # not one being written just now
+    with acquire_run_lock(tmp_path) as held:
+        assert held.took_over == f"replaced the unreadable lock file {lock}"
+        assert getattr(read_lock(tmp_path), "token", None) == held.holder.token
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

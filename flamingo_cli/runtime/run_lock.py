@@ -233,6 +233,11 @@ def acquire_run_lock(run_dir: Path, *, take_over: bool = False) -> RunLock:
         if current is None:
             if not path.exists():
                 continue  # released between our two looks
+            if path.is_dir():  # never ours: it may hold someone's files, so not moved aside
+                raise FlamingoError(
+                    f"the lock file of the run directory {run_dir} is a directory: {path}",
+                    fix=f"remove or rename the directory {path} (flamingo writes a file there)",
+                )
             if _age_s(path) < 5:  # maybe being written (file systems without hard links)
                 time.sleep(1)
                 continue
