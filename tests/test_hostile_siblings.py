@@ -179,3 +179,25 @@ def test_an_unreadable_old_lock_file_is_replaced(tmp_path: Path, content: bytes)
         assert held.took_over == f"replaced the unreadable lock file {lock}"
         assert getattr(read_lock(tmp_path), "token", None) == held.holder.token
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# --- --json on fatal errors of the multi-process paths ---------------------------------------
+
+
+def test_eval_loss_json_prints_a_failed_multi_process_evaluation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flamingo_cli.train import launch
+
+    monkeypatch.setattr(launch, "run_torchrun", lambda cmd, env=None: 1)  # a rank failed
+    args = ["eval-loss", "--json", str(TINY), "--checkpoint", "latest", "--nproc-per-node", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    logs = report["fix"].removeprefix("see rank 0's error above; every rank's log is under ")
+    assert report == {
+        "ok": False,
+        "error": "evaluation failed (exit 1)",
+        "fix": f"see rank 0's error above; every rank's log is under {logs}",
+    }
+    assert Path(logs).name == "logs" and Path(logs).parent.name.startswith("flamingo-eval-")

@@ -136,8 +136,6 @@ def eval_loss(
                     *(("--quiet",) if json_ else ()),
                 ],
             )
-            if launched is None:
-                raise typer.Exit(1)
             report = launched
         if json_:
             ui.print_json(report.to_dict())
@@ -147,11 +145,13 @@ def eval_loss(
 
 def _through_torchrun(
     recipe: Path, run_name: str, nproc: int, worker_args: list[str]
-) -> EvalReport | None:
-    """Start `nproc` ranks of the eval worker; the report rank 0 wrote, or None on failure."""
+) -> EvalReport:
+    """Start `nproc` ranks of the eval worker; the report rank 0 wrote. A failure is a
+    FlamingoError (so `--json` prints it too) pointing at rank 0's error and the logs."""
     import json
     import tempfile
 
+    from flamingo_cli.errors import FlamingoError
     from flamingo_cli.evaluate.run import EvalReport
     from flamingo_cli.train.launch import Rendezvous, run_torchrun, torchrun_command
     from flamingo_cli.ui import console as ui
@@ -168,9 +168,8 @@ def _through_torchrun(
     ui.detail(" ".join(cmd))
     code = run_torchrun(cmd)
     if code != 0 or not report_path.is_file():
-        ui.err_console.print(
-            f"[bold red]error[/]: evaluation failed (exit {code}); per-rank logs are under "
-            f"{work / 'logs'}"
+        raise FlamingoError(
+            f"evaluation failed (exit {code})",
+            fix=f"see rank 0's error above; every rank's log is under {work / 'logs'}",
         )
-        return None
     return EvalReport.from_dict(json.loads(report_path.read_text(encoding="utf-8")))
