@@ -201,3 +201,21 @@ def test_eval_loss_json_prints_a_failed_multi_process_evaluation(
         "fix": f"see rank 0's error above; every rank's log is under {logs}",
     }
     assert Path(logs).name == "logs" and Path(logs).parent.name.startswith("flamingo-eval-")
+
+
+def test_eval_shards_that_name_no_shard_get_a_fix(tmp_path: Path) -> None:
+    from flamingo_cli.model.factory import build_model
+    from flamingo_cli.model.openflamingo import save_openflamingo_checkpoint
+    from flamingo_cli.recipe.schema import ModelConfig
+
+    weights = tmp_path / "checkpoint.pt"
+    save_openflamingo_checkpoint(build_model(ModelConfig(preset="tiny"))[0], weights)
+    folder = tmp_path / "shards.tar"  # a directory named like a shard, holding none
+    folder.mkdir()
+    args = ["eval-loss", str(TINY), "--checkpoint", str(weights), "--shards", str(folder)]
+    result = runner.invoke(app, [*args, "--dataset", "laion"])
+    assert result.exit_code == 1, result.output
+    assert flat(result.stderr) == (
+        f"error: the laion eval shards '{folder}' name no shard fix: give .tar files: a brace "
+        "spec (dir/{00000..00009}.tar), a glob, or a folder holding .tar shards"
+    )

@@ -206,7 +206,11 @@ class EvalLoader:
         self.no_single = no_single
         self.urls = tuple(expand_spec(shards, globs=True))
         if not self.urls:
-            raise FlamingoError(f"the {name} eval shards {shards!r} name no shard")
+            raise FlamingoError(
+                f"the {name} eval shards {shards!r} name no shard",
+                fix="give .tar files: a brace spec (dir/{00000..00009}.tar), a glob, or a "
+                "folder holding .tar shards",
+            )
         missing = missing_local(self.urls)
         if missing:
             raise FlamingoError(
