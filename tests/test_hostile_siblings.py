@@ -219,3 +219,91 @@ def test_eval_shards_that_name_no_shard_get_a_fix(tmp_path: Path) -> None:
         f"error: the laion eval shards '{folder}' name no shard fix: give .tar files: a brace "
         "spec (dir/{00000..00009}.tar), a glob, or a folder holding .tar shards"
     )
+
+
+# --- JSON and TOML nested deeper than Python's recursion limit -------------------------------
+
+DEEP_ARRAY = b"[" * 100_000 + b"]" * 100_000
+DEEP_OBJECT = b'{"a":' * 50_000 + b"1" + b"}" * 50_000
+DEEP_ARRAY_ERROR = (
+    "maximum recursion depth exceeded while decoding a JSON array from a unicode string"
+)
+
+
+def _deep_docs(path: Path) -> Path:
+    from flamingo_cli.shards.write import write_tar
+
+    write_tar(
+        path, [{"__key__": "deep", "json": DEEP_ARRAY}, {"__key__": "obj", "json": DEEP_OBJECT}]
+    )
+    return path
+
+
+def test_inspect_deep_reports_json_nested_too_deeply(tmp_path: Path) -> None:
+    shard = _deep_docs(tmp_path / "docs.tar")
+    result = runner.invoke(
+        app, ["inspect-shards", "--json", "--deep", "--workers", "1", str(shard)]
+    )
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    found = [(f["key"], f["check"], f["reason"]) for f in report["findings"]]
+    assert found == [
+        ("deep", "json", f"invalid JSON: {DEEP_ARRAY_ERROR}"),
+        ("obj", "json", f"invalid JSON: {DEEP_ARRAY_ERROR.replace('array', 'object')}"),
+    ]
+
+
+def test_preview_of_json_nested_too_deeply(tmp_path: Path) -> None:
+    shard = _deep_docs(tmp_path / "docs.tar")
+    page = tmp_path / "preview.html"
+    result = runner.invoke(
+        app, ["inspect-shards", "--workers", "1", str(shard), "--preview", str(page)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output and page.stat().st_size > 0
+
+
+def test_loaders_drop_json_nested_too_deeply_as_bad_json() -> None:
+    from flamingo_cli.data.preprocess import Dropped, preprocess_document
+
+    with pytest.raises(Dropped, match="bad_json"):
+        preprocess_document({"__key__": "deep", "json": DEEP_ARRAY}, None, None, None)  # type: ignore[arg-type]
+
+
+def test_convert_mmc4_skips_a_line_nested_too_deeply(tmp_path: Path) -> None:
+    import zipfile
+
+    docs = tmp_path / "docs_shard_0_v2.jsonl.zip"
+    with zipfile.ZipFile(docs, "w") as archive:
+        archive.writestr("docs_shard_0_v2.jsonl", DEEP_ARRAY + b"\n")
+    (tmp_path / "images").mkdir()
+    args = ["convert", "mmc4", str(docs), "--image-dir", str(tmp_path / "images")]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (f"warning: {docs}:1: not a JSON document ({DEEP_ARRAY_ERROR}); line skipped") in flat(
+        result.stderr
+    )
+
+
+def test_convert_laion_names_a_table_line_nested_too_deeply(tmp_path: Path) -> None:
+    table = tmp_path / "pairs.jsonl"
+    table.write_bytes(b'{"url": "x", "caption": ' + DEEP_ARRAY + b"}\n")
+    result = runner.invoke(app, ["convert", "laion", str(table), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert flat(result.stderr) == (
+        f"error: {table}:1: not a JSON object ({DEEP_ARRAY_ERROR}) fix: repair the line"
+    )
+
+
+def test_a_recipe_nested_too_deeply(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.toml"
+    path.write_text("a = " + "[" * 50_000 + "]" * 50_000 + "\n", encoding="utf-8")
+    result = runner.invoke(app, ["validate-config", str(path)])
+    assert result.exit_code == 1, result.output
+    assert flat(result.stderr) == (
+        f"error: {path}: not a recipe: arrays or tables nest too deeply 1 error(s), 0 warning(s)"
+    )
+    deep = "[" * 50_000 + "]" * 50_000
+    result = runner.invoke(app, ["validate-config", str(TINY), "--set", f"optim.lr={deep}"])
+    assert result.exit_code == 1, result.output
+    assert "optim.lr (from --set): Input should be a valid number" in flat(result.stderr)

@@ -486,7 +486,7 @@ def _jsonl_rows(url: str, text: str) -> list[tuple[int, dict[str, object]]]:
             continue
         try:
             row = json.loads(line)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ConvertError(
                 f"{url}:{number}: not a JSON object ({exc})", fix="repair the line"
             ) from exc

@@ -200,7 +200,7 @@ class Mmc4Task:
         """The document of a line, or None (counted, and reported when the line is bad)."""
         try:
             doc = json.loads(line.rstrip(b"\r\n"))
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             counts["bad_lines"] += 1
             record.problem(
                 Problem(

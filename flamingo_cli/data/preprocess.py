@@ -224,7 +224,7 @@ def preprocess_document(
         raise Dropped("missing_member")
     try:
         info = json.loads(sample["json"])
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
         raise Dropped("bad_json") from None
     if not isinstance(info, dict):
         raise Dropped("bad_json")

@@ -189,7 +189,7 @@ def view_sample(
         return view
     try:
         doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         view.issues.append(Issue("json", f"invalid JSON: {exc}"))
         return view
     if not isinstance(doc, dict):
@@ -230,7 +230,7 @@ def _view_pair(key: str, members: Mapping[str, bytes], filters: Filters) -> Samp
     if "json" in members:
         try:
             json.loads(members["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             view.issues.append(Issue("json", f".json is not valid JSON: {exc}"))
     return view
 

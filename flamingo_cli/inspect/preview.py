@@ -228,7 +228,7 @@ def _render_shard(
             continue
         try:
             matrix = json.loads(members.get("json", b"{}")).get("similarity_matrix")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             matrix = None
         out.append(_document(name, view, matrix))
     return out

@@ -50,7 +50,7 @@ def parse_override(text: str, source: str = "from --set") -> Override:
         )
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         value = raw.strip()
     return Override(key, value, source)
 
@@ -95,6 +95,9 @@ def load_recipe(path: str | Path, overrides: Sequence[Override] = ()) -> LoadedR
         match = _TOML_POSITION.search(str(exc))
         line = int(match.group(1)) if match else None
         problem = Problem(f"not valid TOML: {exc}", file=str(path), line=line)
+        raise ProblemsFound(f"{path} is not valid TOML", [problem]) from None
+    except RecursionError:
+        problem = Problem("not a recipe: arrays or tables nest too deeply", file=str(path))
         raise ProblemsFound(f"{path} is not valid TOML", [problem]) from None
 
     lines = key_lines(text)
