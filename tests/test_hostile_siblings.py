@@ -307,3 +307,28 @@ def test_a_recipe_nested_too_deeply(tmp_path: Path) -> None:
     result = runner.invoke(app, ["validate-config", str(TINY), "--set", f"optim.lr={deep}"])
     assert result.exit_code == 1, result.output
     assert "optim.lr (from --set): Input should be a valid number" in flat(result.stderr)
+
+
+def test_files_beside_shards_and_in_run_directories_nested_too_deeply(tmp_path: Path) -> None:
+    from flamingo_cli.errors import CheckpointDamaged, OpenerError
+    from flamingo_cli.shards.sizes import read_sizes
+    from flamingo_cli.train.checkpoint import _read_json
+    from flamingo_cli.train.metrics import set_aside_rows_after
+
+    (tmp_path / "sizes.json").write_bytes(DEEP_ARRAY)  # sizes.json of downloaded shards
+    with pytest.raises(OpenerError, match=f"sizes.json is not valid JSON: {DEEP_ARRAY_ERROR}"):
+        read_sizes(str(tmp_path))
+    meta = tmp_path / "meta.json"  # in a crafted checkpoint directory
+    meta.write_bytes(DEEP_ARRAY)
+    with pytest.raises(CheckpointDamaged) as caught:
+        _read_json(meta)
+    assert caught.value.message == f"{meta} is damaged: {DEEP_ARRAY_ERROR}"
+    lock = tmp_path / "run" / LOCK_FILE
+    lock.parent.mkdir()
+    lock.write_bytes(DEEP_ARRAY)
+    assert read_lock(lock.parent) is None  # unreadable: replaced once it is old
+    rows = tmp_path / "metrics.jsonl"
+    rows.write_bytes(b'{"step": 1}\n' + DEEP_ARRAY + b'\n{"step": 2}\n')
+    aside = set_aside_rows_after(rows, 1)
+    assert aside is not None and aside.rows == 2
+    assert rows.read_bytes() == b'{"step": 1}\n'

@@ -301,7 +301,7 @@ def _load_report(source: str, allow_pipe: bool) -> dict[str, Any]:
     try:
         with open_url(source, allow_pipe=allow_pipe) as handle:
             data = json.load(handle)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise UsageError(
             f"{source} is not a JSON report ({exc})",
             fix="give the files written by `inspect-shards --json` on each node",

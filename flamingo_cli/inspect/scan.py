@@ -341,7 +341,7 @@ def _stats_successes(url: str, allow_pipe: bool) -> int | None:
             data = json.load(handle)
     except (OpenerError, FileNotFoundError):
         return None  # no stats file beside a remote shard
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise OpenerError(f"{path} is not valid JSON: {exc}") from exc
     successes = data.get("successes") if isinstance(data, dict) else None
     return successes if isinstance(successes, int) else None

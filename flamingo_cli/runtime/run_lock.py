@@ -383,7 +383,7 @@ def _read(path: Path) -> LockHolder | None:
             token=str(data["token"]),
             version=int(data.get("version", LOCK_VERSION)),
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 

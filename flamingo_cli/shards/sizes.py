@@ -25,7 +25,7 @@ def read_sizes(directory: str, *, allow_pipe: bool = False) -> dict[str, int] | 
             data = json.load(handle)
     except (OpenerError, FileNotFoundError):
         return None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise OpenerError(
             f"{url} is not valid JSON: {exc}", fix="rewrite it with `inspect-shards --write-sizes`"
         ) from exc

@@ -214,7 +214,7 @@ def _read_json(file: Path) -> dict[str, Any]:
         data = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointDamaged(f"{file} is missing: the checkpoint is incomplete") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointDamaged(f"{file} is damaged: {exc}") from None
     if not isinstance(data, dict):
         raise CheckpointDamaged(f"{file} is damaged: not the JSON object flamingo writes")

@@ -58,7 +58,7 @@ def set_aside_rows_after(path: Path, step: int) -> SetAside | None:
 def _step_of(line: bytes) -> int | None:
     try:
         row = json.loads(line)
-    except ValueError:  # half written, or not JSON at all
+    except (ValueError, RecursionError):  # half written, or not JSON at all
         return None
     step = row.get("step") if isinstance(row, dict) else None
     return step if isinstance(step, int) and not isinstance(step, bool) else None
