@@ -160,7 +160,7 @@ class Img2DatasetTask:
         else:
             try:
                 expected = int(json.loads(raw_stats)["successes"])
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
                 raise ConvertError(f"{stats_url} has no readable `successes` count: {exc}") from exc
         track = self.weight > 0
         counts_by_part: dict[int, Counter[str]] = {}

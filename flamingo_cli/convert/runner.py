@@ -216,7 +216,7 @@ def _parse_record(raw: bytes | None) -> TaskRecord | None:
         return None
     try:
         return TaskRecord.from_dict(json.loads(raw))
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None  # a damaged record means the task is redone
 
 
@@ -694,7 +694,7 @@ def merge_outputs(
         plan = json.loads(raw_plan)
         kind = str(plan["kind"])
         planned = [(str(i["name"]), str(i["input"])) for i in plan["inputs"]]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ConvertError(
             f"{out.join(PLAN_FILE)} is damaged ({exc})",
             fix="rerun the conversion on any node: it rewrites plan.json",
