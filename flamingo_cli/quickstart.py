@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flamingo_cli.errors import FlamingoError, UsageError
+from flamingo_cli.errors import FlamingoError, OutputError, UsageError
 from flamingo_cli.recipe.load import Override
 
 if TYPE_CHECKING:
@@ -117,6 +117,12 @@ def prepare_directory(directory: Path) -> None:
     """Create `directory`, or clear a previous quickstart in it; refuse anything else."""
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"--dir {directory} is a file", fix="give a directory path")
+    blocker = next((p for p in directory.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(
+            f"--dir {directory} cannot be made: {blocker} is a file, not a directory",
+            fix="give a directory path whose parents are directories",
+        )
     if directory.is_dir() and any(directory.iterdir()):
         if not (directory / MARKER).is_file():
             raise UsageError(
@@ -125,8 +131,14 @@ def prepare_directory(directory: Path) -> None:
             )
         for name in ("raw", "shards", "runs"):
             shutil.rmtree(directory / name, ignore_errors=True)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / MARKER).write_text("flamingo quickstart\n", encoding="utf-8")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MARKER).write_text("flamingo quickstart\n", encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write in --dir {directory}: {exc.strerror or exc}",
+            fix="give a writable directory with --dir",
+        ) from None
 
 
 def write_caption_folder(
@@ -249,17 +261,22 @@ def run_quickstart(
     def convert() -> str:
         from flamingo_cli.convert.laion import LaionOptions, convert_laion
         from flamingo_cli.convert.mmc4 import Mmc4Options, convert_mmc4
+        from flamingo_cli.convert.runner import RunOptions
 
         samples = 0
         for name, folder in (("laion", "captions"), ("laion-heldout", "captions-heldout")):
-            report = convert_laion(str(raw / folder), out / name, LaionOptions(), workers=1)
+            report = convert_laion(
+                str(raw / folder), out / name, LaionOptions(), RunOptions(workers=1)
+            )
             samples += sum(sh.samples for r in report.records for sh in r.shards)
             shards[name] = _spec(out / name)
         docs = 0
         for name in ("mmc4", "mmc4-heldout"):
             zips = sorted((raw / name / "docs").glob("*.zip"))
             options = Mmc4Options(image_dir=str(raw / name / "images"))
-            report = convert_mmc4("::".join(str(z) for z in zips), out / name, options, workers=1)
+            report = convert_mmc4(
+                "::".join(str(z) for z in zips), out / name, options, RunOptions(workers=1)
+            )
             docs += sum(sh.samples for r in report.records for sh in r.shards)
             shards[name] = _spec(out / name)
         return f"{samples} pairs and {docs} documents into {out}"

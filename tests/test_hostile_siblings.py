@@ -332,3 +332,22 @@ def test_files_beside_shards_and_in_run_directories_nested_too_deeply(tmp_path: 
     aside = set_aside_rows_after(rows, 1)
     assert aside is not None and aside.rows == 2
     assert rows.read_bytes() == b'{"step": 1}\n'
+
+
+# --- quickstart --dir that cannot be made ----------------------------------------------------
+
+
+@pytest.mark.parametrize("json_", [False, True])
+def test_quickstart_dir_under_a_file_is_named(tmp_path: Path, json_: bool) -> None:
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
+    target = tmp_path / "afile" / "sub"
+    result = runner.invoke(
+        app, ["quickstart", "--dir", str(target), *(["--json"] if json_ else [])]
+    )
+    assert result.exit_code == 2, result.output
+    message = f"--dir {target} cannot be made: {tmp_path / 'afile'} is a file, not a directory"
+    fix = "give a directory path whose parents are directories"
+    if json_:
+        assert json.loads(result.stdout) == {"ok": False, "error": message, "fix": fix}
+    else:
+        assert flat(result.stderr) == f"error: {message} fix: {fix}"
