@@ -180,7 +180,7 @@ def main() -> None:
 
     import torch.distributed as dist
 
-    from flamingo_cli.train.distributed import apply_parallelism, init_distributed, teardown
+    from flamingo_cli.runtime.distributed import apply_parallelism, init_distributed, teardown
     from flamingo_cli.train.loop import LoopConfig, optimizer_step
     from flamingo_cli.train.optim import build_optimizer
     from flamingo_cli.train.run import grad_masks

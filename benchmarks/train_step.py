@@ -197,7 +197,7 @@ def time_ours(model: Any, tokenizer: Any, batches: list[dict[str, Any]]) -> floa
     """Seconds per optimizer step of our `optimizer_step`, labels computed inside the step."""
     from flamingo_cli.data.labels import interleaved_labels, pair_labels
     from flamingo_cli.model.params import embedding_grad_mask
-    from flamingo_cli.train.distributed import DistInfo
+    from flamingo_cli.runtime.distributed import DistInfo
     from flamingo_cli.train.loop import LoopConfig, optimizer_step
     from flamingo_cli.train.optim import build_optimizer
     from flamingo_cli.train.schedule import build_scheduler

@@ -23,16 +23,17 @@ from flamingo_cli.evaluate.loss import (
     evaluate_during_training,
     shuffled_images,
 )
-from flamingo_cli.evaluate.run import eval_targets, evaluate_loss, resolve_checkpoint
+from flamingo_cli.evaluate.run import eval_targets, evaluate_loss
 from flamingo_cli.model.factory import build_model
 from flamingo_cli.model.flamingo import FlamingoModel
 from flamingo_cli.model.openflamingo import save_openflamingo_checkpoint
 from flamingo_cli.model.params import checkpoint_state_dict
 from flamingo_cli.recipe.load import Override, load_recipe
 from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config, ModelConfig
+from flamingo_cli.runtime.distributed import DistInfo
+from flamingo_cli.runtime.weights import resolve_checkpoint
 from flamingo_cli.shards.write import write_tar
 from flamingo_cli.synthetic import laion_samples, mmc4_samples
-from flamingo_cli.train.distributed import DistInfo
 
 from .conftest import RECIPES
 

@@ -24,12 +24,12 @@ from typer.testing import CliRunner
 
 from flamingo_cli.cli.app import app
 from flamingo_cli.errors import CheckpointRefused
-from flamingo_cli.evaluate.run import load_weights
 from flamingo_cli.model.factory import build_model
 from flamingo_cli.recipe.load import load_recipe, parse_override
 from flamingo_cli.runtime.dcp_metadata import read_index
+from flamingo_cli.runtime.distributed import DistInfo
+from flamingo_cli.runtime.weights import load_weights
 from flamingo_cli.train.checkpoint import TrainState, save_checkpoint
-from flamingo_cli.train.distributed import DistInfo
 from flamingo_cli.train.run import train_rank
 
 from .conftest import RECIPES

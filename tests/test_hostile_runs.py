@@ -31,6 +31,8 @@ from flamingo_cli.cli.app import app
 from flamingo_cli.errors import FlamingoError
 from flamingo_cli.recipe.load import load_recipe, parse_override
 from flamingo_cli.runtime import run_lock
+from flamingo_cli.runtime.launch import _children
+from flamingo_cli.runtime.run_dir import list_checkpoints
 from flamingo_cli.runtime.run_lock import (
     LOCK_FILE,
     LockHolder,
@@ -38,8 +40,6 @@ from flamingo_cli.runtime.run_lock import (
     acquire_run_lock,
     read_lock,
 )
-from flamingo_cli.train.checkpoint import list_checkpoints
-from flamingo_cli.train.launch import _children
 from flamingo_cli.train.metrics import set_aside_rows_after
 from flamingo_cli.train.run import train_rank
 

@@ -187,7 +187,7 @@ def test_an_unreadable_old_lock_file_is_replaced(tmp_path: Path, content: bytes)
 def test_eval_loss_json_prints_a_failed_multi_process_evaluation(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from flamingo_cli.train import launch
+    from flamingo_cli.runtime import launch
 
     monkeypatch.setattr(launch, "run_torchrun", lambda cmd, env=None: 1)  # a rank failed
     args = ["eval-loss", "--json", str(TINY), "--checkpoint", "latest", "--nproc-per-node", "2"]

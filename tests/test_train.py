@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from flamingo_cli.recipe.load import load_recipe, parse_override
-from flamingo_cli.train.checkpoint import COMPLETE, list_checkpoints, resolve_resume
+from flamingo_cli.runtime.run_dir import COMPLETE, list_checkpoints, resolve_resume
 from flamingo_cli.train.run import FINISHED, train_rank
 
 from .conftest import RECIPES

@@ -88,7 +88,7 @@ class Inf(nn.Module):
 def test_non_finite_gradient_norm_skips_the_step() -> None:
     from dataclasses import dataclass
 
-    from flamingo_cli.train.distributed import DistInfo
+    from flamingo_cli.runtime.distributed import DistInfo
     from flamingo_cli.train.loop import LoopConfig, optimizer_step
 
     @dataclass

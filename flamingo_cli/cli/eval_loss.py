@@ -95,7 +95,7 @@ def eval_loss(
 
         chosen = dataset.value if dataset else None
         eval_targets(loaded.recipe, shards, chosen)
-        from flamingo_cli.train.launch import started_by_launcher
+        from flamingo_cli.runtime.launch import started_by_launcher
 
         nproc = nproc_per_node or 1
         ablation: Ablation | None = "none" if ablate_images is Ablate.none else None
@@ -115,7 +115,7 @@ def eval_loss(
                     batch_size=batch_size,
                     events=display,
                 )
-            from flamingo_cli.train.distributed import world_from_env
+            from flamingo_cli.runtime.distributed import world_from_env
 
             if world_from_env()[0] != 0:
                 return
@@ -153,7 +153,7 @@ def _through_torchrun(
 
     from flamingo_cli.errors import FlamingoError
     from flamingo_cli.evaluate.run import EvalReport
-    from flamingo_cli.train.launch import Rendezvous, run_torchrun, torchrun_command
+    from flamingo_cli.runtime.launch import Rendezvous, run_torchrun, torchrun_command
     from flamingo_cli.ui import console as ui
 
     work = Path(tempfile.mkdtemp(prefix="flamingo-eval-"))

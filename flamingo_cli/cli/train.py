@@ -78,16 +78,18 @@ def train(
         if not report.ok:
             raise typer.Exit(1)
 
-        from flamingo_cli.train.launch import (
+        from flamingo_cli.runtime.launch import (
             ABORTED,
             rendezvous_for,
             started_by_launcher,
             torchrun_command,
         )
-        from flamingo_cli.train.run import check_device_support, run_dir_of, train_rank
+        from flamingo_cli.runtime.precision import require_gpu_for_fp16
+        from flamingo_cli.runtime.run_dir import run_dir_of
+        from flamingo_cli.train.run import train_rank
 
         loaded = report.loaded
-        check_device_support(loaded.recipe.run.precision)
+        require_gpu_for_fp16(loaded.recipe.run.precision)
         world = loaded.recipe.distributed.world_size
         if started_by_launcher(world) or world == 1:
             if ui.settings.verbosity >= 0 and not started_by_launcher(world):
@@ -130,8 +132,8 @@ def _launch(cmd: list[str], run_dir: Path, nnodes: int, take_over: bool) -> int:
     find its token in their environment; across nodes rank 0 takes it, wherever it runs."""
     import os
 
+    from flamingo_cli.runtime.launch import run_torchrun
     from flamingo_cli.runtime.run_lock import TOKEN_ENV, acquire_run_lock
-    from flamingo_cli.train.launch import run_torchrun
     from flamingo_cli.ui import console as ui
 
     if nnodes > 1:
@@ -143,8 +145,8 @@ def _launch(cmd: list[str], run_dir: Path, nnodes: int, take_over: bool) -> int:
 
 
 def _aborted(run_dir: Path) -> NoReturn:
-    from flamingo_cli.train.checkpoint import list_checkpoints
-    from flamingo_cli.train.launch import ABORTED
+    from flamingo_cli.runtime.launch import ABORTED
+    from flamingo_cli.runtime.run_dir import list_checkpoints
     from flamingo_cli.ui import console as ui
 
     saved = list_checkpoints(run_dir)

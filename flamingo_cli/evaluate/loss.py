@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from flamingo_cli.data.eval_loader import DROP_KEYS, EvalLoader
 from flamingo_cli.data.labels import IGNORE, content_length
 from flamingo_cli.data.pipeline import Batch, derive_seed
-from flamingo_cli.train.distributed import DistInfo, all_agree
+from flamingo_cli.runtime.distributed import DistInfo, any_rank
 
 Ablation = Literal["none", "shuffle"]
 ABLATIONS: tuple[Ablation, ...] = ("none", "shuffle")
@@ -183,7 +183,7 @@ def evaluate_dataset(
         with torch.no_grad():
             while max_batches is None or steps < max_batches:
                 batch = next(iterator, None)
-                if not all_agree(batch is not None, info):
+                if not any_rank(batch is not None, info):
                     break
                 real = batch is not None
                 if batch is None:

@@ -4,14 +4,19 @@ process's rank (one process, or each rank torchrun started), return a typed repo
 from __future__ import annotations
 
 import math
-import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flamingo_cli.errors import FlamingoError, UsageError
-from flamingo_cli.evaluate.loss import Ablation, DatasetLoss, EvalEvents, evaluate_dataset
+from flamingo_cli.evaluate.loss import (
+    Ablation,
+    DatasetLoss,
+    EvalEvents,
+    evaluate_dataset,
+    evaluate_during_training,
+)
 from flamingo_cli.recipe.load import LoadedRecipe
 from flamingo_cli.recipe.schema import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -19,17 +24,18 @@ from flamingo_cli.recipe.schema import (
     Mmc4Config,
     Recipe,
     ShardSpec,
+    Strategy,
 )
 from flamingo_cli.shards.sizes import known_counts
 
 if TYPE_CHECKING:
+    from torch import nn
     from transformers import PreTrainedTokenizerBase
 
     from flamingo_cli.data.eval_loader import EvalLoader
     from flamingo_cli.data.preprocess import ImageTransform
-    from flamingo_cli.model.flamingo import FlamingoModel
     from flamingo_cli.model.tokenizer import SpecialTokens
-    from flamingo_cli.train.distributed import DistInfo
+    from flamingo_cli.runtime.distributed import DistInfo
 
 DATASETS = ("laion", "mmc4")
 
@@ -112,78 +118,6 @@ def eval_targets(
     return targets
 
 
-def resolve_checkpoint(loaded: LoadedRecipe, checkpoint: str) -> Path:
-    """`latest`: the newest complete checkpoint of the recipe's run; else an existing path."""
-    from flamingo_cli.train.checkpoint import resolve_resume
-    from flamingo_cli.train.run import run_dir_of
-
-    if checkpoint == "latest":
-        run_dir = run_dir_of(loaded)
-        found = resolve_resume(run_dir, "auto")
-        if found is None:
-            raise FlamingoError(
-                f"--checkpoint latest: no complete checkpoint under {run_dir / 'checkpoints'}",
-                fix="train the recipe first, pass the same run.output_dir/run.name overrides as "
-                "training did, or give --checkpoint DIR|FILE",
-            )
-        return found
-    path = Path(checkpoint)
-    if not path.exists():
-        raise FlamingoError(
-            f"--checkpoint {checkpoint} does not exist",
-            fix="give a checkpoint directory (<run>/checkpoints/step-N), an exported "
-            "flamingo.pt or OpenFlamingo checkpoint.pt, or 'latest'",
-        )
-    return path
-
-
-def load_weights(model: FlamingoModel, path: Path) -> str:
-    """Load a checkpoint into an unwrapped model; returns what kind of checkpoint it was.
-
-    A directory is one of our DCP checkpoints; a file is our exported `flamingo.pt` (our
-    parameter names) or an OpenFlamingo `checkpoint.pt` (its names), told apart by the keys.
-    """
-    import torch
-
-    from flamingo_cli.model.openflamingo import (
-        load_openflamingo_state_dict,
-        required_weight_names,
-        to_openflamingo_key,
-    )
-    from flamingo_cli.runtime.dcp_metadata import weights_only_refusal
-    from flamingo_cli.train.checkpoint import load_model_weights
-
-    if path.is_dir():
-        load_model_weights(model, required_weight_names(model), path)
-        return "flamingo checkpoint"
-    if not path.is_file():
-        raise FlamingoError(
-            f"{path} is not a regular file (a pipe, socket or device)",
-            fix="give a checkpoint directory, an exported flamingo.pt or an OpenFlamingo "
-            "checkpoint.pt",
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-        raise FlamingoError(
-            f"cannot read {path} as a weights file ({weights_only_refusal(exc)}): it is "
-            "damaged, or not a weights file; nothing from it was run",
-            fix="give a checkpoint directory, an exported flamingo.pt or an OpenFlamingo "
-            "checkpoint.pt",
-        ) from exc
-    if not isinstance(state, dict) or not state:
-        raise FlamingoError(f"{path} does not hold a state dict")
-    ours = set(model.state_dict())
-    if all(isinstance(k, str) and k in ours for k in state):
-        # our names: map them to OpenFlamingo's to share its checks (shapes, missing layers)
-        state = {to_openflamingo_key(k): v for k, v in state.items()}
-        kind = "flamingo export"
-    else:
-        kind = "OpenFlamingo checkpoint"
-    load_openflamingo_state_dict(model, state)
-    return kind
-
-
 def expected_batches(
     urls: list[str], batch_size: int, world_size: int, max_batches: int | None
 ) -> int | None:
@@ -230,21 +164,26 @@ def make_eval_loaders(
     }
 
 
-def recipe_eval_loaders(
+def periodic_evaluation(
     recipe: Recipe,
     tokenizer: PreTrainedTokenizerBase,
     tokens: SpecialTokens,
     transform: ImageTransform,
     info: DistInfo,
-) -> dict[str, EvalLoader]:
-    """Loaders of the recipe's `eval_shards` (datasets without them are skipped), for the
-    periodic evaluation during training."""
+) -> Callable[[nn.Module], dict[str, float]] | None:
+    """The evaluation training runs every `run.eval_every` steps: the held-out loss of the
+    recipe's `eval_shards` as metrics `eval/loss/<dataset>` (None when no dataset has any).
+    Collective: every rank calls the result at the same step with its wrapped model."""
+    from flamingo_cli.runtime.precision import autocast_for
+
     targets = [
         EvalTarget(name, config, config.eval_shards)
         for name, config in recipe.datasets().items()
         if config.eval_shards
     ]
-    return make_eval_loaders(
+    if not targets:
+        return None
+    loaders = make_eval_loaders(
         targets,
         tokenizer,
         tokens,
@@ -253,6 +192,13 @@ def recipe_eval_loaders(
         allow_pipe=recipe.data.allow_pipe,
         max_image_pixels=recipe.data.max_image_pixels,
     )
+    precision, strategy = recipe.run.precision, recipe.distributed.strategy
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        autocast = lambda: autocast_for(precision, info.device, strategy)  # noqa: E731
+        return evaluate_during_training(model, loaders, info, autocast=autocast)
+
+    return evaluate
 
 
 def evaluate_loss(
@@ -273,8 +219,9 @@ def evaluate_loss(
     checkpoint's parameters are loaded over it.
     """
     from flamingo_cli.model.factory import build_model
-    from flamingo_cli.train.distributed import apply_parallelism, init_distributed, teardown
-    from flamingo_cli.train.loop import autocast_for
+    from flamingo_cli.runtime.distributed import apply_parallelism, init_distributed, teardown
+    from flamingo_cli.runtime.precision import autocast_for
+    from flamingo_cli.runtime.weights import load_weights, resolve_checkpoint
 
     recipe = loaded.recipe
     targets = eval_targets(recipe, shards, dataset)
@@ -294,7 +241,7 @@ def evaluate_loss(
             load_weights(model, Path(recipe.model.init_from))
         kind = load_weights(model, source)
         model.to(info.device)
-        strategy = (
+        strategy: Strategy = (
             "fsdp" if recipe.distributed.strategy == "fsdp" and info.world_size > 1 else "none"
         )
         wrapped = apply_parallelism(

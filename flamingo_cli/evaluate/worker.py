@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_rank0() -> bool:
-    from flamingo_cli.train.distributed import world_from_env
+    from flamingo_cli.runtime.distributed import world_from_env
 
     return world_from_env()[0] == 0
 

@@ -147,6 +147,24 @@ def save_openflamingo_checkpoint(model: FlamingoModel, path: str | Path) -> None
     torch.save(tensors, Path(path))
 
 
+_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue")
+_UNPICKLER = "WeightsUnpickler error:"
+_ALLOW_ADVICE = " Please use `torch.serialization.add_safe_globals"
+
+
+def weights_only_refusal(exc: BaseException) -> str:
+    """What torch's weights-only refusal (or another load error) says was refused, without
+    its advice: to load with `weights_only=False` or to allow-list the global, the very things
+    not to do with a file nobody vouches for."""
+    text = str(exc)
+    if _UNPICKLER in text:  # "(1) ... weights_only=False ... (2) ... WeightsUnpickler error: X"
+        text = text.split(_UNPICKLER, 1)[1]
+    lines = [line.strip() for line in text.splitlines()]
+    useful = [ln for ln in lines if ln and not ln.startswith(_BOILERPLATE)]
+    useful = [ln.split(_ALLOW_ADVICE, 1)[0].strip() for ln in useful if "weights_only" not in ln]
+    return next((ln for ln in useful if ln), type(exc).__name__)
+
+
 def load_openflamingo_checkpoint(model: FlamingoModel, path: str | Path) -> ImportReport:
     """Read an OpenFlamingo `checkpoint.pt` (tensors only: `weights_only=True`) into `model`."""
     try:
@@ -154,8 +172,6 @@ def load_openflamingo_checkpoint(model: FlamingoModel, path: str | Path) -> Impo
     except FileNotFoundError as exc:
         raise FlamingoError(f"checkpoint {str(path)!r} does not exist") from exc
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        from flamingo_cli.runtime.dcp_metadata import weights_only_refusal
-
         raise FlamingoError(
             f"cannot read {str(path)!r} as an OpenFlamingo checkpoint "
             f"({weights_only_refusal(exc)}): nothing from it was run",

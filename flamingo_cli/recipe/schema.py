@@ -12,6 +12,7 @@ ShardSpec = str | list[str]
 
 Precision = Literal["fp32", "bf16", "amp_bf16", "fp16"]
 Strategy = Literal["fsdp", "ddp", "none"]
+Sharding = Literal["full", "hybrid"]
 
 # 40 megapixels (a 7300x5500 camera photo, 120 MB of RGB per decode); see data/image_limits.py
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
@@ -125,7 +126,7 @@ class DistributedConfig(_Section):
     strategy: Strategy = "fsdp"
     nproc_per_node: PositiveInt = 1
     nnodes: PositiveInt = 1
-    sharding: Literal["full", "hybrid"] = "full"
+    sharding: Sharding = "full"
     timeout_s: PositiveInt = 1800
 
     @property

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.futures import Future
 
 from flamingo_cli.errors import CheckpointDamaged, CheckpointRefused, FlamingoError
+from flamingo_cli.model.openflamingo import weights_only_refusal
 
 INDEX = ".metadata"
 
@@ -241,24 +242,6 @@ def _check_data_files(directory: Path, index: dcp_md.Metadata) -> None:
             raise CheckpointDamaged(
                 f"{file} is truncated: {size} bytes, the checkpoint index needs {end}"
             )
-
-
-_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue")
-_UNPICKLER = "WeightsUnpickler error:"
-_ALLOW_ADVICE = " Please use `torch.serialization.add_safe_globals"
-
-
-def weights_only_refusal(exc: BaseException) -> str:
-    """What torch's weights-only refusal (or another load error) says was refused, without
-    its advice: to load with `weights_only=False` or to allow-list the global, the very things
-    not to do with a file nobody vouches for."""
-    text = str(exc)
-    if _UNPICKLER in text:  # "(1) ... weights_only=False ... (2) ... WeightsUnpickler error: X"
-        text = text.split(_UNPICKLER, 1)[1]
-    lines = [line.strip() for line in text.splitlines()]
-    useful = [ln for ln in lines if ln and not ln.startswith(_BOILERPLATE)]
-    useful = [ln.split(_ALLOW_ADVICE, 1)[0].strip() for ln in useful if "weights_only" not in ln]
-    return next((ln for ln in useful if ln), type(exc).__name__)
 
 
 class _WeightsOnlyBytes:

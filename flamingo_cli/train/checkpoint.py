@@ -13,12 +13,9 @@ schedule and progress) fitting this run; each failure names the file or keys and
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import shutil
-import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +33,9 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from flamingo_cli.errors import CheckpointDamaged, FlamingoError
 from flamingo_cli.runtime.dcp_metadata import CheckpointReader, fit, flatten, load
-from flamingo_cli.train.distributed import DistInfo, all_agree
-
-COMPLETE = "COMPLETE"
-CHECKPOINTS = "checkpoints"
+from flamingo_cli.runtime.distributed import DistInfo, any_rank
+from flamingo_cli.runtime.run_dir import COMPLETE, checkpoint_dir, list_checkpoints
+from flamingo_cli.runtime.weights import MODEL_PREFIX, does_not_fit, single_process_ok
 
 
 class TrainState(Stateful):
@@ -78,55 +74,6 @@ class TrainState(Stateful):
         )
         self.scheduler.load_state_dict(state_dict["scheduler"])
         self.progress.update(state_dict["progress"])
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    path: Path
-    step: int
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / CHECKPOINTS
-
-
-def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
-    """Complete checkpoints of a run, oldest first; partial ones are ignored."""
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        if path.name.startswith("step-") and (path / COMPLETE).is_file():
-            try:
-                found.append(CheckpointInfo(path, int(path.name.removeprefix("step-"))))
-            except ValueError:
-                continue
-    return sorted(found, key=lambda c: c.step)
-
-
-def resolve_resume(run_dir: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: newest complete for "auto", none for "none", else a path."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        found = list_checkpoints(run_dir)
-        return found[-1].path if found else None
-    path = Path(resume)
-    if not (path / COMPLETE).is_file():
-        raise FlamingoError(
-            f"run.resume points at {path}, which is not a complete checkpoint",
-            fix='give a checkpoint directory that contains COMPLETE, or resume = "auto"',
-        )
-    return path
-
-
-@contextlib.contextmanager
-def _single_process_ok() -> Iterator[None]:
-    """DCP warns on every call without a process group; one process is what we mean then."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 def _barrier(info: DistInfo) -> None:
@@ -172,7 +119,7 @@ def save_checkpoint(
                 shutil.rmtree(stale)
         tmp.mkdir()
     _barrier(info)
-    with _single_process_ok():
+    with single_process_ok():
         dcp_save({"train": state}, checkpoint_id=str(tmp), no_dist=info.world_size == 1)
     (tmp / f"rank{info.rank}.json").write_text(json.dumps(rank_state), encoding="utf-8")
     _barrier(info)
@@ -187,10 +134,6 @@ def save_checkpoint(
                 shutil.rmtree(old.path, ignore_errors=True)
     _barrier(info)
     return final
-
-
-MODEL_PREFIX = "train.model."
-_ANOTHER = "give another checkpoint: an older step-N directory of the run"
 
 
 def _damaged_fix(path: Path) -> str:
@@ -235,25 +178,6 @@ def _rank_state(path: Path, info: DistInfo) -> dict[str, Any] | None:
     return state
 
 
-def _does_not_fit(
-    path: Path, what: str, missing: list[str], extra: list[str], reshaped: list[str]
-) -> str:
-    examples = [
-        f"missing: {', '.join(missing[:3])}" if missing else "",
-        f"no place for: {', '.join(extra[:3])}" if extra else "",
-        f"another shape: {'; '.join(reshaped[:2])}" if reshaped else "",
-    ]
-    counts = [
-        f"{len(missing)} missing from it" if missing else "",
-        f"{len(extra)} with no place in the {what}" if extra else "",
-        f"{len(reshaped)} of another shape" if reshaped else "",
-    ]
-    return (
-        f"the checkpoint {path} does not fit this {what}: "
-        f"{', '.join(c for c in counts if c)} ({'; '.join(e for e in examples if e)})"
-    )
-
-
 def _prune_unset_optimizer_state(template: dict[str, Any], index: Metadata) -> None:
     """Drop the template's optimizer state of parameters the checkpoint has none for: they
     had no gradient yet when it was saved (a backbone output no loss reaches), so AdamW had
@@ -274,7 +198,7 @@ def _check_resume_fit(path: Path, template: dict[str, Any], index: Metadata) -> 
     recipe = path / "recipe.toml"
     if not model.ok:
         raise FlamingoError(
-            _does_not_fit(path, "model", model.missing, model.unexpected, model.reshaped),
+            does_not_fit(path, "model", model.missing, model.unexpected, model.reshaped),
             fix=f"resume with the model settings it was trained with ({recipe}: "
             "model.cross_attn_every_n_layers, the language model and vision encoder, "
             "train_backbones, freeze_lm_embeddings), or start a new run from its weights "
@@ -283,7 +207,7 @@ def _check_resume_fit(path: Path, template: dict[str, Any], index: Metadata) -> 
     rest = fit({k: v for k, v in flat.items() if not k.startswith(MODEL_PREFIX)}, index, "train.")
     if rest.missing or rest.reshaped:
         raise FlamingoError(
-            _does_not_fit(path, "run", rest.missing, [], rest.reshaped)
+            does_not_fit(path, "run", rest.missing, [], rest.reshaped)
             + ": the optimizer, schedule or datasets differ",
             fix=f"resume with the recipe it was saved with ({recipe}), or start a new run "
             f'from its weights with model.init_from = "{path}"',
@@ -311,57 +235,19 @@ def load_checkpoint(path: Path, state: TrainState, info: DistInfo) -> dict[str, 
     try:
         rank_state, reader, template = _prepare_resume(path, state, info)
     except FlamingoError as exc:
-        all_agree(True, info)
+        any_rank(True, info)
         if isinstance(exc, CheckpointDamaged):
             raise CheckpointDamaged(exc.message, fix=_damaged_fix(path)) from None
         raise
-    if all_agree(False, info):
+    if any_rank(False, info):
         raise FlamingoError(
             f"another rank could not load the checkpoint {path}",
             fix="see that rank's error in the run's per-rank logs",
         )
     try:
-        with _single_process_ok():
+        with single_process_ok():
             load(template, reader, no_dist=info.world_size == 1)
     except CheckpointDamaged as exc:
         raise CheckpointDamaged(exc.message, fix=_damaged_fix(path)) from None
     state.load_state_dict(template["train"])
     return rank_state
-
-
-def load_model_weights(model: nn.Module, required: set[str], path: Path) -> None:
-    """Load the model part of a checkpoint directory into an unwrapped model: every entry the
-    model has a place for (trainable weights, embeddings, the backbones when they trained),
-    on any number of processes (each reads what it needs; no collective). The checkpoint must
-    hold every name in `required`, and nothing the model lacks. For `init_from` and eval."""
-    if not (path / COMPLETE).is_file():
-        raise FlamingoError(
-            f"{path} is not a complete flamingo checkpoint (no {COMPLETE} marker)",
-            fix="pick a directory under <run>/checkpoints/ that has COMPLETE, or 'latest'",
-        )
-    reader = CheckpointReader(path)
-    try:
-        index = reader.index()
-    except CheckpointDamaged as exc:
-        raise CheckpointDamaged(exc.message, fix=_ANOTHER) from None
-    ours = model.state_dict()
-    saved = {
-        k.removeprefix(MODEL_PREFIX)
-        for k in index.state_dict_metadata
-        if k.startswith(MODEL_PREFIX)
-    }
-    state = {k: ours[k] for k in sorted(saved) if k in ours}
-    found = fit({MODEL_PREFIX + k: v for k, v in state.items()}, index, MODEL_PREFIX)
-    missing = sorted(required - saved)
-    if missing or found.unexpected or found.reshaped:
-        raise FlamingoError(
-            _does_not_fit(path, "model", missing, found.unexpected, found.reshaped),
-            fix=f"build the model as the checkpoint's run did ({path / 'recipe.toml'}: "
-            "model.cross_attn_every_n_layers, the language model, vision encoder and tokenizer)",
-        )
-    try:
-        with _single_process_ok():
-            load({"train": {"model": state}}, reader, no_dist=True)
-    except CheckpointDamaged as exc:
-        raise CheckpointDamaged(exc.message, fix=_ANOTHER) from None
-    model.load_state_dict(state, strict=False)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from flamingo_cli.model.openflamingo import to_openflamingo_key
-from flamingo_cli.train.distributed import DistInfo
+from flamingo_cli.runtime.distributed import DistInfo
 
 EXPORT_DIR = "export"
 

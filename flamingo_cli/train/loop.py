@@ -8,7 +8,6 @@ the norm is not finite). Distributed set-up, precision and logging happen before
 
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import threading
@@ -23,7 +22,9 @@ import torch
 from torch import nn
 
 from flamingo_cli.data.labels import content_length
-from flamingo_cli.train.distributed import DistInfo, all_agree, gradient_sync
+from flamingo_cli.recipe.schema import Precision, Strategy
+from flamingo_cli.runtime.distributed import DistInfo, any_rank, gradient_sync
+from flamingo_cli.runtime.precision import autocast_for
 
 
 class Batch(Protocol):
@@ -96,19 +97,8 @@ class LoopConfig:
     gradient_accumulation_steps: int
     loss_multipliers: dict[str, float]
     max_grad_norm: float
-    precision: str
+    precision: Precision
     grad_masks: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
-
-
-def autocast_for(
-    precision: str, device: torch.device, strategy: str
-) -> contextlib.AbstractContextManager[Any]:
-    """Autocast for amp_bf16 and fp16 always, for bf16 unless FSDP2 casts the parameters."""
-    if precision == "amp_bf16" or (precision == "bf16" and strategy != "fsdp"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "fp16":
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 def global_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
@@ -125,7 +115,7 @@ def optimizer_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     config: LoopConfig,
     info: DistInfo,
-    strategy: str,
+    strategy: Strategy,
     scaler: torch.amp.GradScaler | None = None,
     data_wait_s: float = 0.0,
 ) -> StepResult:
@@ -218,4 +208,4 @@ def metrics_of(result: StepResult, counters: dict[str, int]) -> dict[str, Any]:
 
 
 def should_stop(flag: StopFlag, info: DistInfo) -> bool:
-    return all_agree(flag.requested, info)
+    return any_rank(flag.requested, info)

@@ -19,37 +19,37 @@ from torch import nn
 
 from flamingo_cli.data.loader import TrainLoader, make_loader
 from flamingo_cli.errors import FlamingoError
-from flamingo_cli.evaluate.loss import evaluate_during_training
-from flamingo_cli.evaluate.run import load_weights, recipe_eval_loaders
+from flamingo_cli.evaluate.run import periodic_evaluation
 from flamingo_cli.model.factory import build_model
 from flamingo_cli.model.flamingo import FlamingoModel
 from flamingo_cli.model.params import checkpoint_parameter_names, embedding_grad_mask
 from flamingo_cli.recipe.load import LoadedRecipe
 from flamingo_cli.recipe.plan import make_plan
 from flamingo_cli.recipe.toml_write import dumps
-from flamingo_cli.runtime.run_lock import RunDirLocked, RunLock, claim_for_rank
-from flamingo_cli.train.checkpoint import (
-    TrainState,
-    load_checkpoint,
-    resolve_resume,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from flamingo_cli.train.distributed import (
+from flamingo_cli.runtime.distributed import (
     DistInfo,
-    all_agree,
+    any_rank,
     apply_parallelism,
     init_distributed,
     mean_across_ranks,
     teardown,
+)
+from flamingo_cli.runtime.precision import require_gpu_for_fp16
+from flamingo_cli.runtime.run_dir import resolve_resume, run_dir_of
+from flamingo_cli.runtime.run_lock import RunDirLocked, RunLock, claim_for_rank
+from flamingo_cli.runtime.weights import load_weights
+from flamingo_cli.train.checkpoint import (
+    TrainState,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
 )
 from flamingo_cli.train.export import export_weights
 from flamingo_cli.train.loop import (
     LoopConfig,
     StopFlag,
     accumulation_windows,
-    autocast_for,
     metrics_of,
     optimizer_step,
     should_stop,
@@ -94,19 +94,6 @@ class TrainOutcome:
     metrics: dict[str, Any]
 
 
-def run_dir_of(loaded: LoadedRecipe) -> Path:
-    return Path(loaded.recipe.run.output_dir) / loaded.recipe.run.name
-
-
-def check_device_support(precision: str) -> None:
-    """Checks that need torch: fp16 needs a GPU, bf16 needs hardware support."""
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise FlamingoError(
-            'run.precision = "fp16" needs a GPU (it trains with a gradient scaler)',
-            fix='use "bf16" or "amp_bf16" on CPUs, or "fp32"',
-        )
-
-
 def grad_masks(model: FlamingoModel, wrapped: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
     """The embedding-row mask, laid out like the (possibly sharded) embedding parameter."""
     mask = embedding_grad_mask(model)
@@ -138,7 +125,7 @@ def train_rank(
     `take_over` replaces a lock that looks alive.
     """
     recipe = loaded.recipe
-    check_device_support(recipe.run.precision)
+    require_gpu_for_fp16(recipe.run.precision)
     info = init_distributed(recipe.distributed.timeout_s)
     shown = events if info.is_main and events else _Silent()
     stop = StopFlag(on_request=shown.message)
@@ -165,7 +152,7 @@ def hold_run_dir(
             lock = claim_for_rank(run_dir, take_over=take_over)
         except FlamingoError as error:
             failure = error
-    if all_agree(failure is not None, info):
+    if any_rank(failure is not None, info):
         raise failure or FlamingoError(
             f"rank 0 could not take the run directory {run_dir}", fix="see rank 0's error"
         )
@@ -245,10 +232,10 @@ def _train(
         )
         for name, config in recipe.datasets().items()
     }
-    eval_loaders = (
-        recipe_eval_loaders(recipe, tokenizer, special, transform, info)
+    evaluate = (
+        periodic_evaluation(recipe, tokenizer, special, transform, info)
         if recipe.run.eval_every
-        else {}
+        else None
     )
     # every key must exist before a resume: DCP restores only the keys of this template
     progress = {
@@ -280,7 +267,7 @@ def _train(
             )
 
     events.started(plan.total_optimizer_steps, progress["step"])
-    if recipe.run.eval_every and not eval_loaders:
+    if recipe.run.eval_every and evaluate is None:
         events.message("run.eval_every is set but no dataset has eval_shards: no evaluation")
     loop_config = LoopConfig(
         gradient_accumulation_steps=recipe.optim.gradient_accumulation_steps,
@@ -353,15 +340,8 @@ def _train(
                 for note in [n for loader in loaders.values() for n in loader.damage_notices()]:
                     events.message(note)  # each damaged shard named once
                 eval_metrics: dict[str, float] = {}
-                if eval_loaders and step % recipe.run.eval_every == 0:  # every rank, same step
-                    eval_metrics = evaluate_during_training(
-                        wrapped,
-                        eval_loaders,
-                        info,
-                        autocast=lambda: autocast_for(
-                            recipe.run.precision, info.device, recipe.distributed.strategy
-                        ),
-                    )
+                if evaluate is not None and step % recipe.run.eval_every == 0:  # every rank
+                    eval_metrics = evaluate(wrapped)
                 if step % recipe.run.log_every == 0 or index == total:
                     counters = {
                         f"{name}/{reason}": count
@@ -382,7 +362,7 @@ def _train(
                     events.step(step, eval_metrics)
                 at_end = index == total
                 stopping = should_stop(stop, info) or (max_steps is not None and step >= max_steps)
-                if stopping and all_agree(lock is not None and lock.lost, info):
+                if stopping and any_rank(lock is not None and lock.lost, info):
                     raise _lost_error(run_dir, lock)
                 if (
                     recipe.run.checkpoint_every

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from flamingo_cli.errors import FlamingoError
+from flamingo_cli.recipe.schema import Precision, Sharding, Strategy
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,9 @@ def apply_parallelism(
     model: nn.Module,
     units: Sequence[nn.Module],
     *,
-    strategy: str,
-    sharding: str,
-    precision: str,
+    strategy: Strategy,
+    sharding: Sharding,
+    precision: Precision,
     info: DistInfo,
 ) -> nn.Module:
     """Wrap `model` for its strategy: FSDP2 per unit then the root, DDP, or nothing."""
@@ -147,7 +148,7 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-def all_agree(flag: bool, info: DistInfo) -> bool:
+def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every rank when any rank's flag is true (one small all-reduce)."""
     if info.world_size == 1 or not dist.is_initialized():
         return flag
