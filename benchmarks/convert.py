@@ -25,7 +25,7 @@ from pathlib import Path
 
 from flamingo_cli.convert.images import ImageOptions
 from flamingo_cli.convert.mmc4 import Mmc4Options, convert_mmc4
-from flamingo_cli.convert.runner import default_workers
+from flamingo_cli.convert.runner import RunOptions, default_workers
 from flamingo_cli.shards.spec import expand_spec
 from flamingo_cli.synthetic import write_raw_mmc4
 
@@ -137,8 +137,7 @@ def main() -> None:
         docs_spec,
         root / "ours",
         Mmc4Options(str(image_dir), image=ImageOptions()),
-        workers=args.workers,
-        overwrite=True,
+        RunOptions(workers=args.workers, overwrite=True),
     )
     t_ours = time.perf_counter() - start
     ours_mb = report.totals["image_bytes"] / 1e6

@@ -261,17 +261,22 @@ def run_quickstart(
     def convert() -> str:
         from flamingo_cli.convert.laion import LaionOptions, convert_laion
         from flamingo_cli.convert.mmc4 import Mmc4Options, convert_mmc4
+        from flamingo_cli.convert.runner import RunOptions
 
         samples = 0
         for name, folder in (("laion", "captions"), ("laion-heldout", "captions-heldout")):
-            report = convert_laion(str(raw / folder), out / name, LaionOptions(), workers=1)
+            report = convert_laion(
+                str(raw / folder), out / name, LaionOptions(), RunOptions(workers=1)
+            )
             samples += sum(sh.samples for r in report.records for sh in r.shards)
             shards[name] = _spec(out / name)
         docs = 0
         for name in ("mmc4", "mmc4-heldout"):
             zips = sorted((raw / name / "docs").glob("*.zip"))
             options = Mmc4Options(image_dir=str(raw / name / "images"))
-            report = convert_mmc4("::".join(str(z) for z in zips), out / name, options, workers=1)
+            report = convert_mmc4(
+                "::".join(str(z) for z in zips), out / name, options, RunOptions(workers=1)
+            )
             docs += sum(sh.samples for r in report.records for sh in r.shards)
             shards[name] = _spec(out / name)
         return f"{samples} pairs and {docs} documents into {out}"

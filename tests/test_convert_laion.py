@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from flamingo_cli.cli.app import app
 from flamingo_cli.convert.images import ImageOptions
 from flamingo_cli.convert.laion import LaionOptions, convert_laion
+from flamingo_cli.convert.runner import RunOptions
 from flamingo_cli.errors import ConvertError
 from flamingo_cli.shards.write import write_tar
 from flamingo_cli.synthetic import encode, laion_samples, shape_image
@@ -56,7 +57,7 @@ def img2dataset(tmp_path: Path) -> Path:
 
 def test_img2dataset_counts_checks_and_drops(img2dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    report = convert_laion(str(img2dataset), out, LaionOptions(), workers=1)
+    report = convert_laion(str(img2dataset), out, LaionOptions(), RunOptions(workers=1))
     totals = report.totals
     assert (totals["samples_in"], totals["samples_out"]) == (24, 21)
     assert (totals["dropped_no_caption"], totals["dropped_no_image"]) == (1, 1)
@@ -82,7 +83,7 @@ def test_img2dataset_resharding_and_reencode(img2dataset: Path, tmp_path: Path) 
     from PIL import Image
 
     options = LaionOptions(image=ImageOptions(reencode="jpeg", quality=90), samples_per_shard=3)
-    convert_laion(str(img2dataset / "{00001..00002}.tar"), tmp_path, options, workers=1)
+    convert_laion(str(img2dataset / "{00001..00002}.tar"), tmp_path, options, RunOptions(workers=1))
     sizes = json.loads((tmp_path / "sizes.json").read_text())
     assert sizes == {
         "00001-0.tar": 3,
@@ -119,7 +120,9 @@ def test_folder_of_images_with_captions(tmp_path: Path) -> None:
     for name, caption in pairs[:-1]:  # the last image has no caption file
         (folder / "sub" / name).with_suffix(".txt").write_text(caption)
     out = tmp_path / "out"
-    report = convert_laion(str(folder), out, LaionOptions(samples_per_shard=4), workers=1)
+    report = convert_laion(
+        str(folder), out, LaionOptions(samples_per_shard=4), RunOptions(workers=1)
+    )
     assert (report.totals["samples_out"], report.totals["dropped_no_caption"]) == (6, 1)
     assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 4, "00001.tar": 2}
     first = read_tar(out / "00000.tar")
@@ -131,7 +134,7 @@ def test_folder_of_images_with_captions(tmp_path: Path) -> None:
     stats = json.loads((out / "00001_stats.json").read_text())
     assert (stats["count"], stats["successes"]) == (3, 2)
     # our output is itself img2dataset output: converting it again changes nothing
-    again = convert_laion(str(out), tmp_path / "again", LaionOptions(), workers=1)
+    again = convert_laion(str(out), tmp_path / "again", LaionOptions(), RunOptions(workers=1))
     assert again.skipped == 0
     assert read_tar(tmp_path / "again" / "00000.tar") == first
 
@@ -154,7 +157,7 @@ def test_table_of_paths_and_captions(tmp_path: Path, kind: str) -> None:
         import pyarrow.parquet as pq
 
         pq.write_table(pa.Table.from_pylist(rows), table)
-    report = convert_laion(str(table), tmp_path / "out", LaionOptions(), workers=1)
+    report = convert_laion(str(table), tmp_path / "out", LaionOptions(), RunOptions(workers=1))
     assert (report.totals["samples_out"], report.totals["dropped_no_image"]) == (5, 1)
     (problem,) = report.problems
     assert (problem.file, problem.line) == (str(table), 7 if kind == "csv" else 6)
@@ -171,7 +174,7 @@ def test_table_columns_must_be_known(tmp_path: Path) -> None:
         str(tmp_path / "t.csv"),
         tmp_path / "out",
         LaionOptions(image_column="a", caption_column="b"),
-        workers=1,
+        RunOptions(workers=1),
     )
     assert report.totals["dropped_no_image"] == 1
 
@@ -179,11 +182,11 @@ def test_table_columns_must_be_known(tmp_path: Path) -> None:
 @pytest.mark.multiprocess
 def test_workers_and_resume_give_the_same_bytes(img2dataset: Path, tmp_path: Path) -> None:
     options = LaionOptions(samples_per_shard=5)
-    convert_laion(str(img2dataset), tmp_path / "one", options, workers=1)
-    convert_laion(str(img2dataset), tmp_path / "three", options, workers=3)
+    convert_laion(str(img2dataset), tmp_path / "one", options, RunOptions(workers=1))
+    convert_laion(str(img2dataset), tmp_path / "three", options, RunOptions(workers=3))
     assert tree(tmp_path / "one") == tree(tmp_path / "three")
     (tmp_path / "three" / "00001-1.tar").unlink()
-    report = convert_laion(str(img2dataset), tmp_path / "three", options, workers=3)
+    report = convert_laion(str(img2dataset), tmp_path / "three", options, RunOptions(workers=3))
     assert report.reused == ["00000", "00002"]
     assert tree(tmp_path / "one") == tree(tmp_path / "three")
 

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from flamingo_cli.cli.app import app
 from flamingo_cli.convert.images import ImageOptions
 from flamingo_cli.convert.mmc4 import Mmc4Options, convert_mmc4, input_stem, shard_number
+from flamingo_cli.convert.runner import RunOptions
 from flamingo_cli.synthetic import RawMmc4, write_raw_mmc4
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,7 +104,9 @@ def test_names_and_shard_numbers() -> None:
 
 def test_round_trip_every_document_image_and_count(raw: RawMmc4, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    report = convert_mmc4(raw.docs_spec, out, Mmc4Options(str(raw.image_dir)), workers=1)
+    report = convert_mmc4(
+        raw.docs_spec, out, Mmc4Options(str(raw.image_dir)), RunOptions(workers=1)
+    )
     docs, counts = expected_output(raw)
     assert raw.bad_lines == 2 and raw.images_truncated > 0 and raw.images_missing > 0
 
@@ -147,8 +150,8 @@ def test_round_trip_every_document_image_and_count(raw: RawMmc4, tmp_path: Path)
 @pytest.mark.multiprocess
 def test_output_is_byte_identical_for_1_and_3_workers(raw: RawMmc4, tmp_path: Path) -> None:
     options = Mmc4Options(str(raw.image_dir), docs_per_shard=4)
-    convert_mmc4(raw.docs_spec, tmp_path / "one", options, workers=1)
-    convert_mmc4(raw.docs_spec, tmp_path / "three", options, workers=3)
+    convert_mmc4(raw.docs_spec, tmp_path / "one", options, RunOptions(workers=1))
+    convert_mmc4(raw.docs_spec, tmp_path / "three", options, RunOptions(workers=3))
     one, three = tree(tmp_path / "one"), tree(tmp_path / "three")
     assert one == three
     assert "docs_shard_0_v2-1.tar" in one and "docs_shard_2_v2-1.tar" in one
@@ -156,9 +159,9 @@ def test_output_is_byte_identical_for_1_and_3_workers(raw: RawMmc4, tmp_path: Pa
 
 def test_crash_leftovers_are_redone_byte_identically(raw: RawMmc4, tmp_path: Path) -> None:
     options = Mmc4Options(str(raw.image_dir))
-    convert_mmc4(raw.docs_spec, tmp_path / "clean", options, workers=1)
+    convert_mmc4(raw.docs_spec, tmp_path / "clean", options, RunOptions(workers=1))
     out = tmp_path / "crashed"
-    convert_mmc4(raw.docs_spec, out, options, workers=1)
+    convert_mmc4(raw.docs_spec, out, options, RunOptions(workers=1))
     # A crash mid-shard leaves a temporary file; a crash before the record leaves a shard and
     # no record; a damaged shard no longer has its recorded size.
     (out / ".docs_shard_2_v2.tar.tmp-12345").write_bytes(b"partial")
@@ -167,10 +170,10 @@ def test_crash_leftovers_are_redone_byte_identically(raw: RawMmc4, tmp_path: Pat
     (out / "manifest.d" / ".docs_shard_2_v2.json.tmp-vm-27274").write_bytes(b"")
     with (out / "docs_shard_0_v2.tar").open("r+b") as handle:
         handle.truncate(1024)
-    report = convert_mmc4(raw.docs_spec, out, options, workers=1)
+    report = convert_mmc4(raw.docs_spec, out, options, RunOptions(workers=1))
     assert tree(out) == tree(tmp_path / "clean")
     assert report.reused == []
-    again = convert_mmc4(raw.docs_spec, out, options, workers=1)
+    again = convert_mmc4(raw.docs_spec, out, options, RunOptions(workers=1))
     assert again.reused == ["docs_shard_0_v2", "docs_shard_2_v2"]
     assert again.totals["docs_out"] == report.totals["docs_out"]
     assert tree(out) == tree(tmp_path / "clean")
@@ -179,11 +182,14 @@ def test_crash_leftovers_are_redone_byte_identically(raw: RawMmc4, tmp_path: Pat
 def test_changed_options_need_overwrite(raw: RawMmc4, tmp_path: Path) -> None:
     from flamingo_cli.errors import ConvertError
 
-    convert_mmc4(raw.docs_spec, tmp_path, Mmc4Options(str(raw.image_dir)), workers=1)
+    convert_mmc4(raw.docs_spec, tmp_path, Mmc4Options(str(raw.image_dir)), RunOptions(workers=1))
     with pytest.raises(ConvertError, match="other options"):
         convert_mmc4(raw.docs_spec, tmp_path, Mmc4Options(str(raw.image_dir), min_images=1))
     report = convert_mmc4(
-        raw.docs_spec, tmp_path, Mmc4Options(str(raw.image_dir), min_images=1), overwrite=True
+        raw.docs_spec,
+        tmp_path,
+        Mmc4Options(str(raw.image_dir), min_images=1),
+        RunOptions(overwrite=True),
     )
     assert report.totals["dropped_min_images"] > 0
 
@@ -193,7 +199,7 @@ def test_filters_and_splitting(raw: RawMmc4, tmp_path: Path) -> None:
     options = Mmc4Options(
         str(raw.image_dir), min_images=2, drop_url_duplicates=True, max_shard_bytes=40_000
     )
-    report = convert_mmc4(raw.docs_spec, tmp_path, options, workers=1)
+    report = convert_mmc4(raw.docs_spec, tmp_path, options, RunOptions(workers=1))
     duplicates = [k for k, d in docs.items() if d["could_have_url_duplicate"] == 1]
     few = [
         k
@@ -220,7 +226,7 @@ def test_reencode_jpeg_max_side(raw: RawMmc4, tmp_path: Path) -> None:
     options = Mmc4Options(
         str(raw.image_dir), image=ImageOptions(reencode="jpeg", quality=80, max_side=48)
     )
-    convert_mmc4(raw.zips[0].as_posix(), tmp_path, options, workers=1)
+    convert_mmc4(raw.zips[0].as_posix(), tmp_path, options, RunOptions(workers=1))
     images = [
         Image.open(io.BytesIO(base64.b64decode(i["image_base64"])))
         for v in read_tar(tmp_path / "docs_shard_0_v2.tar").values()
@@ -237,12 +243,14 @@ def test_plain_jsonl_and_flat_layout(tmp_path: Path, raw: RawMmc4) -> None:
         (flat / image.name).write_bytes(image.read_bytes())
     with zipfile.ZipFile(raw.zips[0]) as archive:
         (tmp_path / "part.jsonl").write_bytes(archive.read(archive.namelist()[0]))
-    a = convert_mmc4(str(raw.zips[0]), tmp_path / "a", Mmc4Options(str(raw.image_dir)), workers=1)
+    a = convert_mmc4(
+        str(raw.zips[0]), tmp_path / "a", Mmc4Options(str(raw.image_dir)), RunOptions(workers=1)
+    )
     b = convert_mmc4(
         str(tmp_path / "part.jsonl"),
         tmp_path / "b",
         Mmc4Options(str(flat), image_layout="flat"),
-        workers=1,
+        RunOptions(workers=1),
     )
     assert a.totals == b.totals
     renamed = {
@@ -259,7 +267,7 @@ def test_webdataset_and_openflamingo_read_our_shards(raw: RawMmc4, tmp_path: Pat
 
     from flamingo_cli.model.tokenizer import TINY_TOKENIZER, load_tokenizer
 
-    convert_mmc4(raw.docs_spec, tmp_path, Mmc4Options(str(raw.image_dir)), workers=1)
+    convert_mmc4(raw.docs_spec, tmp_path, Mmc4Options(str(raw.image_dir)), RunOptions(workers=1))
     docs, _ = expected_output(raw)
     urls = [str(tmp_path / "docs_shard_0_v2.tar"), str(tmp_path / "docs_shard_2_v2.tar")]
     dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
@@ -323,7 +331,7 @@ def test_cli_exit_codes_and_json(raw: RawMmc4, tmp_path: Path) -> None:
 def test_killed_run_then_rerun_equals_a_clean_run(tmp_path: Path) -> None:
     raw = write_raw_mmc4(tmp_path / "raw", shards=6, docs_per_shard=40, images_per_doc=3)
     options = Mmc4Options(str(raw.image_dir), docs_per_shard=15)
-    convert_mmc4(raw.docs_spec, tmp_path / "clean", options, workers=1)
+    convert_mmc4(raw.docs_spec, tmp_path / "clean", options, RunOptions(workers=1))
     out = tmp_path / "killed"
     cmd = [
         sys.executable,
@@ -361,7 +369,9 @@ def test_killed_run_then_rerun_equals_a_clean_run(tmp_path: Path) -> None:
 def test_shard_number_layout(raw: RawMmc4, tmp_path: Path) -> None:
     # zips[1] is shard 2 but position 0 of this spec: only `shard-number` finds its images.
     spec = str(raw.zips[1])
-    by_index = convert_mmc4(spec, tmp_path / "i", Mmc4Options(str(raw.image_dir)), workers=1)
+    by_index = convert_mmc4(
+        spec, tmp_path / "i", Mmc4Options(str(raw.image_dir)), RunOptions(workers=1)
+    )
     by_number = convert_mmc4(
         spec, tmp_path / "n", Mmc4Options(str(raw.image_dir), image_layout="shard-number")
     )

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from flamingo_cli.cli.app import app
 from flamingo_cli.convert.mmc4 import Mmc4Options, convert_mmc4
+from flamingo_cli.convert.runner import RunOptions
 from flamingo_cli.errors import UsageError
 from flamingo_cli.shards.cluster import Partition, resolve_partition
 from flamingo_cli.shards.store import FsspecDir
@@ -67,7 +68,9 @@ def raw(tmp_path_factory: pytest.TempPathFactory) -> RawMmc4:
 def single(raw: RawMmc4, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One process, one machine: the output every other way must reproduce byte for byte."""
     out = tmp_path_factory.mktemp("single")
-    convert_mmc4(raw.docs_spec, out, Mmc4Options(str(raw.image_dir), docs_per_shard=3), workers=1)
+    convert_mmc4(
+        raw.docs_spec, out, Mmc4Options(str(raw.image_dir), docs_per_shard=3), RunOptions(workers=1)
+    )
     return out
 
 
@@ -169,10 +172,12 @@ def test_three_node_processes_then_merge_equal_one_process(
 def test_killed_node_reruns_only_its_unfinished_part(tmp_path: Path) -> None:
     big = write_raw_mmc4(tmp_path / "raw", shards=6, docs_per_shard=20)
     options = Mmc4Options(str(big.image_dir), docs_per_shard=8)
-    convert_mmc4(big.docs_spec, tmp_path / "clean", options, workers=1)
+    convert_mmc4(big.docs_spec, tmp_path / "clean", options, RunOptions(workers=1))
     out = tmp_path / "out"
     for rank in (0, 2):  # the other nodes finish
-        report = convert_mmc4(big.docs_spec, out, options, workers=1, partition=Partition(3, rank))
+        report = convert_mmc4(
+            big.docs_spec, out, options, RunOptions(workers=1, partition=Partition(3, rank))
+        )
         assert not report.manifest_written
     others = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
@@ -239,17 +244,19 @@ def test_fsspec_outputs_memory_and_local_equal_the_fast_path(
     # Three nodes writing to memory:// (temporary key, then move), merged from the CLI.
     url = "memory://scale-test/nodes"
     for rank in range(3):
-        convert_mmc4(raw.docs_spec, url, options, workers=1, partition=Partition(3, rank))
+        convert_mmc4(
+            raw.docs_spec, url, options, RunOptions(workers=1, partition=Partition(3, rank))
+        )
     result = runner.invoke(app, ["convert", "merge", url])
     assert result.exit_code == 0, result.output
     assert memory_tree(url) == tree(single)
     # One run writing whole objects straight to their keys (the object-store path).
     direct = FsspecDir("memory://scale-test/direct", direct=True)
-    report = convert_mmc4(raw.docs_spec, direct, options, workers=1)
+    report = convert_mmc4(raw.docs_spec, direct, options, RunOptions(workers=1))
     assert report.manifest_written and memory_tree(direct.url) == tree(single)
     # The local filesystem through fsspec.
     local = FsspecDir(f"file://{tmp_path / 'fs'}")
-    convert_mmc4(raw.docs_spec, local, options, workers=1)
+    convert_mmc4(raw.docs_spec, local, options, RunOptions(workers=1))
     assert tree(tmp_path / "fs") == tree(single)
 
 
@@ -265,10 +272,12 @@ def test_laion_folder_on_two_nodes_in_memory_equals_one_local_run(tmp_path: Path
         if i != 4:  # one image without a caption: a _stats.json with a failure
             (folder / f"{i:02d}.txt").write_text(f"caption {i}")
     options = LaionOptions(samples_per_shard=3)
-    convert_laion(str(folder), tmp_path / "one", options, workers=1)
+    convert_laion(str(folder), tmp_path / "one", options, RunOptions(workers=1))
     url = "memory://scale-test/laion"
     for rank in (1, 0):
-        convert_laion(str(folder), url, options, workers=1, partition=Partition(2, rank))
+        convert_laion(
+            str(folder), url, options, RunOptions(workers=1, partition=Partition(2, rank))
+        )
     assert runner.invoke(app, ["convert", "merge", url]).exit_code == 0
     one = tree(tmp_path / "one")
     assert memory_tree(url) == one
@@ -422,12 +431,12 @@ def test_ray_runs_convert_and_inspect_with_the_same_bytes(
 
     out = tmp_path / "ray"
     report = convert_mmc4(
-        raw.docs_spec, out, options, on_progress=progress, ray=RayOptions(), partition=None
+        raw.docs_spec, out, options, RunOptions(on_progress=progress, ray=RayOptions())
     )
     assert tree(out) == tree(single)
     docs_out = report.totals["docs_out"]
     assert states[-1] == (7, 7, docs_out) and len({s[0] for s in states}) == 8
-    again = convert_mmc4(raw.docs_spec, out, options, ray=RayOptions())
+    again = convert_mmc4(raw.docs_spec, out, options, RunOptions(ray=RayOptions()))
     assert len(again.reused) == 6  # every converted input; the missing one is looked for again
     assert tree(out) == tree(single)
     # The command line, in a process of its own: it starts (and stops) its own Ray instance.

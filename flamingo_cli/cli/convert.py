@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
@@ -20,7 +22,7 @@ from flamingo_cli.cli.common import (
 
 if TYPE_CHECKING:
     from flamingo_cli.convert.images import ImageOptions
-    from flamingo_cli.convert.runner import ConvertReport
+    from flamingo_cli.convert.runner import ConvertReport, RunOptions
 
 convert_app = typer.Typer(
     name="convert",
@@ -103,6 +105,37 @@ def _image_options(
         max_side=max_side,
         max_pixels=DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels,
     )
+
+
+def _run_options(
+    workers: int | None,
+    overwrite: bool,
+    num_nodes: int | None,
+    node_rank: int | None,
+    ray: bool,
+    ray_address: str | None,
+) -> RunOptions:
+    """How the conversion runs: processes, resume, this node's part, Ray."""
+    from flamingo_cli.convert.runner import RunOptions
+
+    partition, ray_options = cluster_options(num_nodes, node_rank, ray, ray_address)
+    return RunOptions(workers, overwrite, partition=partition, ray=ray_options)
+
+
+def _convert(
+    kind: Literal["mmc4", "laion"],
+    convert: Callable[[RunOptions], ConvertReport],
+    run: RunOptions,
+    json_: bool,
+    strict: bool,
+) -> None:
+    """Run a conversion under a progress bar (none with --json), then report it."""
+    from flamingo_cli.ui.convert import convert_progress
+
+    unit = "docs" if kind == "mmc4" else "samples"
+    with convert_progress(kind, unit, enabled=not json_) as progress:
+        report = convert(dataclasses.replace(run, on_progress=progress))
+    _finish(report, json_, strict)
 
 
 def _finish(report: ConvertReport, json_: bool, strict: bool) -> None:
@@ -195,9 +228,8 @@ def mmc4(
     """
     with user_errors(json_):
         from flamingo_cli.convert.mmc4 import Mmc4Options, convert_mmc4
-        from flamingo_cli.ui.convert import convert_progress
 
-        partition, ray_options = cluster_options(num_nodes, node_rank, ray, ray_address)
+        run = _run_options(workers, overwrite, num_nodes, node_rank, ray, ray_address)
         options = Mmc4Options(
             image_dir=image_dir,
             image_layout=image_layout.value,
@@ -207,18 +239,8 @@ def mmc4(
             docs_per_shard=docs_per_shard,
             max_shard_bytes=max_shard_bytes,
         )
-        with convert_progress("mmc4", "docs", enabled=not json_) as progress:
-            report = convert_mmc4(
-                "::".join(docs_spec),
-                out,
-                options,
-                workers=workers,
-                overwrite=overwrite,
-                on_progress=progress,
-                partition=partition,
-                ray=ray_options,
-            )
-        _finish(report, json_, strict)
+        spec = "::".join(docs_spec)
+        _convert("mmc4", lambda run: convert_mmc4(spec, out, options, run), run, json_, strict)
 
 
 @command(convert_app, "laion")
@@ -268,27 +290,15 @@ def laion(
     """
     with user_errors(json_):
         from flamingo_cli.convert.laion import LaionOptions, convert_laion
-        from flamingo_cli.ui.convert import convert_progress
 
-        partition, ray_options = cluster_options(num_nodes, node_rank, ray, ray_address)
+        run = _run_options(workers, overwrite, num_nodes, node_rank, ray, ray_address)
         options = LaionOptions(
             image=_image_options(reencode, quality, max_side, max_image_pixels),
             samples_per_shard=samples_per_shard,
             image_column=image_column,
             caption_column=caption_column,
         )
-        with convert_progress("laion", "samples", enabled=not json_) as progress:
-            report = convert_laion(
-                src,
-                out,
-                options,
-                workers=workers,
-                overwrite=overwrite,
-                on_progress=progress,
-                partition=partition,
-                ray=ray_options,
-            )
-        _finish(report, json_, strict)
+        _convert("laion", lambda run: convert_laion(src, out, options, run), run, json_, strict)
 
 
 @command(convert_app, "merge")

@@ -28,8 +28,8 @@ from flamingo_cli.convert.images import (
 )
 from flamingo_cli.convert.runner import (
     ConvertReport,
-    ProgressCallback,
     ProgressSink,
+    RunOptions,
     ShardRecord,
     TaskRecord,
     check_found,
@@ -39,7 +39,7 @@ from flamingo_cli.convert.runner import (
 )
 from flamingo_cli.data.image_limits import ImageTooLarge
 from flamingo_cli.errors import ConvertError, OpenerError, Problem
-from flamingo_cli.shards.cluster import Partition, RayOptions
+from flamingo_cli.shards.cluster import Partition
 from flamingo_cli.shards.opener import open_url
 from flamingo_cli.shards.spec import local_path, url_kind
 from flamingo_cli.shards.store import OutputDir
@@ -624,25 +624,11 @@ def convert_laion(
     src: str,
     out_dir: str | Path | OutputDir,
     options: LaionOptions,
-    *,
-    workers: int | None = None,
-    overwrite: bool = False,
-    on_progress: ProgressCallback | None = None,
-    partition: Partition | None = None,
-    ray: RayOptions | None = None,
+    run: RunOptions | None = None,
 ) -> ConvertReport:
     """Convert image-caption pairs into img2dataset-layout shards, sizes.json and manifest.json.
 
-    With a `partition` only this node's inputs are converted (see `run_tasks`)."""
-    tasks = plan_laion(src, options, partition)
-    return run_tasks(
-        tasks,
-        out_dir,
-        kind="laion",
-        workers=workers,
-        overwrite=overwrite,
-        on_progress=on_progress,
-        strict_keys=STRICT_KEYS,
-        partition=partition,
-        ray=ray,
-    )
+    With `run.partition` only this node's inputs are converted (see `run_tasks`)."""
+    run = run or RunOptions()
+    tasks = plan_laion(src, options, run.partition)
+    return run_tasks(tasks, out_dir, kind="laion", run=run, strict_keys=STRICT_KEYS)

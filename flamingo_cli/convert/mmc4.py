@@ -23,8 +23,8 @@ from typing import IO, Any, Literal
 from flamingo_cli.convert.images import CorruptImage, ImageOptions, prepare_image, too_large_fix
 from flamingo_cli.convert.runner import (
     ConvertReport,
-    ProgressCallback,
     ProgressSink,
+    RunOptions,
     ShardRecord,
     TaskRecord,
     check_found,
@@ -34,7 +34,7 @@ from flamingo_cli.convert.runner import (
 )
 from flamingo_cli.data.image_limits import ImageTooLarge
 from flamingo_cli.errors import ConvertError, OpenerError, Problem
-from flamingo_cli.shards.cluster import Partition, RayOptions
+from flamingo_cli.shards.cluster import Partition
 from flamingo_cli.shards.opener import open_url
 from flamingo_cli.shards.spec import local_path, url_kind
 from flamingo_cli.shards.store import OutputDir
@@ -460,30 +460,16 @@ def convert_mmc4(
     docs_spec: str,
     out_dir: str | Path | OutputDir,
     options: Mmc4Options,
-    *,
-    workers: int | None = None,
-    overwrite: bool = False,
-    on_progress: ProgressCallback | None = None,
-    partition: Partition | None = None,
-    ray: RayOptions | None = None,
+    run: RunOptions | None = None,
 ) -> ConvertReport:
     """Convert raw MMC4 documents into interleaved shards, sizes.json and manifest.json.
 
-    With a `partition` only this node's inputs are converted (see `run_tasks`)."""
+    With `run.partition` only this node's inputs are converted (see `run_tasks`)."""
     if url_kind(options.image_dir) == "local" and not local_path(options.image_dir).is_dir():
         raise ConvertError(
             f"--image-dir {options.image_dir} is not a directory",
             fix="give the folder the MMC4 image download wrote (<image_dir>/<idx>/<name>.jpg)",
         )
-    tasks = plan_mmc4(docs_spec, options, partition)
-    return run_tasks(
-        tasks,
-        out_dir,
-        kind="mmc4",
-        workers=workers,
-        overwrite=overwrite,
-        on_progress=on_progress,
-        strict_keys=STRICT_KEYS,
-        partition=partition,
-        ray=ray,
-    )
+    run = run or RunOptions()
+    tasks = plan_mmc4(docs_spec, options, run.partition)
+    return run_tasks(tasks, out_dir, kind="mmc4", run=run, strict_keys=STRICT_KEYS)

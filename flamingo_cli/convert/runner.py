@@ -28,7 +28,7 @@ from flamingo_cli.errors import ConvertError, FlamingoError, OpenerError, Output
 from flamingo_cli.shards.cluster import Partition, RayOptions, ray_map
 from flamingo_cli.shards.sizes import SIZES_FILE
 from flamingo_cli.shards.spec import local_path, split_spec, url_kind
-from flamingo_cli.shards.store import OutputDir, open_output
+from flamingo_cli.shards.store import OutputDir, join_url, open_output
 from flamingo_cli.shards.write import TMP_MARKER, json_bytes
 
 MANIFEST_FILE = "manifest.json"
@@ -198,13 +198,9 @@ class ConvertReport:
             ],
             "problems": [p.to_dict() for p in self.problems],
             "node": self.partition.to_dict(),
-            "manifest": _join(self.out_dir, MANIFEST_FILE) if self.manifest_written else None,
-            "sizes": _join(self.out_dir, SIZES_FILE) if self.manifest_written else None,
+            "manifest": join_url(self.out_dir, MANIFEST_FILE) if self.manifest_written else None,
+            "sizes": join_url(self.out_dir, SIZES_FILE) if self.manifest_written else None,
         }
-
-
-def _join(out_dir: str, name: str) -> str:
-    return f"{out_dir.rstrip('/')}/{name}" if "://" in out_dir else str(Path(out_dir, name))
 
 
 def _record_name(name: str) -> str:
@@ -434,46 +430,123 @@ def _write_plan(out: OutputDir, kind: str, tasks: Sequence[Task]) -> None:
         out.write_bytes(PLAN_FILE, data)
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How a conversion runs, the same for every converter: worker processes (default: all
+    cores), `overwrite` to redo complete tasks, a progress callback, this node's `partition`
+    of the tasks, and `ray` to run one Ray task per conversion task instead of processes."""
+
+    workers: int | None = None
+    overwrite: bool = False
+    on_progress: ProgressCallback | None = None
+    partition: Partition = field(default_factory=Partition)
+    ray: RayOptions | None = None
+
+
+class _Progress:
+    """The totals of this node's tasks, reported to the callback as work is done."""
+
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        done: Mapping[str, TaskRecord],
+        callback: ProgressCallback | None,
+    ) -> None:
+        self.state = ProgressState(
+            work_total=sum(t.weight for t in tasks),
+            tasks_total=len(tasks),
+            tasks_done=len(done),
+            work_done=sum(t.weight for t in tasks if t.name in done),
+        )
+        self.callback = callback
+
+    def __call__(self, work: int, samples: int, image_bytes: int) -> None:
+        self.state.work_done += work
+        self.state.samples += samples
+        self.state.image_bytes += image_bytes
+        if self.callback is not None:
+            self.callback(self.state)
+
+    def task_done(self, record: TaskRecord | None = None, weight: int = 0) -> None:
+        """One task finished; with its `record`, count its `weight` and what it wrote."""
+        self.state.tasks_done += 1
+        if record is None:
+            self(0, 0, 0)
+        else:
+            samples = sum(s.samples for s in record.shards)
+            self(weight, samples, record.counts["image_bytes"])
+
+
 def run_tasks(
     tasks: Sequence[Task],
     out_dir: str | Path | OutputDir,
     *,
     kind: str,
-    workers: int | None = None,
-    overwrite: bool = False,
-    on_progress: ProgressCallback | None = None,
+    run: RunOptions | None = None,
     strict_keys: tuple[str, ...] = (),
-    partition: Partition | None = None,
-    ray: RayOptions | None = None,
 ) -> ConvertReport:
     """Run every task of this node's part not already complete, then write the manifest.
 
-    `tasks` is the whole conversion; `partition` picks this node's part (every node must get
-    the same `tasks`). A task is complete when its record matches its fingerprint and every
-    shard it lists has the recorded size; `overwrite` redoes everything. Tasks run in worker
-    processes, or with `ray` one Ray task each. A node of several leaves `manifest.json` and
+    `tasks` is the whole conversion; `run.partition` picks this node's part (every node must
+    get the same `tasks`). A task is complete when its record matches its fingerprint and every
+    shard it lists has the recorded size; `run.overwrite` redoes everything. Tasks run in worker
+    processes, or with `run.ray` one Ray task each. A node of several leaves `manifest.json` and
     `sizes.json` to `merge_outputs`.
     """
     start = time.monotonic()
-    partition = partition or Partition()
+    run = run or RunOptions()
     out = open_output(out_dir)
     check_unique_names(tasks)
     listing = Listing.of(out)  # one listing serves the checks and the resume
     check_output(out, tasks, listing)
     _write_plan(out, kind, tasks)
-    tasks = partition.select(tasks)
+    tasks = run.partition.select(tasks)
 
     old_records = load_records(out, [t.name for t in tasks])
-    if not overwrite:  # refuse before touching anything
-        for task in tasks:
-            old = old_records.get(task.name)
-            converted = old is not None and old.status == "converted"
-            if converted and old is not None and old.fingerprint != task.fingerprint():
-                raise ConvertError(
-                    f"{out.url} already holds shards of {task.input} converted with other "
-                    f"options or inputs (record {out.join(_record_name(task.name))})",
-                    fix="pass --overwrite to redo them, or choose another --out directory",
-                )
+    if not run.overwrite:  # refuse before touching anything
+        _check_same_options(out, tasks, old_records)
+    done, pending = _resume(out, tasks, old_records, listing, run.overwrite)
+    progress = _Progress(tasks, done, run.on_progress)
+    progress(0, 0, 0)
+    results = _execute(pending, out, run, progress)
+    progress.state.work_done = progress.state.work_total  # weights are estimates: end full
+    progress(0, 0, 0)
+    if not run.partition.split:
+        write_manifest(out, kind)
+    return ConvertReport(
+        kind,
+        out.url,
+        [done.get(t.name) or results[t.name] for t in tasks],
+        list(done),
+        time.monotonic() - start,
+        strict_keys,
+        run.partition,
+        manifest_written=not run.partition.split,
+    )
+
+
+def _check_same_options(
+    out: OutputDir, tasks: Sequence[Task], old_records: Mapping[str, TaskRecord]
+) -> None:
+    """Refuse to resume into shards converted with other options or inputs."""
+    for task in tasks:
+        old = old_records.get(task.name)
+        if old is not None and old.status == "converted" and old.fingerprint != task.fingerprint():
+            raise ConvertError(
+                f"{out.url} already holds shards of {task.input} converted with other "
+                f"options or inputs (record {out.join(_record_name(task.name))})",
+                fix="pass --overwrite to redo them, or choose another --out directory",
+            )
+
+
+def _resume(
+    out: OutputDir,
+    tasks: Sequence[Task],
+    old_records: Mapping[str, TaskRecord],
+    listing: Listing,
+    overwrite: bool,
+) -> tuple[dict[str, TaskRecord], list[Task]]:
+    """The complete tasks' records, and the tasks to run (what they left behind removed)."""
     sizes = {name: size for name, size in listing.top.items() if size is not None}
     temporaries = [n for n in sizes if n.startswith(".") and TMP_MARKER in n]
     temporaries += [
@@ -490,67 +563,35 @@ def run_tasks(
             continue
         _clean(out, task, old, temporaries)
         pending.append(task)
+    return done, pending
 
-    state = ProgressState(
-        work_total=sum(t.weight for t in tasks),
-        tasks_total=len(tasks),
-        tasks_done=len(done),
-        work_done=sum(t.weight for t in tasks if t.name in done),
-    )
 
-    def report(work: int, samples: int, image_bytes: int) -> None:
-        state.work_done += work
-        state.samples += samples
-        state.image_bytes += image_bytes
-        if on_progress is not None:
-            on_progress(state)
-
-    report(0, 0, 0)
+def _execute(
+    pending: Sequence[Task], out: OutputDir, run: RunOptions, progress: _Progress
+) -> dict[str, TaskRecord]:
+    """Run the pending tasks on Ray, here (one worker) or in a pool of processes."""
     results: dict[str, TaskRecord] = {}
-    n = min(workers or default_workers(), len(pending))
-    if ray is not None and pending:
+    n = min(run.workers or default_workers(), len(pending))
+    if run.ray is not None and pending:
 
         def finished(index: int, record: TaskRecord | OutputError) -> None:
             if isinstance(record, OutputError):
                 raise record  # ray_map cancels the other tasks
-            state.tasks_done += 1
-            samples = sum(s.samples for s in record.shards)
-            report(pending[index].weight, samples, record.counts["image_bytes"])
+            progress.task_done(record, pending[index].weight)
 
-        records = ray_map(_run_on_ray, [(t, out) for t in pending], ray, finished)
+        records = ray_map(_run_on_ray, [(t, out) for t in pending], run.ray, finished)
         results.update((r.name, r) for r in records if isinstance(r, TaskRecord))
     elif n <= 1:
         for task in pending:
-            results[task.name] = _run_one(task, out, report)
-            state.tasks_done += 1
-            report(0, 0, 0)
+            results[task.name] = _run_one(task, out, progress)
+            progress.task_done()
     else:
-        results.update(_run_pool(pending, out, n, state, report))
-
-    state.work_done = state.work_total  # weights are estimates: show the bar full at the end
-    report(0, 0, 0)
-    reused = list(done)
-    ordered = [done.get(t.name) or results[t.name] for t in tasks]
-    if not partition.split:
-        write_manifest(out, kind)
-    return ConvertReport(
-        kind,
-        out.url,
-        ordered,
-        reused,
-        time.monotonic() - start,
-        strict_keys,
-        partition,
-        manifest_written=not partition.split,
-    )
+        results.update(_run_pool(pending, out, n, progress))
+    return results
 
 
 def _run_pool(
-    pending: Sequence[Task],
-    out: OutputDir,
-    n: int,
-    state: ProgressState,
-    report: ProgressSink,
+    pending: Sequence[Task], out: OutputDir, n: int, progress: _Progress
 ) -> dict[str, TaskRecord]:
     context = multiprocessing.get_context("spawn")
     progress_queue = context.Queue()
@@ -562,7 +603,7 @@ def _run_pool(
                 work, samples, image_bytes = progress_queue.get_nowait()
             except queue.Empty:
                 return
-            report(work, samples, image_bytes)
+            progress(work, samples, image_bytes)
 
     with ProcessPoolExecutor(
         n, mp_context=context, initializer=_init_worker, initargs=(progress_queue,)
@@ -577,8 +618,8 @@ def _run_pool(
                 drain()
                 for future in finished:
                     results[futures[future].name] = future.result()
-                    state.tasks_done += 1
-                report(0, 0, 0)
+                    progress.state.tasks_done += 1
+                progress(0, 0, 0)
         except BaseException:
             for future in futures:
                 future.cancel()
@@ -669,8 +710,8 @@ class MergeReport:
             "missing": [{"name": r.name, "input": r.input} for r in self.missing],
             "incomplete": [i.to_dict() for i in self.incomplete],
             "totals": dict(sorted(self.totals.items())),
-            "manifest": _join(self.out_dir, MANIFEST_FILE) if self.written else None,
-            "sizes": _join(self.out_dir, SIZES_FILE) if self.written else None,
+            "manifest": join_url(self.out_dir, MANIFEST_FILE) if self.written else None,
+            "sizes": join_url(self.out_dir, SIZES_FILE) if self.written else None,
         }
 
 

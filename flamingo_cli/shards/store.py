@@ -34,6 +34,11 @@ UPLOAD_COMMITS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "ad
 _PROTOCOL_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs"}
 
 
+def join_url(url: str, name: str) -> str:
+    """The full path or URL of `name` inside the output location `url`."""
+    return posixpath.join(url, name) if "://" in url else str(Path(url, name))
+
+
 class OutputDir(ABC):
     """Files of one output location, addressed by names relative to it (`a.tar`, `d/x.json`)."""
 
@@ -41,7 +46,7 @@ class OutputDir(ABC):
 
     def join(self, name: str) -> str:
         """The full path or URL of `name`, for messages and reports."""
-        return posixpath.join(self.url, name) if "://" in self.url else str(Path(self.url, name))
+        return join_url(self.url, name)
 
     @abstractmethod
     def open_sink(self, name: str) -> Sink:
