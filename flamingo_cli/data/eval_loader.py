@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from flamingo_cli.data.labels import IGNORE
 from flamingo_cli.data.loader import sample_functions
@@ -28,8 +28,10 @@ from flamingo_cli.data.pipeline import (
     Preprocess,
     RawSample,
     ReadLog,
+    check_pipes,
     prepare,
     read_stages,
+    worker_loader,
 )
 from flamingo_cli.data.preprocess import (
     CORRUPT_IMAGES,
@@ -38,12 +40,10 @@ from flamingo_cli.data.preprocess import (
     ImageTransform,
     Sample,
 )
-from flamingo_cli.data.worker_signals import leave_stop_signals_to_parent
 from flamingo_cli.errors import FlamingoError
 from flamingo_cli.model.tokenizer import SpecialTokens
 from flamingo_cli.recipe.schema import DEFAULT_MAX_IMAGE_PIXELS, LaionConfig, Mmc4Config
-from flamingo_cli.shards.opener import open_url
-from flamingo_cli.shards.spec import expand_spec, missing_local, url_kind
+from flamingo_cli.shards.spec import expand_spec, missing_local
 from flamingo_cli.shards.tar import printable_name
 
 if TYPE_CHECKING:
@@ -218,8 +218,7 @@ class EvalLoader:
                 fix="check data.<dataset>.eval_shards or --shards (relative paths in a recipe "
                 "are relative to the recipe's folder, on the command line to the current one)",
             )
-        if not allow_pipe and any(url_kind(u) == "pipe" for u in self.urls):
-            open_url(next(u for u in self.urls if url_kind(u) == "pipe"))  # raises, with the fix
+        check_pipes(self.urls, allow_pipe)
         self.dropped: dict[str, int] = {}
         self.damaged_shards: dict[str, str] = {}
 
@@ -238,14 +237,7 @@ class EvalLoader:
         )
 
     def __iter__(self) -> Iterator[Batch]:
-        workers = self.config.workers
-        loader: DataLoader[Batch] = DataLoader(
-            self.stream(),
-            batch_size=None,
-            num_workers=workers,
-            prefetch_factor=self.config.prefetch_factor if workers else None,
-            worker_init_fn=leave_stop_signals_to_parent,  # the trainer handles them
-        )
+        loader = worker_loader(self.stream(), self.config.workers, self.config.prefetch_factor)
         per_worker: dict[int, dict[str, int]] = {}
         self.dropped = {}
         self.damaged_shards = {}

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from flamingo_cli.data.labels import interleaved_labels, pair_labels
 from flamingo_cli.data.pipeline import (
@@ -22,6 +21,8 @@ from flamingo_cli.data.pipeline import (
     StreamFailure,
     StreamSpec,
     StreamStart,
+    check_pipes,
+    worker_loader,
 )
 from flamingo_cli.data.preprocess import (
     Context,
@@ -30,13 +31,11 @@ from flamingo_cli.data.preprocess import (
     preprocess_document,
     preprocess_pair,
 )
-from flamingo_cli.data.worker_signals import leave_stop_signals_to_parent
 from flamingo_cli.errors import FlamingoError
 from flamingo_cli.model.tokenizer import SpecialTokens
 from flamingo_cli.recipe.plan import batches_per_epoch
 from flamingo_cli.recipe.schema import DEFAULT_MAX_IMAGE_PIXELS, LaionConfig, Mmc4Config
-from flamingo_cli.shards.opener import open_url
-from flamingo_cli.shards.spec import expand_spec, url_kind
+from flamingo_cli.shards.spec import expand_spec
 from flamingo_cli.shards.tar import printable_name
 
 if TYPE_CHECKING:
@@ -149,8 +148,7 @@ class TrainLoader:
                 fix=f"set data.{name}.resampled = true, or give at least "
                 f"{self.workers * world_size} shards",
             )
-        if not allow_pipe and any(url_kind(u) == "pipe" for u in self.urls):
-            open_url(next(u for u in self.urls if url_kind(u) == "pipe"))  # raises, with the fix
+        check_pipes(self.urls, allow_pipe)
         self.epoch = epoch
         self._reset_position()
         self._dropped_before: Counter[str] = Counter()
@@ -218,13 +216,10 @@ class TrainLoader:
     def __iter__(self) -> Iterator[Batch]:
         if self.remaining <= 0:
             return
-        workers = self.config.workers
-        loader: DataLoader[Batch | StreamFailure] = DataLoader(
+        loader = worker_loader(
             self.stream(),
-            batch_size=None,
-            num_workers=workers,
-            prefetch_factor=self.config.prefetch_factor if workers else None,
-            worker_init_fn=leave_stop_signals_to_parent,  # the trainer handles them
+            self.config.workers,
+            self.config.prefetch_factor,
             # its own generator: creating worker seeds must not consume the global RNG
             generator=torch.Generator().manual_seed(self.seed),
         )

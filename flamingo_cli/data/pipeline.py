@@ -17,20 +17,25 @@ import shlex
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
 from flamingo_cli.data.preprocess import CORRUPT_IMAGES, Dropped, Sample, sample_rng
+from flamingo_cli.data.worker_signals import leave_stop_signals_to_parent
 from flamingo_cli.errors import FlamingoError, OpenerError
+from flamingo_cli.shards.opener import open_url
+from flamingo_cli.shards.spec import url_kind
 from flamingo_cli.shards.tar import TarReader, is_utf8, printable_name, split_member
 
 RawSample = dict[str, Any]
 Preprocess = Callable[[RawSample, random.Random], Sample]
 Collate = Callable[[list[Sample]], "Batch"]
+
+T = TypeVar("T")
 
 # Passes in a row over a worker's shards that may yield no usable sample before we give up
 # (at least, with every shard tried; at most).
@@ -172,6 +177,33 @@ def derive_seed(*parts: object) -> int:
     """A 64-bit seed from any parts, stable across processes and Python versions."""
     text = "\0".join(str(p) for p in parts)
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def check_pipes(urls: Sequence[str], allow_pipe: bool) -> None:
+    """Refuse `pipe:` shards (they run shell commands) unless allowed; the opener raises the
+    error with its fix."""
+    pipe = next((u for u in urls if url_kind(u) == "pipe"), None)
+    if pipe is not None and not allow_pipe:
+        open_url(pipe)
+
+
+def worker_loader(
+    stream: IterableDataset[T],
+    workers: int,
+    prefetch_factor: int,
+    generator: torch.Generator | None = None,
+) -> DataLoader[T]:
+    """A DataLoader over a stream that batches itself, in `workers` processes (0: this one).
+
+    The workers leave stop signals to the trainer (data/worker_signals.py)."""
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=prefetch_factor if workers else None,
+        worker_init_fn=leave_stop_signals_to_parent,
+        generator=generator,
+    )
 
 
 def split_by_node(urls: Sequence[str], rank: int, world_size: int) -> list[str]:

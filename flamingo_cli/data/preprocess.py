@@ -13,7 +13,7 @@ import json
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from PIL import Image
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
+K = TypeVar("K")  # the key of an image in its document (an index, a placeholder)
 
 # Image members OpenFlamingo accepts for a pair, in the order it looks for them.
 PAIR_IMAGE_EXTENSIONS = ("jpg", "png", "jpeg")
@@ -279,42 +280,76 @@ def _mmc4_document(
     sized = [d is not None and large_enough(b64_size(d) or 0) for d in data]
     if not any(sized):
         raise Dropped("too_small")
+    choice = _Mmc4Choice(sentences, similarity, sized, ctx, config, drop_draw)
     corrupt: set[int] = set()
     decoded: dict[int, torch.Tensor] = {}
-    while True:
-        eligible = [ok and i not in corrupt for i, ok in enumerate(sized)]
-        if not any(eligible):
-            raise Dropped("corrupt_image", len(corrupt))
-        pairs = assign_images(similarity, eligible, config.textsim_threshold, config.assignment)
-        if not pairs:
-            raise Dropped("below_threshold", len(corrupt))
-        # docs/formats.md §5.9: images follow their <image> tokens (sentence order, then image index)
-        ordered = sorted(pairs, key=lambda p: (p[1], p[0]))[: config.max_num_images]
-        text = interleave_text(sentences, [s for _, s in ordered], ctx.eos_token)
-        ids, mask = _tokenize(ctx, text, config.max_tokens, True)
-        used = [i for i, _ in ordered[: ids.count(ctx.tokens.image)]]
-        # decided before decoding: dropping a corrupt image can only lower the count
-        if len(used) < config.min_num_images:
-            raise Dropped("too_few_images", len(corrupt))
-        if len(used) == 1 and drop_draw <= 0.5:
-            raise Dropped("single_image", len(corrupt))
-        fresh = False
-        for i in used:
-            if i not in decoded:
-                raw = _b64(data[i])
-                tensor = None if raw is None else _try_decode(raw, ctx, flip)
-                if tensor is None:
-                    corrupt.add(i)
-                    fresh = True
-                else:
-                    decoded[i] = tensor
-        if not fresh:
+    while True:  # a corrupt image among those used: choose again without it
+        used, ids, mask = choice.make(corrupt)
+        if not _decode_new(used, data.__getitem__, decoded, corrupt, ctx, flip):
             break
     if len(used) == 1 and ids[-1] == ctx.tokens.image:
         raise Dropped("image_at_end", len(corrupt))
     images = _stack([decoded[i] for i in used], ctx)
     input_ids, attention_mask = _tensors(ids, mask)
     return Sample(key, images, input_ids, attention_mask, len(corrupt))
+
+
+@dataclass(frozen=True)
+class _Mmc4Choice:
+    """What decides which images of an MMC4 document are used, and where."""
+
+    sentences: list[str]
+    similarity: list[Any]
+    sized: list[bool]
+    ctx: Context
+    config: Mmc4Config
+    drop_draw: float
+
+    def make(self, corrupt: set[int]) -> tuple[list[int], list[int], list[int]]:
+        """The images used (in token order) and the tokens, leaving the `corrupt` images out."""
+        config, ctx = self.config, self.ctx
+        eligible = [ok and i not in corrupt for i, ok in enumerate(self.sized)]
+        if not any(eligible):
+            raise Dropped("corrupt_image", len(corrupt))
+        pairs = assign_images(
+            self.similarity, eligible, config.textsim_threshold, config.assignment
+        )
+        if not pairs:
+            raise Dropped("below_threshold", len(corrupt))
+        # docs/formats.md §5.9: images follow their <image> tokens (sentence order, then image index)
+        ordered = sorted(pairs, key=lambda p: (p[1], p[0]))[: config.max_num_images]
+        text = interleave_text(self.sentences, [s for _, s in ordered], ctx.eos_token)
+        ids, mask = _tokenize(ctx, text, config.max_tokens, True)
+        used = [i for i, _ in ordered[: ids.count(ctx.tokens.image)]]
+        # decided before decoding: dropping a corrupt image can only lower the count
+        if len(used) < config.min_num_images:
+            raise Dropped("too_few_images", len(corrupt))
+        if len(used) == 1 and self.drop_draw <= 0.5:
+            raise Dropped("single_image", len(corrupt))
+        return used, ids, mask
+
+
+def _decode_new(
+    used: Sequence[K],
+    encoded: Callable[[K], Any],
+    decoded: dict[K, torch.Tensor],
+    corrupt: set[K],
+    ctx: Context,
+    flip: bool,
+) -> bool:
+    """Decode the images of `used` not decoded yet (base64 `encoded(key)`) into `decoded`;
+    True when one turned out corrupt (added to `corrupt`: the caller chooses again)."""
+    fresh = False
+    for key in used:
+        if key not in decoded:
+            raw = _b64(encoded(key))
+            tensor = None if raw is None else _try_decode(raw, ctx, flip)
+            if tensor is None:
+                corrupt.add(key)
+                fresh = True
+            else:
+                decoded[key] = tensor
+    return fresh
 
 
 def _gpt_document(
@@ -327,26 +362,20 @@ def _gpt_document(
     names = [m.group(0) for m in GPT_PLACEHOLDER.finditer(example)]
     if any(name not in image_map for name in names):
         raise Dropped("bad_json")
+
+    def encoded(name: str) -> Any:
+        return image_map[name]["base64_image"]
+
     corrupt: set[str] = set()
     decoded: dict[str, torch.Tensor] = {}
-    while True:
+    while True:  # a corrupt image among those used: leave its placeholder out
         keep = [name not in corrupt for name in names]
         text = gpt_text(example, keep, config.max_num_images, ctx.eos_token)
         ids, mask = _tokenize(ctx, text, config.max_tokens, True)
         used = [name for name, k in zip(names, keep, strict=True) if k][
             : ids.count(ctx.tokens.image)
         ]
-        fresh = False
-        for name in used:
-            if name not in decoded:
-                raw = _b64(image_map[name]["base64_image"])
-                tensor = None if raw is None else _try_decode(raw, ctx, flip)
-                if tensor is None:
-                    corrupt.add(name)
-                    fresh = True
-                else:
-                    decoded[name] = tensor
-        if not fresh:
+        if not _decode_new(used, encoded, decoded, corrupt, ctx, flip):
             break
     if len(used) < config.min_num_images:
         raise Dropped("too_few_images", len(corrupt))
