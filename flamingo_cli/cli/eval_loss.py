@@ -1,7 +1,11 @@
-"""`flamingo eval-loss`: held-out loss of a checkpoint, here, as a rank, or through torchrun."""
+"""`flamingo eval-loss`: held-out loss of a checkpoint, here, as a rank, or through torchrun.
+
+The ranks torchrun starts run this same command (`python -m flamingo_cli eval-loss ...`);
+rank 0 writes the report to the hidden `--report PATH` for the launching process."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -13,6 +17,7 @@ from flamingo_cli.cli.common import AllowPipeOption, JsonOption, SetOption, comm
 if TYPE_CHECKING:
     from flamingo_cli.evaluate.loss import Ablation
     from flamingo_cli.evaluate.run import EvalReport
+    from flamingo_cli.recipe.load import LoadedRecipe
 
 
 class Dataset(str, Enum):
@@ -78,75 +83,131 @@ def eval_loss(
         int | None,
         typer.Option("--nproc-per-node", min=1, help="Evaluate with N processes (torchrun)."),
     ] = None,
+    report_to: Annotated[
+        Path | None,
+        typer.Option(
+            "--report",
+            hidden=True,
+            help="As a rank `flamingo eval-loss` started: rank 0 writes the report here as JSON.",
+        ),
+    ] = None,
 ) -> None:
     """Held-out loss per dataset: exact token-weighted loss, perplexity, token and sample counts.
 
     Deterministic: every sample of the eval shards once, in a fixed order, no flips or random drops. Exit 0 on success, 1 on data or checkpoint errors, 2 on usage errors.
     """
-    from flamingo_cli.recipe.load import load_recipe, parse_override
-    from flamingo_cli.ui import console as ui
-    from flamingo_cli.ui.eval_view import EvalDisplay, render_eval_report
+    from flamingo_cli.evaluate.run import eval_targets
+    from flamingo_cli.runtime.launch import started_by_launcher
 
     with user_errors(json_):
-        set_ = [*(set_ or []), *(["data.allow_pipe=true"] if allow_pipe else [])]
-        loaded = load_recipe(recipe, [parse_override(s) for s in set_])
-        # fail on a wrong dataset or missing eval shards before any heavy import
-        from flamingo_cli.evaluate.run import eval_targets
-
-        chosen = dataset.value if dataset else None
-        eval_targets(loaded.recipe, shards, chosen)
-        from flamingo_cli.runtime.launch import started_by_launcher
-
+        loaded = _loaded(recipe, set_, allow_pipe)
+        ask = _Asked(
+            checkpoint,
+            shards,
+            dataset.value if dataset else None,
+            max_batches,
+            _ablation(ablate_images),
+            batch_size,
+        )
+        eval_targets(loaded.recipe, ask.shards, ask.dataset)  # usage errors before torch loads
         nproc = nproc_per_node or 1
-        ablation: Ablation | None = "none" if ablate_images is Ablate.none else None
-        if ablate_images is Ablate.shuffle:
-            ablation = "shuffle"
         if started_by_launcher(nproc) or nproc == 1:
-            from flamingo_cli.evaluate.run import evaluate_loss
-
-            with EvalDisplay(enabled=not json_) as display:
-                report = evaluate_loss(
-                    loaded,
-                    checkpoint,
-                    shards=shards,
-                    dataset=chosen,
-                    max_batches=max_batches,
-                    ablation=ablation,
-                    batch_size=batch_size,
-                    events=display,
-                )
-            from flamingo_cli.runtime.distributed import world_from_env
-
-            if world_from_env()[0] != 0:
+            report = ask.evaluate_here(loaded, display=not json_)
+            if report is None or report_to is not None:
+                _write_report(report, report_to)
                 return
         else:
-            launched = _through_torchrun(
-                recipe,
-                loaded.recipe.run.name,
-                nproc,
-                [
-                    *(a for s in set_ for a in ("--set", s)),
-                    "--checkpoint",
-                    str(Path(checkpoint).resolve()) if checkpoint != "latest" else checkpoint,
-                    *(("--shards", shards) if shards else ()),
-                    *(("--dataset", chosen) if chosen else ()),
-                    *(("--max-batches", str(max_batches)) if max_batches else ()),
-                    *(("--ablate-images", ablation) if ablation else ()),
-                    *(("--batch-size", str(batch_size)) if batch_size else ()),
-                    *(("--quiet",) if json_ else ()),
-                ],
+            rank_args = _rank_args(recipe, ask, set_, allow_pipe, json_)
+            report = _through_torchrun(loaded.recipe.run.name, nproc, rank_args)
+        _show(report, json_)
+
+
+@dataclass(frozen=True)
+class _Asked:
+    """What to evaluate, as the command line said it."""
+
+    checkpoint: str
+    shards: str | None
+    dataset: str | None
+    max_batches: int | None
+    ablation: Ablation | None
+    batch_size: int | None
+
+    def evaluate_here(self, loaded: LoadedRecipe, *, display: bool) -> EvalReport | None:
+        """Evaluate as this process's rank; the report on rank 0, None on the others."""
+        from flamingo_cli.evaluate.run import evaluate_loss
+        from flamingo_cli.runtime.distributed import world_from_env
+        from flamingo_cli.ui.eval_view import EvalDisplay
+
+        with EvalDisplay(enabled=display) as events:
+            report = evaluate_loss(
+                loaded,
+                self.checkpoint,
+                shards=self.shards,
+                dataset=self.dataset,
+                max_batches=self.max_batches,
+                ablation=self.ablation,
+                batch_size=self.batch_size,
+                events=events,
             )
-            report = launched
-        if json_:
-            ui.print_json(report.to_dict())
-        else:
-            render_eval_report(report)
+        return report if world_from_env()[0] == 0 else None
+
+    def args(self) -> list[str]:
+        """These choices as `eval-loss` options (a path checkpoint made absolute)."""
+        path = self.checkpoint != "latest"
+        args = ["--checkpoint", str(Path(self.checkpoint).resolve()) if path else "latest"]
+        args += ["--shards", self.shards] if self.shards else []
+        args += ["--dataset", self.dataset] if self.dataset else []
+        args += ["--max-batches", str(self.max_batches)] if self.max_batches else []
+        args += ["--ablate-images", self.ablation] if self.ablation else []
+        args += ["--batch-size", str(self.batch_size)] if self.batch_size else []
+        return args
 
 
-def _through_torchrun(
-    recipe: Path, run_name: str, nproc: int, worker_args: list[str]
-) -> EvalReport:
-    """Start `nproc` ranks of the eval worker; the report rank 0 wrote. A failure is a
+def _loaded(recipe: Path, set_: list[str] | None, allow_pipe: bool) -> LoadedRecipe:
+    """The recipe with `--set` and `--allow-pipe` applied."""
+    from flamingo_cli.recipe.load import load_recipe, parse_override
+
+    sets = [*(set_ or []), *(["data.allow_pipe=true"] if allow_pipe else [])]
+    return load_recipe(recipe, [parse_override(s) for s in sets])
+
+
+def _ablation(ablate_images: Ablate | None) -> Ablation | None:
+    if ablate_images is Ablate.none:
+        return "none"
+    return "shuffle" if ablate_images is Ablate.shuffle else None
+
+
+def _write_report(report: EvalReport | None, path: Path | None) -> None:
+    """Rank 0's report, as JSON for the launching process (other ranks have none)."""
+    import json
+
+    if report is not None and path is not None:
+        path.write_text(json.dumps(report.to_dict()), encoding="utf-8")
+
+
+def _show(report: EvalReport, json_: bool) -> None:
+    from flamingo_cli.ui import console as ui
+    from flamingo_cli.ui.eval_view import render_eval_report
+
+    if json_:
+        ui.print_json(report.to_dict())
+    else:
+        render_eval_report(report)
+
+
+def _rank_args(
+    recipe: Path, ask: _Asked, set_: list[str] | None, allow_pipe: bool, json_: bool
+) -> list[str]:
+    """The user's arguments for the ranks' own `flamingo eval-loss` (quiet under --json)."""
+    args = ["eval-loss", str(recipe.resolve()), *ask.args()]
+    args += [arg for s in set_ or [] for arg in ("--set", s)]
+    args += ["--allow-pipe"] if allow_pipe else []
+    return [*args, "-q"] if json_ else args
+
+
+def _through_torchrun(run_name: str, nproc: int, rank_args: list[str]) -> EvalReport:
+    """Start `nproc` ranks of this command; the report rank 0 wrote. A failure is a
     FlamingoError (so `--json` prints it too) pointing at rank 0's error and the logs."""
     import json
     import tempfile
@@ -160,10 +221,8 @@ def _through_torchrun(
     report_path = work / "report.json"
     cmd = torchrun_command(
         Rendezvous(nproc, 1, run_id=f"{run_name}-eval"),
-        recipe.resolve(),
-        [*worker_args, "--report", str(report_path)],
+        [*rank_args, "--report", str(report_path)],
         work / "logs",
-        module="flamingo_cli.evaluate.worker",
     )
     ui.detail(" ".join(cmd))
     code = run_torchrun(cmd)

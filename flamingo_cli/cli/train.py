@@ -1,9 +1,12 @@
-"""`flamingo train`: validate, show the plan, then train here, as a rank, or through torchrun."""
+"""`flamingo train`: validate, show the plan, then train here, as a rank, or through torchrun.
+
+The ranks torchrun starts run this same command (`python -m flamingo_cli train RECIPE ...`,
+with the hidden `--launched`), see that they are ranks, and train."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
@@ -16,6 +19,10 @@ from flamingo_cli.cli.common import (
     recipe_overrides,
     user_errors,
 )
+
+if TYPE_CHECKING:
+    from flamingo_cli.recipe.load import LoadedRecipe, Override
+    from flamingo_cli.recipe.validate import ValidationReport
 
 
 def register(app: typer.Typer) -> None:
@@ -57,6 +64,15 @@ def train(
             "taken over without it.",
         ),
     ] = False,
+    launched: Annotated[
+        bool,
+        typer.Option(
+            "--launched",
+            hidden=True,
+            help="A rank `flamingo train` started: its launcher validated the recipe, showed "
+            "the plan and reports the end.",
+        ),
+    ] = False,
 ) -> None:
     """Train a recipe: one process in place, several through torchrun (FSDP2/DDP).
 
@@ -66,65 +82,119 @@ def train(
     directory belongs to one run at a time (its lock file, run.lock): a second start on it
     stops, naming the run that holds it.
     """
-    from flamingo_cli.recipe.validate import validate_recipe
-    from flamingo_cli.ui import console as ui
-    from flamingo_cli.ui.errors import render_problems
-    from flamingo_cli.ui.plan import render_plan
+    from flamingo_cli.runtime.launch import started_by_launcher
+    from flamingo_cli.runtime.precision import require_gpu_for_fp16
 
     with user_errors():
         overrides = recipe_overrides(set_, nproc_per_node, nnodes, allow_pipe=allow_pipe)
-        report = validate_recipe(recipe, overrides, training=True)
-        render_problems(report.problems)
-        if not report.ok:
-            raise typer.Exit(1)
-
-        from flamingo_cli.runtime.launch import (
-            ABORTED,
-            rendezvous_for,
-            started_by_launcher,
-            torchrun_command,
-        )
-        from flamingo_cli.runtime.precision import require_gpu_for_fp16
-        from flamingo_cli.runtime.run_dir import run_dir_of
-        from flamingo_cli.train.run import train_rank
-
-        loaded = report.loaded
-        require_gpu_for_fp16(loaded.recipe.run.precision)
-        world = loaded.recipe.distributed.world_size
-        if started_by_launcher(world) or world == 1:
-            if ui.settings.verbosity >= 0 and not started_by_launcher(world):
-                render_plan(report.plan, title=f"Plan for {recipe}")
-            from flamingo_cli.ui.train_view import TrainDisplay
-
-            try:
-                with TrainDisplay() as display:
-                    outcome = train_rank(loaded, display, max_steps=max_steps, take_over=take_over)
-            except KeyboardInterrupt:
-                _aborted(run_dir_of(loaded))
-            where = outcome.last_checkpoint or outcome.run_dir
-            state = "stopped" if outcome.stopped_early else "finished"
-            ui.info(f"{state} at step {outcome.step}/{outcome.total_steps}; checkpoint: {where}")
+        if launched:
+            _train_as_rank(_loaded(recipe, overrides), max_steps, take_over, report=False)
             return
-        if ui.settings.verbosity >= 0:
-            render_plan(report.plan, title=f"Plan for {recipe}")
-        rdzv = rendezvous_for(loaded.recipe, node_rank=node_rank, endpoint=rdzv_endpoint)
-        worker_args = [arg for o in overrides for arg in ("--set", f"{o.key}={_toml(o.value)}")]
-        if max_steps is not None:
-            worker_args += ["--max-steps", str(max_steps)]
-        if take_over and rdzv.nnodes > 1:
-            worker_args += ["--take-over"]  # rank 0 takes the lock, on whichever node it is
-        log_dir = run_dir_of(loaded) / "logs"
-        cmd = torchrun_command(rdzv, recipe.resolve(), worker_args, log_dir)
-        ui.detail(" ".join(cmd))
-        code = _launch(cmd, run_dir_of(loaded), rdzv.nnodes, take_over)
-        if code == ABORTED:
-            _aborted(run_dir_of(loaded))
-        if code != 0:
-            ui.err_console.print(
-                f"[bold red]error[/]: training failed (exit {code}); per-rank logs and error "
-                f"files are under {log_dir}"
-            )
-        raise typer.Exit(code)
+        report = _validated(recipe, overrides)
+        require_gpu_for_fp16(report.loaded.recipe.run.precision)
+        world = report.loaded.recipe.distributed.world_size
+        if started_by_launcher(world):
+            _train_as_rank(report.loaded, max_steps, take_over, report=True)
+            return
+        _show_plan(report, recipe)
+        if world == 1:
+            _train_as_rank(report.loaded, max_steps, take_over, report=True)
+            return
+        rank_args = _rank_args(recipe, set_, nproc_per_node, nnodes, allow_pipe, max_steps)
+        _launch_ranks(report.loaded, rank_args, node_rank, rdzv_endpoint, take_over)
+
+
+def _loaded(recipe: Path, overrides: list[Override]) -> LoadedRecipe:
+    from flamingo_cli.recipe.load import load_recipe
+
+    return load_recipe(recipe, overrides)
+
+
+def _validated(recipe: Path, overrides: list[Override]) -> ValidationReport:
+    """The recipe checked for training here; its problems shown, exit 1 on an error."""
+    from flamingo_cli.recipe.validate import validate_recipe
+    from flamingo_cli.ui.errors import render_problems
+
+    report = validate_recipe(recipe, overrides, training=True)
+    render_problems(report.problems)
+    if not report.ok:
+        raise typer.Exit(1)
+    return report
+
+
+def _show_plan(report: ValidationReport, recipe: Path) -> None:
+    from flamingo_cli.ui import console as ui
+    from flamingo_cli.ui.plan import render_plan
+
+    if ui.settings.verbosity >= 0:
+        render_plan(report.plan, title=f"Plan for {recipe}")
+
+
+def _train_as_rank(
+    loaded: LoadedRecipe, max_steps: int | None, take_over: bool, *, report: bool
+) -> None:
+    """Train as this process's rank; `report`: say where it ended (a launcher says it else)."""
+    from flamingo_cli.runtime.run_dir import run_dir_of
+    from flamingo_cli.train.run import train_rank
+    from flamingo_cli.ui import console as ui
+    from flamingo_cli.ui.train_view import TrainDisplay
+
+    try:
+        with TrainDisplay() as display:
+            outcome = train_rank(loaded, display, max_steps=max_steps, take_over=take_over)
+    except KeyboardInterrupt:
+        _aborted(run_dir_of(loaded))
+    if report:
+        where = outcome.last_checkpoint or outcome.run_dir
+        state = "stopped" if outcome.stopped_early else "finished"
+        ui.info(f"{state} at step {outcome.step}/{outcome.total_steps}; checkpoint: {where}")
+
+
+def _rank_args(
+    recipe: Path,
+    set_: list[str] | None,
+    nproc_per_node: int | None,
+    nnodes: int | None,
+    allow_pipe: bool,
+    max_steps: int | None,
+) -> list[str]:
+    """The user's arguments for the ranks' own `flamingo train` (without the rendezvous)."""
+    args = ["train", str(recipe.resolve()), "--launched"]
+    args += [arg for s in set_ or [] for arg in ("--set", s)]
+    args += ["--nproc-per-node", str(nproc_per_node)] if nproc_per_node else []
+    args += ["--nnodes", str(nnodes)] if nnodes else []
+    args += ["--allow-pipe"] if allow_pipe else []
+    args += ["--max-steps", str(max_steps)] if max_steps is not None else []
+    return args
+
+
+def _launch_ranks(
+    loaded: LoadedRecipe,
+    rank_args: list[str],
+    node_rank: int | None,
+    endpoint: str | None,
+    take_over: bool,
+) -> NoReturn:
+    """Start this node's ranks through torchrun; exit with its code."""
+    from flamingo_cli.runtime.launch import ABORTED, rendezvous_for, torchrun_command
+    from flamingo_cli.runtime.run_dir import run_dir_of
+    from flamingo_cli.ui import console as ui
+
+    rdzv = rendezvous_for(loaded.recipe, node_rank=node_rank, endpoint=endpoint)
+    if take_over and rdzv.nnodes > 1:
+        rank_args = [*rank_args, "--take-over"]  # rank 0 takes the lock, on whichever node
+    log_dir = run_dir_of(loaded) / "logs"
+    cmd = torchrun_command(rdzv, rank_args, log_dir)
+    ui.detail(" ".join(cmd))
+    code = _launch(cmd, run_dir_of(loaded), rdzv.nnodes, take_over)
+    if code == ABORTED:
+        _aborted(run_dir_of(loaded))
+    if code != 0:
+        ui.err_console.print(
+            f"[bold red]error[/]: training failed (exit {code}); per-rank logs and error "
+            f"files are under {log_dir}"
+        )
+    raise typer.Exit(code)
 
 
 def _launch(cmd: list[str], run_dir: Path, nnodes: int, take_over: bool) -> int:
@@ -153,10 +223,3 @@ def _aborted(run_dir: Path) -> NoReturn:
     where = f"from {saved[-1].path}" if saved else "from the start (no checkpoint yet)"
     ui.err_console.print(f"aborted by a second Ctrl-C, without saving; a rerun resumes {where}")
     raise typer.Exit(ABORTED)
-
-
-def _toml(value: object) -> str:
-    """An override value written back as TOML so the ranks parse it to the same thing."""
-    from flamingo_cli.recipe.toml_write import dumps
-
-    return dumps({"v": value}).strip().removeprefix("v = ")

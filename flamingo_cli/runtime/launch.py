@@ -1,4 +1,4 @@
-"""Start training: in this process, as a rank torchrun/srun already started, or via torchrun."""
+"""Start ranks: whether this process is one torchrun/srun started, and running torchrun."""
 
 from __future__ import annotations
 
@@ -60,14 +60,9 @@ def rendezvous_for(
     return Rendezvous(dist.nproc_per_node, dist.nnodes, node_rank, endpoint, recipe.run.name)
 
 
-def torchrun_command(
-    rdzv: Rendezvous,
-    recipe_path: Path,
-    worker_args: Sequence[str],
-    log_dir: Path,
-    module: str = "flamingo_cli.train.worker",
-) -> list[str]:
-    """The `python -m torch.distributed.run` command starting `module` on every rank here."""
+def torchrun_command(rdzv: Rendezvous, rank_args: Sequence[str], log_dir: Path) -> list[str]:
+    """The `python -m torch.distributed.run` command starting `python -m flamingo_cli
+    RANK_ARGS` (a subcommand and its arguments) on every rank of this node."""
     cmd = [sys.executable, "-m", "torch.distributed.run"]
     if rdzv.nnodes == 1 and rdzv.endpoint is None:
         cmd += ["--standalone"]
@@ -96,9 +91,8 @@ def torchrun_command(
         "--local-ranks-filter",
         "0",
         "-m",
-        module,
-        str(recipe_path),
-        *worker_args,
+        "flamingo_cli",
+        *rank_args,
     ]
     return cmd
 
