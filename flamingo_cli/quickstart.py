@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from flamingo_cli.train.run import TrainEvents
 
 MARKER = ".flamingo-quickstart"
-STAGES = ("generate", "convert", "inspect", "validate", "train", "evaluate")
 
 
 def bundled_recipe() -> Path:
@@ -200,6 +199,18 @@ def quickstart_overrides(
     return [Override(k, v, "from quickstart") for k, v in values.items()]
 
 
+# Each stage: its name (a method of _Stages) and what it runs, announced as it starts.
+_STAGE_WORK = {
+    "generate": "raw MMC4 zips + image folder, captioned images",
+    "convert": "flamingo convert mmc4 / laion",
+    "inspect": "flamingo inspect-shards",
+    "validate": "flamingo validate-config recipes/tiny-cpu.toml",
+    "train": "flamingo train (one process, CPU)",
+    "evaluate": "flamingo eval-loss --ablate-images none",
+}
+STAGES = tuple(_STAGE_WORK)
+
+
 def run_quickstart(
     directory: Path,
     *,
@@ -220,24 +231,42 @@ def run_quickstart(
         )
     directory = directory.resolve()
     prepare_directory(directory)
-    result = QuickstartResult(directory, recipe, [], min_gap=settings.min_gap)
-    raw, out = directory / "raw", directory / "shards"
-
-    def stage(name: str, what: str, work: Callable[[], str]) -> None:
+    stages = _Stages(directory, recipe, settings, train_events, eval_events)
+    for name, what in _STAGE_WORK.items():
         if on_stage is not None:
             on_stage(name, what)
         start = time.perf_counter()
-        summary = work()
+        summary = getattr(stages, name)()
         done = StageResult(name, summary, time.perf_counter() - start)
-        result.stages.append(done)
+        stages.result.stages.append(done)
         if on_stage_done is not None:
             on_stage_done(done)
+    return stages.result
 
-    s = settings
 
-    def generate() -> str:
+class _Stages:
+    """The quickstart's stages in order, each a method returning its one-line summary; what a
+    stage makes (shard specs, overrides, the evaluation) is kept for the later ones."""
+
+    def __init__(
+        self,
+        directory: Path,
+        recipe: Path,
+        settings: QuickstartSettings,
+        train_events: TrainEvents | None,
+        eval_events: EvalEvents | None,
+    ) -> None:
+        self.directory, self.recipe, self.s = directory, recipe, settings
+        self.raw, self.out = directory / "raw", directory / "shards"
+        self.train_events, self.eval_events = train_events, eval_events
+        self.result = QuickstartResult(directory, recipe, [], min_gap=settings.min_gap)
+        self.shards: dict[str, str] = {}
+        self.overrides: list[Override] = []
+
+    def generate(self) -> str:
         from flamingo_cli.synthetic import write_raw_mmc4
 
+        s, raw = self.s, self.raw
         captions = write_caption_folder(
             raw / "captions", s.caption_images, s.seed, s.image_size, s.image_noise
         )
@@ -256,20 +285,19 @@ def run_quickstart(
             f"zips with {docs.images_written + held.images_written} images"
         )
 
-    shards: dict[str, str] = {}
-
-    def convert() -> str:
+    def convert(self) -> str:
         from flamingo_cli.convert.laion import LaionOptions, convert_laion
         from flamingo_cli.convert.mmc4 import Mmc4Options, convert_mmc4
         from flamingo_cli.convert.runner import RunOptions
 
+        raw, out = self.raw, self.out
         samples = 0
         for name, folder in (("laion", "captions"), ("laion-heldout", "captions-heldout")):
             report = convert_laion(
                 str(raw / folder), out / name, LaionOptions(), RunOptions(workers=1)
             )
             samples += sum(sh.samples for r in report.records for sh in r.shards)
-            shards[name] = _spec(out / name)
+            self.shards[name] = _spec(out / name)
         docs = 0
         for name in ("mmc4", "mmc4-heldout"):
             zips = sorted((raw / name / "docs").glob("*.zip"))
@@ -278,30 +306,29 @@ def run_quickstart(
                 "::".join(str(z) for z in zips), out / name, options, RunOptions(workers=1)
             )
             docs += sum(sh.samples for r in report.records for sh in r.shards)
-            shards[name] = _spec(out / name)
+            self.shards[name] = _spec(out / name)
         return f"{samples} pairs and {docs} documents into {out}"
 
-    def inspect() -> str:
+    def inspect(self) -> str:
         from flamingo_cli.inspect.run import InspectOptions, groups_from_specs, inspect_shards
 
         options = InspectOptions(workers=1)
-        report = inspect_shards(groups_from_specs(list(shards.values()), options), options)
+        report = inspect_shards(groups_from_specs(list(self.shards.values()), options), options)
         if not report.ok:
             raise FlamingoError(
                 f"inspect-shards found {report.errors} error(s) in the generated shards",
-                fix=f"run `flamingo inspect-shards {out}` to see them",
+                fix=f"run `flamingo inspect-shards {self.out}` to see them",
             )
         total = sum(g.total("samples") for g in report.groups)
         return f"{len(report.unique_shards())} shards, {total} samples, no errors"
 
-    overrides: list[Override] = []
-
-    def validate() -> str:
+    def validate(self) -> str:
         from flamingo_cli.recipe.validate import validate_recipe
 
-        overrides.extend(quickstart_overrides(s, shards, directory / "runs"))
-        result.overrides = [f"{o.key}={o.value}" for o in overrides]
-        report = validate_recipe(recipe, overrides, check_shards=True)
+        s = self.s
+        self.overrides.extend(quickstart_overrides(s, self.shards, self.directory / "runs"))
+        self.result.overrides = [f"{o.key}={o.value}" for o in self.overrides]
+        report = validate_recipe(self.recipe, self.overrides, check_shards=True)
         errors = [p for p in report.problems if p.severity == "error"]
         if errors:
             raise FlamingoError(
@@ -310,36 +337,28 @@ def run_quickstart(
             )
         plan = report.plan
         return (
-            f"{recipe.name}: {plan.total_optimizer_steps} optimizer steps "
+            f"{self.recipe.name}: {plan.total_optimizer_steps} optimizer steps "
             f"({s.epochs} epochs), world size {plan.world_size}"
         )
 
-    def train() -> str:
+    def train(self) -> str:
         from flamingo_cli.recipe.load import load_recipe
         from flamingo_cli.train.run import train_rank
 
-        outcome = train_rank(load_recipe(recipe, overrides), train_events)
+        outcome = train_rank(load_recipe(self.recipe, self.overrides), self.train_events)
         losses = {k: v for k, v in outcome.metrics.items() if k.startswith("loss/")}
         shown = ", ".join(f"{k.removeprefix('loss/')} {v:.3f}" for k, v in losses.items())
         return f"{outcome.step} steps, last losses {shown}"
 
-    def evaluate() -> str:
+    def evaluate(self) -> str:
         from flamingo_cli.evaluate.run import evaluate_loss
         from flamingo_cli.recipe.load import load_recipe
 
-        result.evaluation = evaluate_loss(
-            load_recipe(recipe, overrides), "latest", ablation="none", events=eval_events
+        self.result.evaluation = evaluate_loss(
+            load_recipe(self.recipe, self.overrides),
+            "latest",
+            ablation="none",
+            events=self.eval_events,
         )
-        gap = result.caption_gap
+        gap = self.result.caption_gap
         return f"caption loss gap {gap:.3f} nats per token" if gap is not None else "no gap"
-
-    for name, what, work in (
-        ("generate", "raw MMC4 zips + image folder, captioned images", generate),
-        ("convert", "flamingo convert mmc4 / laion", convert),
-        ("inspect", "flamingo inspect-shards", inspect),
-        ("validate", "flamingo validate-config recipes/tiny-cpu.toml", validate),
-        ("train", "flamingo train (one process, CPU)", train),
-        ("evaluate", "flamingo eval-loss --ablate-images none", evaluate),
-    ):
-        stage(name, what, work)
-    return result
