@@ -20,6 +20,7 @@ from flamingo_cli.cli.common import (
 
 if TYPE_CHECKING:
     from flamingo_cli.inspect.report import InspectReport
+    from flamingo_cli.inspect.run import InspectOptions, ShardGroup
 
 # recipe.schema's DEFAULT_MAX_IMAGE_PIXELS, written out: importing the schema would load
 # pydantic in every run (a test checks the two agree)
@@ -30,6 +31,7 @@ def register(app: typer.Typer) -> None:
     command(app, "inspect-shards")(inspect_shards)
 
 
+# Long for its option declarations only: the body is the steps (_merge, _scan, _show).
 def inspect_shards(
     specs: Annotated[
         list[str] | None,
@@ -121,13 +123,7 @@ def inspect_shards(
     Exit 0 when no errors were found, 1 when some were, 2 on usage errors.
     """
     from flamingo_cli.errors import UsageError
-    from flamingo_cli.inspect.run import (
-        InspectOptions,
-        groups_from_recipe,
-        groups_from_specs,
-        merge_reports,
-    )
-    from flamingo_cli.inspect.run import inspect_shards as run_inspect
+    from flamingo_cli.inspect.run import InspectOptions, groups_from_recipe, groups_from_specs
 
     with user_errors(json_):
         if not specs and recipe is None:
@@ -136,18 +132,10 @@ def inspect_shards(
                 fix="flamingo inspect-shards 'shards/{00000..00009}.tar'",
             )
         if merge:
-            if not specs or recipe is not None or preview is not None:
-                raise UsageError(
-                    "--merge takes the nodes' JSON reports as arguments (no --recipe/--preview)",
-                    fix="flamingo inspect-shards --merge reports/node-*.json",
-                )
-            report = merge_reports(
-                specs,
-                InspectOptions(
-                    write_sizes=write_sizes, max_errors=max_errors, allow_pipe=allow_pipe
-                ),
+            options = InspectOptions(
+                write_sizes=write_sizes, max_errors=max_errors, allow_pipe=allow_pipe
             )
-            _show(report, json_)
+            _show(_merge(specs or [], recipe is not None or preview is not None, options), json_)
             return
         partition, ray_options = cluster_options(num_nodes, node_rank, ray, ray_address)
         if partition.split and preview is not None:
@@ -170,20 +158,39 @@ def inspect_shards(
         groups = groups_from_specs(specs or [], options)
         if recipe is not None:
             groups += groups_from_recipe(recipe, options)
-        if json_:
-            report = run_inspect(groups, options)
-        else:
-            from flamingo_cli.ui.inspect import shard_progress
-
-            urls = list(dict.fromkeys(url for group in groups for url in group.urls))
-            with shard_progress(len(partition.select(urls))) as progress:
-                report = run_inspect(groups, options, progress)
+        report = _scan(groups, options, json_)
         if preview is not None:
             from flamingo_cli.inspect.preview import write_preview
 
             write_preview(report, groups, preview, samples=samples, seed=seed)
             report.preview = str(preview)
         _show(report, json_)
+
+
+def _merge(reports: list[str], other_inputs: bool, options: InspectOptions) -> InspectReport:
+    """Join the nodes' --json reports; --recipe and --preview have no place in a merge."""
+    from flamingo_cli.errors import UsageError
+    from flamingo_cli.inspect.run import merge_reports
+
+    if not reports or other_inputs:
+        raise UsageError(
+            "--merge takes the nodes' JSON reports as arguments (no --recipe/--preview)",
+            fix="flamingo inspect-shards --merge reports/node-*.json",
+        )
+    return merge_reports(reports, options)
+
+
+def _scan(groups: list[ShardGroup], options: InspectOptions, json_: bool) -> InspectReport:
+    """Scan the groups' shards, under a progress bar unless the output is JSON."""
+    from flamingo_cli.inspect.run import inspect_shards as run_inspect
+
+    if json_:
+        return run_inspect(groups, options)
+    from flamingo_cli.ui.inspect import shard_progress
+
+    urls = list(dict.fromkeys(url for group in groups for url in group.urls))
+    with shard_progress(len(options.partition.select(urls))) as progress:
+        return run_inspect(groups, options, progress)
 
 
 def _show(report: InspectReport, json_: bool) -> None:
