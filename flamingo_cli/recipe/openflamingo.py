@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -37,7 +38,13 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> _Parser:
     """OpenFlamingo's train.py flags with its argparse defaults (both spellings it has used)."""
     p = _Parser(prog="train.py", add_help=False, allow_abbrev=False)
-    add = p.add_argument
+    _add_model_and_optim_flags(p.add_argument)
+    _add_data_flags(p.add_argument)
+    _add_launch_and_logging_flags(p.add_argument)
+    return p
+
+
+def _add_model_and_optim_flags(add: Callable[..., object]) -> None:
     add("--vision_encoder_path", default="ViT-L-14")
     add("--vision_encoder_pretrained", default="openai")
     add("--lm_path", default="facebook/opt-1.3b")
@@ -74,6 +81,9 @@ def _parser() -> _Parser:
     add("--offline", action="store_true")
     add("--freeze_lm_embeddings", action="store_true")
     add("--logging_steps", type=int, default=100)
+
+
+def _add_data_flags(add: Callable[..., object]) -> None:
     add("--laion_shards", default=None)
     add("--mmc4_shards", default=None)
     add("--workers", type=int, default=1)
@@ -89,6 +99,9 @@ def _parser() -> _Parser:
     add("--mmc4_textsim_threshold", type=float, default=30.0)
     add("--mmc4_max_num_images", type=int, default=6)
     add("--mmc4_min_num_images", type=int, default=1)
+
+
+def _add_launch_and_logging_flags(add: Callable[..., object]) -> None:
     add("--dist-url", dest="dist_url", default="env://")
     add("--dist-backend", dest="dist_backend", default="nccl")
     add("--horovod", action="store_true")
@@ -101,7 +114,6 @@ def _parser() -> _Parser:
     add("--wandb_entity", default=None)
     add("--save_checkpoints_to_wandb", action="store_true")
     add("--local-rank", "--local_rank", dest="local_rank", type=int, default=0)
-    return p
 
 
 def _split_launcher(tokens: list[str]) -> tuple[list[str], list[str]]:
@@ -162,6 +174,24 @@ def recipe_from_openflamingo(command: str) -> OpenFlamingoImport:
     nproc, nnodes = _launcher_world(launcher)
     parser = _parser()
     args, unknown = parser.parse_known_args(flags)
+    problems = _flag_problems(parser, unknown, args)
+    data = _data_section(args)
+    problems += _missing_datasets(data)
+    recipe = _without_none(_recipe(args, data, nproc, nnodes))
+    return OpenFlamingoImport(recipe, dumps(recipe, _COMMENTS), problems)
+
+
+_COMMENTS = {
+    "model.lm_path": "translated from an OpenFlamingo train.py command",
+    "model.trust_remote_code": "OpenFlamingo always loads the LM with its remote code",
+    "data.mmc4.assignment": 'OpenFlamingo head; its 2.0.1 release used "argmax"',
+    "run.output_dir": "OpenFlamingo writes checkpoints to ./<run_name>",
+    "run.keep_last": "0 keeps every checkpoint, as OpenFlamingo does",
+}
+
+
+def _flag_problems(parser: _Parser, unknown: list[str], args: argparse.Namespace) -> list[Problem]:
+    """Unknown flags (with the closest known one) and flags we do not support."""
     problems: list[Problem] = []
     known = [o for a in parser._actions for o in a.option_strings]
     for token in unknown:
@@ -183,7 +213,11 @@ def recipe_from_openflamingo(command: str) -> OpenFlamingoImport:
                 severity="warning",
             )
         )
+    return problems
 
+
+def _data_section(args: argparse.Namespace) -> dict[str, Any]:
+    """[data.laion] and [data.mmc4] for the datasets the command gives shards of."""
     data: dict[str, Any] = {}
     if args.laion_shards is not None:
         data["laion"] = {
@@ -207,6 +241,12 @@ def recipe_from_openflamingo(command: str) -> OpenFlamingoImport:
             "max_num_images": args.mmc4_max_num_images,
             "assignment": "hungarian",
         }
+    return data
+
+
+def _missing_datasets(data: dict[str, Any]) -> list[Problem]:
+    """A warning for each dataset the command does not train on."""
+    problems: list[Problem] = []
     for name in ("laion", "mmc4"):
         if name not in data:
             problems.append(
@@ -217,7 +257,14 @@ def recipe_from_openflamingo(command: str) -> OpenFlamingoImport:
                     severity="warning",
                 )
             )
-    recipe: dict[str, Any] = {
+    return problems
+
+
+def _recipe(
+    args: argparse.Namespace, data: dict[str, Any], nproc: int, nnodes: int
+) -> dict[str, Any]:
+    """The whole recipe: model, data, optim, run, distributed and logging sections."""
+    return {
         "model": {
             "vision_encoder": args.vision_encoder_path,
             "vision_pretrained": args.vision_encoder_pretrained,
@@ -261,15 +308,6 @@ def recipe_from_openflamingo(command: str) -> OpenFlamingoImport:
             "save_checkpoints_to_wandb": args.save_checkpoints_to_wandb,
         },
     }
-    comments = {
-        "model.lm_path": "translated from an OpenFlamingo train.py command",
-        "model.trust_remote_code": "OpenFlamingo always loads the LM with its remote code",
-        "data.mmc4.assignment": 'OpenFlamingo head; its 2.0.1 release used "argmax"',
-        "run.output_dir": "OpenFlamingo writes checkpoints to ./<run_name>",
-        "run.keep_last": "0 keeps every checkpoint, as OpenFlamingo does",
-    }
-    recipe = _without_none(recipe)
-    return OpenFlamingoImport(recipe, dumps(recipe, comments), problems)
 
 
 def _without_none(node: dict[str, Any]) -> dict[str, Any]:
