@@ -9,10 +9,10 @@ every rank), sharding, optimizer and schedule, loaders, resume or `init_from`, m
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from flamingo_cli.model.flamingo import FlamingoModel
 from flamingo_cli.model.params import checkpoint_parameter_names, embedding_grad_mask
 from flamingo_cli.recipe.load import LoadedRecipe
 from flamingo_cli.recipe.plan import make_plan
+from flamingo_cli.recipe.schema import Recipe
 from flamingo_cli.recipe.toml_write import dumps
 from flamingo_cli.runtime.distributed import (
     DistInfo,
@@ -47,7 +48,9 @@ from flamingo_cli.train.checkpoint import (
 )
 from flamingo_cli.train.export import export_weights
 from flamingo_cli.train.loop import (
+    Batch,
     LoopConfig,
+    StepResult,
     StopFlag,
     accumulation_windows,
     metrics_of,
@@ -57,6 +60,12 @@ from flamingo_cli.train.loop import (
 from flamingo_cli.train.metrics import METRICS_FILE, Sinks, open_sinks, set_aside_rows_after
 from flamingo_cli.train.optim import build_optimizer
 from flamingo_cli.train.schedule import build_scheduler
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from flamingo_cli.data.preprocess import ImageTransform
+    from flamingo_cli.model.tokenizer import SpecialTokens
 
 FINISHED = "FINISHED"
 
@@ -180,6 +189,41 @@ def _lost_error(run_dir: Path, lock: RunLock | None) -> RunDirLocked:
     )
 
 
+@dataclass
+class TrainSession:
+    """What one rank's run holds from set-up to the end: model, optimizer, loaders, progress."""
+
+    recipe: Recipe
+    info: DistInfo
+    events: TrainEvents
+    run_dir: Path
+    total_steps: int
+    model: FlamingoModel  # unwrapped, for the gradient masks and the export's names
+    wrapped: nn.Module
+    keep: set[str]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loaders: dict[str, TrainLoader]
+    evaluate: Callable[[nn.Module], dict[str, float]] | None
+    progress: dict[str, int]
+    state: TrainState
+    last_checkpoint: Path | None = None
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Loop:
+    """How the step loop runs: the step arithmetic, gradient scaler, sinks and when to stop."""
+
+    config: LoopConfig
+    scaler: torch.amp.GradScaler | None
+    sinks: Sinks | None
+    recipe_text: str  # saved with each checkpoint
+    stop: StopFlag
+    lock: RunLock | None
+    max_steps: int | None
+
+
 def _train(
     loaded: LoadedRecipe,
     info: DistInfo,
@@ -188,16 +232,42 @@ def _train(
     stop: StopFlag,
     lock: RunLock | None,
 ) -> TrainOutcome:
-    recipe = loaded.recipe
-    run_dir = run_dir_of(loaded)
+    """Set up, resume, then epochs until the recipe's last or a stop; export at the end."""
+    session = _set_up(loaded, info, events)
+    session.last_checkpoint = _resume(session)
+    run = _start(session, stop, lock, max_steps)
+    stopped = False
+    try:
+        while not stopped and session.progress["epoch"] < session.recipe.run.num_epochs:
+            stopped = _run_epoch(session, run)
+            if not stopped:
+                _end_epoch(session)
+                session.last_checkpoint = _checkpoint(session, run)
+        if not stopped:
+            _finish(session)
+    finally:
+        if run.sinks is not None:
+            run.sinks.close()
+    progress = session.progress
+    return TrainOutcome(
+        session.run_dir,
+        progress["step"],
+        session.total_steps,
+        stopped,
+        session.last_checkpoint,
+        session.last_metrics,
+    )
+
+
+def _set_up(loaded: LoadedRecipe, info: DistInfo, events: TrainEvents) -> TrainSession:
+    """Model (same seed on every rank), sharding, optimizer and schedule, loaders, eval."""
     # the recipe's world size is what was planned; the real one is what torchrun started
-    dist_cfg = recipe.distributed.model_copy(
+    dist_cfg = loaded.recipe.distributed.model_copy(
         update={"nproc_per_node": info.local_world_size, "nnodes": info.nnodes}
     )
-    recipe = recipe.model_copy(update={"distributed": dist_cfg})
+    recipe = loaded.recipe.model_copy(update={"distributed": dist_cfg})
     plan = make_plan(recipe)
     torch.manual_seed(recipe.run.seed + info.rank)
-
     model, transform, tokenizer, special = build_model(recipe.model, seed=recipe.run.seed)
     if recipe.model.init_from:
         load_weights(model, Path(recipe.model.init_from))  # fine-tuning, not a resume
@@ -211,14 +281,48 @@ def _train(
         precision=recipe.run.precision,
         info=info,
     )
-    optimizer = build_optimizer(wrapped, lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay)
+    optim = recipe.optim
+    optimizer = build_optimizer(wrapped, lr=optim.lr, weight_decay=optim.weight_decay)
     scheduler = build_scheduler(
         optimizer,
-        kind=recipe.optim.scheduler,
-        warmup_steps=recipe.optim.warmup_steps,
+        kind=optim.scheduler,
+        warmup_steps=optim.warmup_steps,
         total_steps=plan.total_optimizer_steps,
     )
-    loaders: dict[str, TrainLoader] = {
+    loaders = _make_loaders(recipe, tokenizer, special, transform, info)
+    evaluate = None
+    if recipe.run.eval_every:
+        evaluate = periodic_evaluation(recipe, tokenizer, special, transform, info)
+    # every key must exist before a resume: DCP restores only the keys of this template
+    progress = {"step": 0, "epoch": 0, "skipped_steps": 0, **{f"samples_{n}": 0 for n in loaders}}
+    state = TrainState(wrapped, optimizer, scheduler, keep=lambda k: k in keep, progress=progress)
+    return TrainSession(
+        recipe=recipe,
+        info=info,
+        events=events,
+        run_dir=run_dir_of(loaded),
+        total_steps=plan.total_optimizer_steps,
+        model=model,
+        wrapped=wrapped,
+        keep=keep,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loaders=loaders,
+        evaluate=evaluate,
+        progress=progress,
+        state=state,
+    )
+
+
+def _make_loaders(
+    recipe: Recipe,
+    tokenizer: PreTrainedTokenizerBase,
+    special: SpecialTokens,
+    transform: ImageTransform,
+    info: DistInfo,
+) -> dict[str, TrainLoader]:
+    """One training loader per dataset, for this rank."""
+    return {
         name: make_loader(
             config,
             tokenizer,
@@ -232,175 +336,196 @@ def _train(
         )
         for name, config in recipe.datasets().items()
     }
-    evaluate = (
-        periodic_evaluation(recipe, tokenizer, special, transform, info)
-        if recipe.run.eval_every
-        else None
-    )
-    # every key must exist before a resume: DCP restores only the keys of this template
-    progress = {
-        "step": 0,
-        "epoch": 0,
-        "skipped_steps": 0,
-        **{f"samples_{name}": 0 for name in loaders},
-    }
-    state = TrainState(wrapped, optimizer, scheduler, keep=lambda k: k in keep, progress=progress)
-    resume = resolve_resume(run_dir, recipe.run.resume)
-    if resume is not None:
-        rank_state = load_checkpoint(resume, state, info)
-        if rank_state is not None:
-            try:
-                for name, loader in loaders.items():
-                    loader.load_state_dict(rank_state["loaders"][name])
-                set_rng_state(rank_state["rng"])
-            except FlamingoError:  # another worker count: no saved position fits
-                rank_state = None
-        if rank_state is None:
-            for name, loader in loaders.items():
-                loader.set_epoch(progress["epoch"])
-                consumed = progress.get(f"samples_{name}", 0)
-                loader.skip_to(consumed // (loader.config.batch_size * info.world_size))
-            events.message(
-                f"resuming {resume} on another world size or worker count: weights and "
-                "optimizer reshard; the data continues from the global number of samples "
-                "consumed in this epoch, not with exactly the batches an unchanged run would see"
-            )
 
-    events.started(plan.total_optimizer_steps, progress["step"])
-    if recipe.run.eval_every and evaluate is None:
+
+def _resume(session: TrainSession) -> Path | None:
+    """Load `run.resume`'s checkpoint, if any, and put the loaders where it left off."""
+    resume = resolve_resume(session.run_dir, session.recipe.run.resume)
+    if resume is None:
+        return None
+    info, loaders = session.info, session.loaders
+    rank_state = load_checkpoint(resume, session.state, info)
+    if rank_state is not None:
+        try:
+            for name, loader in loaders.items():
+                loader.load_state_dict(rank_state["loaders"][name])
+            set_rng_state(rank_state["rng"])
+        except FlamingoError:  # another worker count: no saved position fits
+            rank_state = None
+    if rank_state is None:
+        for name, loader in loaders.items():
+            loader.set_epoch(session.progress["epoch"])
+            consumed = session.progress.get(f"samples_{name}", 0)
+            loader.skip_to(consumed // (loader.config.batch_size * info.world_size))
+        session.events.message(
+            f"resuming {resume} on another world size or worker count: weights and "
+            "optimizer reshard; the data continues from the global number of samples "
+            "consumed in this epoch, not with exactly the batches an unchanged run would see"
+        )
+    return resume
+
+
+def _start(
+    session: TrainSession, stop: StopFlag, lock: RunLock | None, max_steps: int | None
+) -> _Loop:
+    """Announce the run, set the step up, and open the metrics sinks (rank 0)."""
+    recipe, events, progress = session.recipe, session.events, session.progress
+    events.started(session.total_steps, progress["step"])
+    if recipe.run.eval_every and session.evaluate is None:
         events.message("run.eval_every is set but no dataset has eval_shards: no evaluation")
-    loop_config = LoopConfig(
+    config = LoopConfig(
         gradient_accumulation_steps=recipe.optim.gradient_accumulation_steps,
         loss_multipliers={name: cfg.loss_multiplier for name, cfg in recipe.datasets().items()},
         max_grad_norm=recipe.optim.max_grad_norm,
         precision=recipe.run.precision,
-        grad_masks=grad_masks(model, wrapped),
+        grad_masks=grad_masks(session.model, session.wrapped),
     )
     scaler = torch.amp.GradScaler("cuda") if recipe.run.precision == "fp16" else None
-    if info.is_main:  # one row per step: rows of steps this run does again are moved aside
-        moved = set_aside_rows_after(run_dir / METRICS_FILE, progress["step"])
+    sinks: Sinks | None = None
+    if session.info.is_main:  # one row per step: rows of steps this run does again move aside
+        moved = set_aside_rows_after(session.run_dir / METRICS_FILE, progress["step"])
         if moved is not None:
             events.message(
                 f"moved {moved.rows} row(s) of {METRICS_FILE} after step {progress['step']} "
                 f"to {moved.path.name}: this run logs those steps again"
             )
-    sinks: Sinks | None = open_sinks(recipe, run_dir) if info.is_main else None
+        sinks = open_sinks(recipe, session.run_dir)
     # the recipe as this run resolved it: overrides applied, world size as launched
     recipe_text = dumps(recipe.model_dump(mode="json", exclude_none=True))
-    last_checkpoint: Path | None = resume
-    last_metrics: dict[str, Any] = {}
-    accum = recipe.optim.gradient_accumulation_steps
-    stopped = False
+    return _Loop(config, scaler, sinks, recipe_text, stop, lock, max_steps)
 
-    def checkpoint() -> Path:
-        rank_state = {
-            "loaders": {name: loader.state_dict() for name, loader in loaders.items()},
-            "rng": rng_state(),
-        }
-        path = save_checkpoint(
-            run_dir,
-            progress["step"],
-            state,
-            rank_state,
-            info,
-            recipe_text=recipe_text,
-            keep_last=recipe.run.keep_last,
-        )
-        if sinks is not None:
-            sinks.save_checkpoint(path)
-        return path
 
+def _run_epoch(session: TrainSession, run: _Loop) -> bool:
+    """The optimizer steps left in this epoch; True when the run stopped (and saved)."""
+    epoch = session.progress["epoch"]
+    for loader in session.loaders.values():
+        loader.set_epoch(epoch)
+    iterators = {name: iter(loader) for name, loader in session.loaders.items()}
+    total = min(loader.num_batches for loader in session.loaders.values())
+    start = min(loader.batches for loader in session.loaders.values())
+    accum = session.recipe.optim.gradient_accumulation_steps
     try:
-        for epoch in range(progress["epoch"], recipe.run.num_epochs):
-            progress["epoch"] = epoch
-            for loader in loaders.values():
-                loader.set_epoch(epoch)
-            iterators = {name: iter(loader) for name, loader in loaders.items()}
-            total = min(loader.num_batches for loader in loaders.values())
-            start = min(loader.batches for loader in loaders.values())
-            for index, window, waited in accumulation_windows(iterators, start, total, accum):
-                result = optimizer_step(
-                    wrapped,
-                    window,
-                    optimizer,
-                    scheduler,
-                    loop_config,
-                    info,
-                    recipe.distributed.strategy,
-                    scaler,
-                    waited,
-                )
-                progress["step"] += 1
-                progress["skipped_steps"] += int(result.skipped)
-                for name, loader in loaders.items():
-                    progress[f"samples_{name}"] = (
-                        loader.batches * loader.config.batch_size * info.world_size
-                    )
-                step = progress["step"]
-                for note in [n for loader in loaders.values() for n in loader.damage_notices()]:
-                    events.message(note)  # each damaged shard named once
-                eval_metrics: dict[str, float] = {}
-                if evaluate is not None and step % recipe.run.eval_every == 0:  # every rank
-                    eval_metrics = evaluate(wrapped)
-                if step % recipe.run.log_every == 0 or index == total:
-                    counters = {
-                        f"{name}/{reason}": count
-                        for name, loader in loaders.items()
-                        for reason, count in loader.dropped.items()
-                    }
-                    result.losses = mean_across_ranks(result.losses, info)
-                    last_metrics = metrics_of(result, counters)
-                    last_metrics["epoch"] = epoch
-                    last_metrics.update(eval_metrics)
-                    last_metrics["skipped_steps"] = progress["skipped_steps"]
-                    if sinks is not None:
-                        sinks.log(step, last_metrics)
-                    events.step(step, last_metrics)
-                elif eval_metrics:
-                    if sinks is not None:
-                        sinks.log(step, eval_metrics)
-                    events.step(step, eval_metrics)
-                at_end = index == total
-                stopping = should_stop(stop, info) or (max_steps is not None and step >= max_steps)
-                if stopping and any_rank(lock is not None and lock.lost, info):
-                    raise _lost_error(run_dir, lock)
-                if (
-                    recipe.run.checkpoint_every
-                    and step % recipe.run.checkpoint_every == 0
-                    and not at_end
-                    and not stopping  # the stop saves this step
-                ):
-                    last_checkpoint = checkpoint()
-                if stopping:
-                    if at_end:  # the epoch is complete: resume at the next one
-                        progress["epoch"] = epoch + 1
-                        for name in loaders:
-                            progress[f"samples_{name}"] = 0
-                    last_checkpoint = checkpoint()
-                    stopped = True
-                    break
-            for it in iterators.values():
-                close = getattr(it, "close", None)
-                if callable(close):
-                    close()
-            if stopped:
-                break
-            progress["epoch"] = epoch + 1
-            for name in loaders:
-                progress[f"samples_{name}"] = 0
-            last_checkpoint = checkpoint()
-        if not stopped:
-            export_weights(wrapped, keep, run_dir, info)
-            if info.is_main:
-                (run_dir / FINISHED).write_text(f"{progress['step']}\n", encoding="utf-8")
+        for index, window, waited in accumulation_windows(iterators, start, total, accum):
+            if _step(session, run, window, waited, at_end=index == total):
+                return True
     finally:
-        if sinks is not None:
-            sinks.close()
-    return TrainOutcome(
-        run_dir,
-        progress["step"],
-        plan.total_optimizer_steps,
-        stopped,
-        last_checkpoint,
-        last_metrics,
+        for it in iterators.values():
+            close = getattr(it, "close", None)
+            if callable(close):
+                close()
+    return False
+
+
+def _step(
+    session: TrainSession,
+    run: _Loop,
+    window: list[dict[str, Batch]],
+    waited: float,
+    *,
+    at_end: bool,
+) -> bool:
+    """One optimizer step, its metrics, and a checkpoint when due; True when stopping."""
+    info, recipe = session.info, session.recipe
+    result = optimizer_step(
+        session.wrapped,
+        window,
+        session.optimizer,
+        session.scheduler,
+        run.config,
+        info,
+        recipe.distributed.strategy,
+        run.scaler,
+        waited,
     )
+    step = _count(session, result)
+    eval_metrics: dict[str, float] = {}
+    if session.evaluate is not None and step % recipe.run.eval_every == 0:  # every rank
+        eval_metrics = session.evaluate(session.wrapped)
+    _log(session, run, result, eval_metrics, at_end=at_end)
+    stopping = should_stop(run.stop, info) or (run.max_steps is not None and step >= run.max_steps)
+    if stopping and any_rank(run.lock is not None and run.lock.lost, info):
+        raise _lost_error(session.run_dir, run.lock)
+    every = recipe.run.checkpoint_every
+    if every and step % every == 0 and not at_end and not stopping:  # a stop saves this step
+        session.last_checkpoint = _checkpoint(session, run)
+    if stopping:
+        if at_end:  # the epoch is complete: resume at the next one
+            _end_epoch(session)
+        session.last_checkpoint = _checkpoint(session, run)
+    return stopping
+
+
+def _count(session: TrainSession, result: StepResult) -> int:
+    """Advance the progress counters past one step (each damaged shard named once)."""
+    progress, info = session.progress, session.info
+    progress["step"] += 1
+    progress["skipped_steps"] += int(result.skipped)
+    for name, loader in session.loaders.items():
+        progress[f"samples_{name}"] = loader.batches * loader.config.batch_size * info.world_size
+    for note in [n for loader in session.loaders.values() for n in loader.damage_notices()]:
+        session.events.message(note)
+    return progress["step"]
+
+
+def _log(
+    session: TrainSession,
+    run: _Loop,
+    result: StepResult,
+    eval_metrics: dict[str, float],
+    *,
+    at_end: bool,
+) -> None:
+    """The step's metrics every `run.log_every` steps and at an epoch's end; eval ones always."""
+    step = session.progress["step"]
+    metrics: dict[str, Any] = dict(eval_metrics)
+    if step % session.recipe.run.log_every == 0 or at_end:
+        counters = {
+            f"{name}/{reason}": count
+            for name, loader in session.loaders.items()
+            for reason, count in loader.dropped.items()
+        }
+        result.losses = mean_across_ranks(result.losses, session.info)
+        metrics = metrics_of(result, counters)
+        metrics["epoch"] = session.progress["epoch"]
+        metrics.update(eval_metrics)
+        metrics["skipped_steps"] = session.progress["skipped_steps"]
+        session.last_metrics = metrics
+    if not metrics:
+        return
+    if run.sinks is not None:
+        run.sinks.log(step, metrics)
+    session.events.step(step, metrics)
+
+
+def _end_epoch(session: TrainSession) -> None:
+    """The epoch is complete: a resume from here starts the next one at its beginning."""
+    session.progress["epoch"] += 1
+    for name in session.loaders:
+        session.progress[f"samples_{name}"] = 0
+
+
+def _checkpoint(session: TrainSession, run: _Loop) -> Path:
+    """Save a checkpoint of this step on every rank (collective)."""
+    rank_state = {
+        "loaders": {name: loader.state_dict() for name, loader in session.loaders.items()},
+        "rng": rng_state(),
+    }
+    path = save_checkpoint(
+        session.run_dir,
+        session.progress["step"],
+        session.state,
+        rank_state,
+        session.info,
+        recipe_text=run.recipe_text,
+        keep_last=session.recipe.run.keep_last,
+    )
+    if run.sinks is not None:
+        run.sinks.save_checkpoint(path)
+    return path
+
+
+def _finish(session: TrainSession) -> None:
+    """The last epoch is done: export the weights and mark the run finished."""
+    export_weights(session.wrapped, session.keep, session.run_dir, session.info)
+    if session.info.is_main:
+        (session.run_dir / FINISHED).write_text(f"{session.progress['step']}\n", encoding="utf-8")
