@@ -12,7 +12,7 @@ import binascii
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from flamingo_cli.data.text import (
     CONTROL_TOKENS,
@@ -236,8 +236,6 @@ def _view_pair(key: str, members: Mapping[str, bytes], filters: Filters) -> Samp
 
 
 def _view_mmc4(view: SampleView, doc: dict[str, Any], filters: Filters, decode_all: bool) -> None:
-    from flamingo_cli.data.assign import assign_images, large_enough  # scipy: deep mode only
-
     texts, infos, matrix = doc.get("text_list"), doc.get("image_info"), doc.get("similarity_matrix")
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         view.issues.append(Issue("document", "text_list is not a list of strings"))
@@ -248,60 +246,86 @@ def _view_mmc4(view: SampleView, doc: dict[str, Any], filters: Filters, decode_a
     view.texts = texts
     for j, text in enumerate(texts):
         _check_text(view.issues, f"text_list[{j}]", text)
-    rows = matrix if isinstance(matrix, list) else []
-    shape_ok = (
-        isinstance(matrix, list)
-        and len(matrix) == len(infos)
-        and all(isinstance(r, list) and len(r) == len(texts) for r in matrix)
-    )
-    if not shape_ok:
-        got = (
-            f"{len(rows)}x{'/'.join(sorted({str(len(r)) if isinstance(r, list) else '?' for r in rows})) or 0}"
-            if isinstance(matrix, list)
-            else type(matrix).__name__
-        )
-        view.issues.append(
-            Issue(
-                "similarity-shape",
-                f"similarity_matrix is {got}, expected {len(infos)}x{len(texts)} "
-                "(images x sentences)",
-            )
-        )
-    eligible: list[bool] = []
-    for i, info in enumerate(infos):
-        image = ImageView(i)
-        view.images.append(image)
-        matched = info.get("matched_text_index")
-        if not isinstance(matched, int) or not 0 <= matched < len(texts):
-            view.issues.append(
-                Issue(
-                    "matched-index",
-                    f"image_info[{i}].matched_text_index {matched!r} is outside "
-                    f"0..{len(texts) - 1}",
-                )
-            )
-        if "image_base64" not in info:
-            image.dropped = "not downloaded"
-            eligible.append(False)
-            continue
-        try:
-            image.data = _b64(info["image_base64"])
-        except ValueError as exc:
-            image.dropped = "bad base64"
-            view.issues.append(Issue("base64", f"image_info[{i}].image_base64: {exc}"))
-            eligible.append(False)
-            continue
-        if not large_enough(len(image.data)):
-            image.dropped = "under 11,000 bytes"
-        eligible.append(image.dropped is None)
-        if decode_all:
-            _decode_into(view, image, f"image_info[{i}]", filters)
+    shape_ok = _similarity_shape_ok(view, matrix, len(infos), len(texts))
+    eligible = [
+        _view_mmc4_image(view, i, info, len(texts), filters, decode_all)
+        for i, info in enumerate(infos)
+    ]
     if not shape_ok:
         for image in view.images:
             image.dropped = image.dropped or "no usable similarity row"
         return
-    pairs = assign_images(rows, eligible, filters.threshold, filters.assignment)
-    assigned = dict(pairs)
+    _assign_mmc4_images(view, cast("list[list[Any]]", matrix), eligible, filters)
+
+
+def _similarity_shape_ok(view: SampleView, matrix: Any, images: int, sentences: int) -> bool:
+    """Whether the similarity matrix is images x sentences; an issue when it is not."""
+    rows = matrix if isinstance(matrix, list) else []
+    if (
+        isinstance(matrix, list)
+        and len(matrix) == images
+        and all(isinstance(r, list) and len(r) == sentences for r in matrix)
+    ):
+        return True
+    got = (
+        f"{len(rows)}x{'/'.join(sorted({str(len(r)) if isinstance(r, list) else '?' for r in rows})) or 0}"
+        if isinstance(matrix, list)
+        else type(matrix).__name__
+    )
+    view.issues.append(
+        Issue(
+            "similarity-shape",
+            f"similarity_matrix is {got}, expected {images}x{sentences} (images x sentences)",
+        )
+    )
+    return False
+
+
+def _view_mmc4_image(
+    view: SampleView,
+    i: int,
+    info: dict[str, Any],
+    sentences: int,
+    filters: Filters,
+    decode_all: bool,
+) -> bool:
+    """Add image `i` of the document to the view; True when it may be assigned a sentence."""
+    from flamingo_cli.data.assign import large_enough  # scipy: deep mode only
+
+    image = ImageView(i)
+    view.images.append(image)
+    matched = info.get("matched_text_index")
+    if not isinstance(matched, int) or not 0 <= matched < sentences:
+        view.issues.append(
+            Issue(
+                "matched-index",
+                f"image_info[{i}].matched_text_index {matched!r} is outside 0..{sentences - 1}",
+            )
+        )
+    if "image_base64" not in info:
+        image.dropped = "not downloaded"
+        return False
+    try:
+        image.data = _b64(info["image_base64"])
+    except ValueError as exc:
+        image.dropped = "bad base64"
+        view.issues.append(Issue("base64", f"image_info[{i}].image_base64: {exc}"))
+        return False
+    if not large_enough(len(image.data)):
+        image.dropped = "under 11,000 bytes"
+    if decode_all:
+        _decode_into(view, image, f"image_info[{i}]", filters)
+    return image.dropped is None
+
+
+def _assign_mmc4_images(
+    view: SampleView, rows: list[list[Any]], eligible: list[bool], filters: Filters
+) -> None:
+    """Give each eligible image its sentence as training would, decode the kept ones, and
+    mark the rest dropped with the reason."""
+    from flamingo_cli.data.assign import assign_images  # scipy: deep mode only
+
+    assigned = dict(assign_images(rows, eligible, filters.threshold, filters.assignment))
     for image, ok in zip(view.images, eligible, strict=True):
         if not ok:
             continue

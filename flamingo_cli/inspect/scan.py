@@ -226,12 +226,35 @@ def _check_members(
     by_exts: Counter[frozenset[str]] = Counter()
     for signature, n in Counter(listing.signatures).items():
         by_exts[exts_of[signature]] += n
+    kind = _shard_kind(url, by_exts, settings, report)
+    if kind is None:
+        return
+    # The last sample of a damaged shard is cut by the damage, which is reported already.
+    checked = len(listing.keys) - 1 if report.damaged_at is not None else len(listing.keys)
+    problems = _member_problems(listing, exts_of, by_exts, kind, checked)
+    if not problems:
+        return
+    for index in range(checked):
+        problem = problems.get(listing.signatures[index])
+        if problem is not None:
+            report.missing_members += 1
+            offset = listing.offsets[listing.starts[index]]
+            report.add(
+                Finding(url, "missing-member", problem, key=listing.keys[index], offset=offset)
+            )
+
+
+def _shard_kind(
+    url: str, by_exts: Counter[frozenset[str]], settings: ScanSettings, report: ShardReport
+) -> Kind | None:
+    """The kind most samples have (None: no sample has one), set on the report; a finding
+    when the recipe's dataset expects another."""
     kinds: Counter[Kind | None] = Counter()
     for exts, n in by_exts.items():
         kinds[sample_kind(exts)] += n
     kinds.pop(None, None)
     if not kinds:
-        return
+        return None
     kind: Kind = kinds.most_common(1)[0][0]  # type: ignore[assignment]
     report.kind = kind
     expected = settings.expected_kind
@@ -244,6 +267,18 @@ def _check_members(
                 f"{_KIND_NAMES[expected]}",
             )
         )
+    return kind
+
+
+def _member_problems(
+    listing: TarListing,
+    exts_of: dict[str, frozenset[str]],
+    by_exts: Counter[frozenset[str]],
+    kind: Kind,
+    checked: int,
+) -> dict[str, str]:
+    """What each distinct set of members (of the first `checked` samples) lacks: a member at
+    least half the samples have, the text or JSON of its kind, a pair's readable image."""
     counts: Counter[str] = Counter()
     for exts, n in by_exts.items():
         for ext in exts:
@@ -254,8 +289,6 @@ def _check_members(
         common.add("txt")
     else:
         common.add("json")
-    # The last sample of a damaged shard is cut by the damage, which is reported already.
-    checked = samples - 1 if report.damaged_at is not None else samples
     problems: dict[str, str] = {}  # worked out once per distinct set of members
     for signature in set(listing.signatures[:checked]):
         exts = exts_of[signature]
@@ -270,16 +303,7 @@ def _check_members(
             )
         if missing:
             problems[signature] = "; ".join(missing)
-    if not problems:
-        return
-    for index in range(checked):
-        problem = problems.get(listing.signatures[index])
-        if problem is not None:
-            report.missing_members += 1
-            offset = listing.offsets[listing.starts[index]]
-            report.add(
-                Finding(url, "missing-member", problem, key=listing.keys[index], offset=offset)
-            )
+    return problems
 
 
 def _deep_check(
