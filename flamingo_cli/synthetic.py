@@ -13,6 +13,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -103,14 +104,21 @@ def mmc4_samples(
         sims = [
             [0.3 if t == j + 1 else 0.12 for t in range(len(texts))] for j in range(images_per_doc)
         ]
-        doc = {
-            "url": f"https://example.invalid/{key}",
-            "text_list": texts,
-            "image_info": image_info,
-            "similarity_matrix": sims,
-            "could_have_url_duplicate": 0,
-        }
-        yield {"__key__": key, "json": json.dumps(doc).encode()}
+        yield _document_sample(key, texts, image_info, sims)
+
+
+def _document_sample(
+    key: str, texts: list[str], image_info: list[dict[str, Any]], sims: list[list[float]]
+) -> dict[str, str | bytes]:
+    """An MMC4 document sample: its `.json` with the fields the data loaders read."""
+    doc = {
+        "url": f"https://example.invalid/{key}",
+        "text_list": texts,
+        "image_info": image_info,
+        "similarity_matrix": sims,
+        "could_have_url_duplicate": 0,
+    }
+    return {"__key__": key, "json": json.dumps(doc).encode()}
 
 
 def gpt_samples(
@@ -172,14 +180,7 @@ def web_samples(
                 }
             )
             sims.append([round(rng.uniform(0.1, 0.34), 4) for _ in texts])
-        doc = {
-            "url": f"https://example.invalid/{key}",
-            "text_list": texts,
-            "image_info": image_info,
-            "similarity_matrix": sims,
-            "could_have_url_duplicate": 0,
-        }
-        yield {"__key__": key, "json": json.dumps(doc).encode()}
+        yield _document_sample(key, texts, image_info, sims)
 
 
 SampleMaker = Callable[[int, int, int], Iterator[dict[str, str | bytes]]]
@@ -278,8 +279,9 @@ def write_raw_mmc4(
     docs_dir, image_dir = root / "docs", root / "images"
     docs_dir.mkdir(parents=True, exist_ok=True)
     image_dir.mkdir(parents=True, exist_ok=True)
+    images = _RawImages(image_size, image_sizes, quality, noise, missing_image_rate, truncated_rate)
     zips: list[Path] = []
-    written = missing = truncated = bad = 0
+    bad = 0
     for shard in range(shards):
         lines: list[str] = []
         for i in range(docs_per_shard):
@@ -288,34 +290,58 @@ def write_raw_mmc4(
             doc, shown = raw_mmc4_document(rng, doc_url, images_per_doc, duplicate)
             lines.append(json.dumps(doc))
             for name, what in shown:
-                roll = rng.random()
-                if shard in missing_shards:
-                    continue
-                if roll < missing_image_rate:
-                    missing += 1
-                    continue
-                color, shape = what.split()
-                side = rng.randint(*image_sizes) if image_sizes else image_size
-                image = shape_image(color, shape, side, rng, noise=noise)
-                buffer = io.BytesIO()
-                image.save(buffer, format="JPEG", quality=quality)
-                data = buffer.getvalue()
-                if roll < missing_image_rate + truncated_rate:
-                    data = data[: len(data) // 2]
-                    truncated += 1
-                (image_dir / str(shard)).mkdir(exist_ok=True)
-                (image_dir / str(shard) / name).write_bytes(data)
-                written += 1
+                roll = rng.random()  # drawn for a missing shard too: the others stay the same
+                if shard not in missing_shards:
+                    images.write(rng, roll, image_dir / str(shard) / name, what)
         if shard in missing_shards:
             continue
         for b in range(bad_lines_per_shard):
             lines.insert(min(2 + 3 * b, len(lines)), '{"text_list": ["cut off"')
             bad += 1
-        path = docs_dir / f"docs_shard_{shard}_v2.jsonl.zip"
-        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            info = zipfile.ZipInfo(f"docs_shard_{shard}_v2.jsonl", date_time=(2023, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(info, "".join(line + "\n" for line in lines))
-        zips.append(path)
+        zips.append(_write_docs_zip(docs_dir, shard, lines))
     spec = str(docs_dir / f"docs_shard_{{0..{shards - 1}}}_v2.jsonl.zip")
-    return RawMmc4(spec, image_dir, zips, written, missing, truncated, bad)
+    return RawMmc4(spec, image_dir, zips, images.written, images.missing, images.truncated, bad)
+
+
+@dataclass
+class _RawImages:
+    """How write_raw_mmc4 draws its images and their damage, and how many of each it wrote."""
+
+    image_size: int
+    image_sizes: tuple[int, int] | None
+    quality: int
+    noise: int
+    missing_rate: float
+    truncated_rate: float
+    written: int = 0
+    missing: int = 0
+    truncated: int = 0
+
+    def write(self, rng: random.Random, roll: float, path: Path, what: str) -> None:
+        """Write the image `what` ("color shape") to `path`, unless `roll` says it was never
+        downloaded; cut it off mid-file when `roll` says so."""
+        if roll < self.missing_rate:
+            self.missing += 1
+            return
+        color, shape = what.split()
+        side = rng.randint(*self.image_sizes) if self.image_sizes else self.image_size
+        image = shape_image(color, shape, side, rng, noise=self.noise)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=self.quality)
+        data = buffer.getvalue()
+        if roll < self.missing_rate + self.truncated_rate:
+            data = data[: len(data) // 2]
+            self.truncated += 1
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+        self.written += 1
+
+
+def _write_docs_zip(docs_dir: Path, shard: int, lines: list[str]) -> Path:
+    """`docs_shard_{shard}_v2.jsonl.zip` holding the lines (a fixed date: the same bytes)."""
+    path = docs_dir / f"docs_shard_{shard}_v2.jsonl.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        info = zipfile.ZipInfo(f"docs_shard_{shard}_v2.jsonl", date_time=(2023, 1, 1, 0, 0, 0))
+        info.compress_type = zipfile.ZIP_DEFLATED
+        archive.writestr(info, "".join(line + "\n" for line in lines))
+    return path
