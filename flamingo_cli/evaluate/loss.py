@@ -14,7 +14,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Protocol
 
 import torch
@@ -30,11 +30,6 @@ from flamingo_cli.runtime.distributed import DistInfo, any_rank
 Ablation = Literal["none", "shuffle"]
 ABLATIONS: tuple[Ablation, ...] = ("none", "shuffle")
 Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
-
-# Positions of the sums every rank accumulates (then one all-reduce adds them up).
-_LOSS, _TOKENS, _SAMPLES, _BATCHES, _PADDING, _PAIRED_LOSS, _PAIRED_TOKENS = range(7)
-_ABLATED_LOSS, _ABLATED_SAMPLES, _ALONE = 7, 8, 9
-_COUNTERS = 10
 
 
 class EvalEvents(Protocol):
@@ -130,30 +125,95 @@ def shuffled_images(batch: Batch, seed: int) -> Tensor | None:
     return batch.images[order]
 
 
-def _loss_of(
-    model: nn.Module,
-    batch: Batch,
-    images: Tensor,
-    info: DistInfo,
-    autocast: Autocast,
-    *,
-    use_media: bool,
-) -> tuple[float, int]:
-    device = info.device
-    length = content_length(batch.attention_mask, batch.labels)  # right padding changes nothing
-    with autocast():
-        out = model(
-            images.to(device),
-            batch.input_ids[:, :length].to(device),
-            batch.attention_mask[:, :length].to(device),
-            use_media=use_media,
-        )
-    total, count = token_loss_sum(out.logits, batch.labels[:, :length].to(device))
-    return float(total), int(count)
-
-
 def _no_autocast() -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
+
+
+@dataclass
+class _Sums:
+    """What every rank adds up over its batches; one all-reduce then sums them over ranks.
+
+    `paired_*` are the loss with images over the batches an ablation was compared on,
+    `ablated_*` the same batches' ablated loss; `alone` counts samples with nobody to swap
+    images with; `dropped` follows `DROP_KEYS`."""
+
+    loss: float = 0.0
+    tokens: float = 0.0
+    samples: float = 0.0
+    batches: float = 0.0
+    padding: float = 0.0
+    paired_loss: float = 0.0
+    paired_tokens: float = 0.0
+    ablated_loss: float = 0.0
+    ablated_samples: float = 0.0
+    alone: float = 0.0
+    dropped: list[float] = field(default_factory=lambda: [0.0] * len(DROP_KEYS))
+
+    def add(self, batch: Batch, loss: float, tokens: int, *, real: bool) -> None:
+        self.loss += loss
+        self.tokens += tokens
+        if real:
+            self.samples += len(batch.keys)
+            self.batches += 1
+        else:
+            self.padding += 1
+
+    def add_ablated(self, batch: Batch, loss: float, tokens: int, ablated: float | None) -> None:
+        """A real batch's ablated loss, or None when it could not be ablated (alone)."""
+        if ablated is None:
+            self.alone += len(batch.keys)
+            return
+        self.paired_loss += loss
+        self.paired_tokens += tokens
+        self.ablated_loss += ablated
+        self.ablated_samples += len(batch.keys)
+
+    def across_ranks(self, info: DistInfo) -> _Sums:
+        """These sums added over every rank (collective)."""
+        if info.world_size == 1 or not dist.is_initialized():
+            return self
+        names = [f.name for f in fields(self) if f.name != "dropped"]
+        values = [*(getattr(self, name) for name in names), *self.dropped]
+        tensor = torch.tensor(values, dtype=torch.float64, device=info.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        summed = [float(v) for v in tensor.tolist()]
+        totals = dict(zip(names, summed, strict=False))
+        return replace(self, **totals, dropped=summed[len(names) :])
+
+
+@dataclass(frozen=True)
+class _Forward:
+    """How a batch's loss is computed here: model, device, autocast, and the ablation."""
+
+    model: nn.Module
+    info: DistInfo
+    autocast: Autocast
+    ablation: Ablation | None
+    seed: int
+
+    def loss(self, batch: Batch, images: Tensor, *, use_media: bool = True) -> tuple[float, int]:
+        """The summed target-token loss of `batch` with `images`, and the tokens counted."""
+        device = self.info.device
+        length = content_length(batch.attention_mask, batch.labels)  # right padding: no change
+        with self.autocast():
+            out = self.model(
+                images.to(device),
+                batch.input_ids[:, :length].to(device),
+                batch.attention_mask[:, :length].to(device),
+                use_media=use_media,
+            )
+        total, count = token_loss_sum(out.logits, batch.labels[:, :length].to(device))
+        return float(total), int(count)
+
+    def ablated(self, batch: Batch) -> float | None:
+        """The same batch without its images (`none`) or with another sample's (`shuffle`);
+        None for a batch of one sample, which cannot be shuffled. Every rank runs the second
+        forward all the same, so the calls stay in lockstep."""
+        if self.ablation == "none":
+            return self.loss(batch, batch.images, use_media=False)[0]
+        images = shuffled_images(batch, self.seed)
+        loss = self.loss(batch, batch.images if images is None else images)[0]
+        return None if images is None else loss
 
 
 def evaluate_dataset(
@@ -172,95 +232,53 @@ def evaluate_dataset(
     rank calls it with its own loader and gets the same result. The model is put in eval mode
     for the duration and gradients are off."""
     start = time.perf_counter()
-    sums = [0.0] * (_COUNTERS + len(DROP_KEYS))
     was_training = model.training
     model.eval()
     if events is not None:
         events.dataset_started(loader.name, expected_batches)
-    steps = 0
-    iterator = iter(loader)
+    forward = _Forward(model, info, autocast, ablation, seed)
     try:
         with torch.no_grad():
-            while max_batches is None or steps < max_batches:
-                batch = next(iterator, None)
-                if not any_rank(batch is not None, info):
-                    break
-                real = batch is not None
-                if batch is None:
-                    batch = loader.padding_batch()
-                loss, tokens = _loss_of(model, batch, batch.images, info, autocast, use_media=True)
-                sums[_LOSS] += loss
-                sums[_TOKENS] += tokens
-                if real:
-                    sums[_SAMPLES] += len(batch.keys)
-                    sums[_BATCHES] += 1
-                else:
-                    sums[_PADDING] += 1
-                if ablation is not None:
-                    _ablate(model, batch, info, autocast, ablation, seed, real, loss, tokens, sums)
-                steps += 1
-                if events is not None:
-                    events.batch_done(loader.name, steps)
+            sums = _evaluate_batches(forward, loader, max_batches, events)
     finally:
-        close = getattr(iterator, "close", None)
-        if callable(close):
-            close()
         model.train(was_training)
-    for i, key in enumerate(DROP_KEYS):
-        sums[_COUNTERS + i] = float(loader.dropped.get(key, 0))
-    sums = _sum_across_ranks(sums, info)
-    result = _result(loader, sums, ablation, time.perf_counter() - start)
+    sums.dropped = [float(loader.dropped.get(key, 0)) for key in DROP_KEYS]
+    result = _result(loader, sums.across_ranks(info), ablation, time.perf_counter() - start)
     if events is not None:
         events.dataset_done(result)
     return result
 
 
-def _ablate(
-    model: nn.Module,
-    batch: Batch,
-    info: DistInfo,
-    autocast: Autocast,
-    ablation: Ablation,
-    seed: int,
-    real: bool,
-    loss: float,
-    tokens: int,
-    sums: list[float],
-) -> None:
-    """The same batch without its images (`none`) or with another sample's (`shuffle`); a
-    batch of one real sample cannot be shuffled and is left out of the comparison."""
-    if ablation == "none":
-        ablated, _ = _loss_of(model, batch, batch.images, info, autocast, use_media=False)
-        paired = True
-    else:
-        images = shuffled_images(batch, seed)
-        paired = images is not None
-        # the second forward runs on every rank all the same, so the calls stay in lockstep
-        ablated, _ = _loss_of(
-            model,
-            batch,
-            batch.images if images is None else images,
-            info,
-            autocast,
-            use_media=True,
-        )
-    if not real:
-        return
-    if paired:
-        sums[_PAIRED_LOSS] += loss
-        sums[_PAIRED_TOKENS] += tokens
-        sums[_ABLATED_LOSS] += ablated
-        sums[_ABLATED_SAMPLES] += len(batch.keys)
-    else:
-        sums[_ALONE] += len(batch.keys)
-
-
-def _sum_across_ranks(values: list[float], info: DistInfo) -> list[float]:
-    if info.world_size == 1 or not dist.is_initialized():
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=info.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return [float(v) for v in tensor.tolist()]
+def _evaluate_batches(
+    forward: _Forward, loader: EvalLoader, max_batches: int | None, events: EvalEvents | None
+) -> _Sums:
+    """This rank's sums over its batches; a rank out of data runs padding batches until every
+    rank is (so all make the same forward calls)."""
+    sums = _Sums()
+    steps = 0
+    iterator = iter(loader)
+    try:
+        while max_batches is None or steps < max_batches:
+            batch = next(iterator, None)
+            if not any_rank(batch is not None, forward.info):
+                break
+            real = batch is not None
+            if batch is None:
+                batch = loader.padding_batch()
+            loss, tokens = forward.loss(batch, batch.images)
+            sums.add(batch, loss, tokens, real=real)
+            if forward.ablation is not None:
+                ablated = forward.ablated(batch)
+                if real:
+                    sums.add_ablated(batch, loss, tokens, ablated)
+            steps += 1
+            if events is not None:
+                events.batch_done(loader.name, steps)
+    finally:
+        close = getattr(iterator, "close", None)
+        if callable(close):
+            close()
+    return sums
 
 
 def _per_token(total: float, tokens: float) -> float:
@@ -274,39 +292,36 @@ def _perplexity(loss: float) -> float:
 
 
 def _result(
-    loader: EvalLoader, sums: list[float], ablation: Ablation | None, seconds: float
+    loader: EvalLoader, sums: _Sums, ablation: Ablation | None, seconds: float
 ) -> DatasetLoss:
-    loss = _per_token(sums[_LOSS], sums[_TOKENS])
-    dropped = {
-        key: int(sums[_COUNTERS + i]) for i, key in enumerate(DROP_KEYS) if sums[_COUNTERS + i]
-    }
+    loss = _per_token(sums.loss, sums.tokens)
+    dropped = {key: int(n) for key, n in zip(DROP_KEYS, sums.dropped, strict=True) if n}
     ablated = gap = None
     note = None
     if ablation is not None:
-        ablated = _per_token(sums[_ABLATED_LOSS], sums[_PAIRED_TOKENS])
-        gap = ablated - _per_token(sums[_PAIRED_LOSS], sums[_PAIRED_TOKENS])
-        alone = int(sums[_ALONE])
-        if alone:
+        ablated = _per_token(sums.ablated_loss, sums.paired_tokens)
+        gap = ablated - _per_token(sums.paired_loss, sums.paired_tokens)
+        if sums.alone:
             note = (
-                f"{alone} sample(s) were alone in their batch: with nobody to swap images with, "
-                "they are left out of the shuffle comparison"
+                f"{int(sums.alone)} sample(s) were alone in their batch: with nobody to swap "
+                "images with, they are left out of the shuffle comparison"
             )
     damage = loader.damage_note()  # this rank's damaged shards, named
     note = damage if note is None else note if damage is None else f"{note}; {damage}"
     return DatasetLoss(
         dataset=loader.name,
         shards=len(loader.urls),
-        samples=int(sums[_SAMPLES]),
-        target_tokens=int(sums[_TOKENS]),
-        batches=int(sums[_BATCHES]),
-        padding_batches=int(sums[_PADDING]),
+        samples=int(sums.samples),
+        target_tokens=int(sums.tokens),
+        batches=int(sums.batches),
+        padding_batches=int(sums.padding),
         loss=loss,
         perplexity=_perplexity(loss),
         seconds=seconds,
         ablation=ablation,
         ablated_loss=ablated,
         gap=gap,
-        ablated_samples=int(sums[_ABLATED_SAMPLES]),
+        ablated_samples=int(sums.ablated_samples),
         note=note,
         dropped=dropped,
     )

@@ -218,74 +218,114 @@ def evaluate_loss(
     get the same report. The model is built as training built it (same seed), then the
     checkpoint's parameters are loaded over it.
     """
-    from flamingo_cli.model.factory import build_model
-    from flamingo_cli.runtime.distributed import apply_parallelism, init_distributed, teardown
-    from flamingo_cli.runtime.precision import autocast_for
-    from flamingo_cli.runtime.weights import load_weights, resolve_checkpoint
+    from flamingo_cli.runtime.distributed import init_distributed, teardown
+    from flamingo_cli.runtime.weights import resolve_checkpoint
 
     recipe = loaded.recipe
     targets = eval_targets(recipe, shards, dataset)
     if ablation == "shuffle":
-        for t in targets:
-            if (batch_size or t.config.batch_size) < 2:
-                raise UsageError(
-                    f"--ablate-images shuffle swaps images between the samples of a batch, "
-                    f"and the {t.name} batch size is 1",
-                    fix="give --batch-size 2 or more",
-                )
+        _check_shuffle_batches(targets, batch_size)
     source = resolve_checkpoint(loaded, checkpoint)
     info = init_distributed(recipe.distributed.timeout_s)
     try:
-        model, transform, tokenizer, special = build_model(recipe.model, seed=recipe.run.seed)
-        if recipe.model.init_from:
-            load_weights(model, Path(recipe.model.init_from))
-        kind = load_weights(model, source)
-        model.to(info.device)
-        strategy: Strategy = (
-            "fsdp" if recipe.distributed.strategy == "fsdp" and info.world_size > 1 else "none"
-        )
-        wrapped = apply_parallelism(
-            model,
-            model.shard_units(),
-            strategy=strategy,
-            sharding=recipe.distributed.sharding,
-            precision=recipe.run.precision,
-            info=info,
-        )
-        loaders = make_eval_loaders(
-            targets,
-            tokenizer,
-            special,
-            transform,
-            info,
-            allow_pipe=recipe.data.allow_pipe,
-            batch_size=batch_size,
-            no_single=ablation == "shuffle",
-            max_image_pixels=recipe.data.max_image_pixels,
-        )
-        results = []
-        for name, loader in loaders.items():
-            result = evaluate_dataset(
-                wrapped,
-                loader,
-                info,
-                ablation=ablation,
-                max_batches=max_batches,
-                autocast=lambda: autocast_for(recipe.run.precision, info.device, strategy),
-                seed=recipe.run.seed,
-                events=events if info.is_main else None,
-                expected_batches=expected_batches(
-                    list(loader.urls), loader.batch_size, info.world_size, max_batches
-                ),
-            )
-            if result.target_tokens == 0:
-                raise FlamingoError(
-                    f"no {name} sample with target tokens was evaluated "
-                    f"(dropped: {result.dropped or 'none'})",
-                    fix="run `flamingo inspect-shards` on the eval shards: they are empty, "
-                    "unreadable, or every sample is dropped by the filters",
-                )
-            results.append(result)
+        model, kind, loaders = _set_up(recipe, source, targets, info, ablation, batch_size)
+        results = [
+            _evaluate_one(recipe, model, loader, info, ablation, max_batches, events)
+            for loader in loaders.values()
+        ]
     finally:
         teardown()
     return EvalReport(str(loaded.path), str(source), kind, info.world_size, results)
+
+
+def _check_shuffle_batches(targets: list[EvalTarget], batch_size: int | None) -> None:
+    """Shuffling images needs two samples in a batch to swap between."""
+    for t in targets:
+        if (batch_size or t.config.batch_size) < 2:
+            raise UsageError(
+                f"--ablate-images shuffle swaps images between the samples of a batch, "
+                f"and the {t.name} batch size is 1",
+                fix="give --batch-size 2 or more",
+            )
+
+
+def _eval_strategy(recipe: Recipe, info: DistInfo) -> Strategy:
+    """FSDP2 when the recipe trains with it on several ranks; else the plain model."""
+    return "fsdp" if recipe.distributed.strategy == "fsdp" and info.world_size > 1 else "none"
+
+
+def _set_up(
+    recipe: Recipe,
+    source: Path,
+    targets: list[EvalTarget],
+    info: DistInfo,
+    ablation: Ablation | None,
+    batch_size: int | None,
+) -> tuple[nn.Module, str, dict[str, EvalLoader]]:
+    """The model built as training built it with the checkpoint loaded over it (and what kind
+    of checkpoint it was), wrapped for this rank, and this rank's loaders."""
+    from flamingo_cli.model.factory import build_model
+    from flamingo_cli.runtime.distributed import apply_parallelism
+    from flamingo_cli.runtime.weights import load_weights
+
+    model, transform, tokenizer, special = build_model(recipe.model, seed=recipe.run.seed)
+    if recipe.model.init_from:
+        load_weights(model, Path(recipe.model.init_from))
+    kind = load_weights(model, source)
+    model.to(info.device)
+    wrapped = apply_parallelism(
+        model,
+        model.shard_units(),
+        strategy=_eval_strategy(recipe, info),
+        sharding=recipe.distributed.sharding,
+        precision=recipe.run.precision,
+        info=info,
+    )
+    loaders = make_eval_loaders(
+        targets,
+        tokenizer,
+        special,
+        transform,
+        info,
+        allow_pipe=recipe.data.allow_pipe,
+        batch_size=batch_size,
+        no_single=ablation == "shuffle",
+        max_image_pixels=recipe.data.max_image_pixels,
+    )
+    return wrapped, kind, loaders
+
+
+def _evaluate_one(
+    recipe: Recipe,
+    model: nn.Module,
+    loader: EvalLoader,
+    info: DistInfo,
+    ablation: Ablation | None,
+    max_batches: int | None,
+    events: EvalEvents | None,
+) -> DatasetLoss:
+    """One dataset's loss; an error when no sample with target tokens was evaluated."""
+    from flamingo_cli.runtime.precision import autocast_for
+
+    strategy = _eval_strategy(recipe, info)
+    result = evaluate_dataset(
+        model,
+        loader,
+        info,
+        ablation=ablation,
+        max_batches=max_batches,
+        autocast=lambda: autocast_for(recipe.run.precision, info.device, strategy),
+        seed=recipe.run.seed,
+        events=events if info.is_main else None,
+        expected_batches=expected_batches(
+            list(loader.urls), loader.batch_size, info.world_size, max_batches
+        ),
+    )
+    if result.target_tokens == 0:
+        raise FlamingoError(
+            f"no {loader.name} sample with target tokens was evaluated "
+            f"(dropped: {result.dropped or 'none'})",
+            fix="run `flamingo inspect-shards` on the eval shards: they are empty, "
+            "unreadable, or every sample is dropped by the filters",
+        )
+    return result
