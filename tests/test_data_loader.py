@@ -15,7 +15,7 @@ from open_clip.transform import image_transform
 from PIL import Image
 
 from flamingo_cli.data.loader import TrainLoader, make_loader
-from flamingo_cli.data.pipeline import Batch, StreamSpec, pass_urls
+from flamingo_cli.data.pipeline import LoaderBatch, StreamSpec, pass_urls
 from flamingo_cli.errors import OpenerError
 from flamingo_cli.model.tokenizer import TINY_TOKENIZER, SpecialTokens, load_tokenizer
 from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config
@@ -72,10 +72,10 @@ def build(
     return make_loader(config, tok[0], tok[1], transform, seed=kw.pop("seed", 5), **kw)
 
 
-def take(loader: TrainLoader, n: int) -> list[Batch]:
+def take(loader: TrainLoader, n: int) -> list[LoaderBatch]:
     """The next n batches, leaving the loader positioned after them."""
-    out: list[Batch] = []
-    it: Iterator[Batch] = iter(loader)
+    out: list[LoaderBatch] = []
+    it: Iterator[LoaderBatch] = iter(loader)
     for batch in it:
         out.append(batch)
         if len(out) == n:
@@ -84,7 +84,7 @@ def take(loader: TrainLoader, n: int) -> list[Batch]:
     return out
 
 
-def assert_same(a: list[Batch], b: list[Batch]) -> None:
+def assert_same(a: list[LoaderBatch], b: list[LoaderBatch]) -> None:
     assert [x.keys for x in a] == [y.keys for y in b]
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x.images, y.images)

@@ -23,8 +23,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from flamingo_cli.data.labels import IGNORE
 from flamingo_cli.data.loader import sample_functions
 from flamingo_cli.data.pipeline import (
-    Batch,
     Collate,
+    LoaderBatch,
     Preprocess,
     RawSample,
     ReadLog,
@@ -37,7 +37,6 @@ from flamingo_cli.data.preprocess import (
     CORRUPT_IMAGES,
     DROP_REASONS,
     Context,
-    ImageTransform,
     Sample,
 )
 from flamingo_cli.errors import FlamingoError
@@ -48,6 +47,8 @@ from flamingo_cli.shards.tar import printable_name
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+    from flamingo_cli.model.factory import ImageTransform
 
 # Drop counters in a fixed order, so ranks can sum them as one tensor.
 DROP_KEYS = (*DROP_REASONS, CORRUPT_IMAGES)
@@ -79,9 +80,9 @@ def select_samples(
             yield index, sample
 
 
-def _stats_only(worker: int, log: ReadLog) -> Batch:
+def _stats_only(worker: int, log: ReadLog) -> LoaderBatch:
     empty = torch.zeros((0,), dtype=torch.long)
-    return _stamped(Batch(torch.zeros((0,)), empty, empty, empty, []), worker, log)
+    return _stamped(LoaderBatch(torch.zeros((0,)), empty, empty, empty, []), worker, log)
 
 
 def batch_all(
@@ -92,7 +93,7 @@ def batch_all(
     worker: int,
     log: ReadLog,
     no_single: bool,
-) -> Iterator[Batch]:
+) -> Iterator[LoaderBatch]:
     """Batches of `size`, then the rest (evaluation keeps every sample). With `no_single`, a
     lone leftover sample joins the previous batch (image shuffling needs two samples). Ends with
     a batch of no rows carrying the final drop counters."""
@@ -112,13 +113,13 @@ def batch_all(
     yield _stats_only(worker, log)
 
 
-def _stamped(batch: Batch, worker: int, log: ReadLog) -> Batch:
+def _stamped(batch: LoaderBatch, worker: int, log: ReadLog) -> LoaderBatch:
     batch.worker, batch.dropped = worker, dict(log.counters)
     batch.damaged = log.take_damaged()
     return batch
 
 
-class EvalStream(IterableDataset[Batch]):
+class EvalStream(IterableDataset[LoaderBatch]):
     """One rank's evaluation batches, split among DataLoader workers by `eval_slice`."""
 
     def __init__(
@@ -145,7 +146,7 @@ class EvalStream(IterableDataset[Batch]):
         self.allow_pipe = allow_pipe
         self.no_single = no_single
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[LoaderBatch]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         part = eval_slice(
@@ -236,7 +237,7 @@ class EvalLoader:
             no_single=self.no_single,
         )
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[LoaderBatch]:
         loader = worker_loader(self.stream(), self.config.workers, self.config.prefetch_factor)
         per_worker: dict[int, dict[str, int]] = {}
         self.dropped = {}
@@ -262,12 +263,12 @@ class EvalLoader:
             f"`flamingo inspect-shards {shards}`, then rewrite or re-download them"
         )
 
-    def padding_batch(self) -> Batch:
+    def padding_batch(self) -> LoaderBatch:
         """One row whose labels are all masked: the forward pass of a rank with no data left."""
         tokens = self.ctx.tokens
         slots = self.config.max_num_images if isinstance(self.config, Mmc4Config) else 1
         input_ids = torch.tensor([[tokens.image, tokens.eos]], dtype=torch.long)
-        return Batch(
+        return LoaderBatch(
             images=torch.zeros((1, slots, *self.ctx.image_shape)),
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),

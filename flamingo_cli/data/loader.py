@@ -13,8 +13,8 @@ import torch
 
 from flamingo_cli.data.labels import interleaved_labels, pair_labels
 from flamingo_cli.data.pipeline import (
-    Batch,
     Collate,
+    LoaderBatch,
     Preprocess,
     RawSample,
     ShardStream,
@@ -26,7 +26,6 @@ from flamingo_cli.data.pipeline import (
 )
 from flamingo_cli.data.preprocess import (
     Context,
-    ImageTransform,
     Sample,
     preprocess_document,
     preprocess_pair,
@@ -41,10 +40,12 @@ from flamingo_cli.shards.tar import printable_name
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from flamingo_cli.model.factory import ImageTransform
+
 STATE_VERSION = 1
 
 
-def collate_pairs(samples: list[Sample], tokens: SpecialTokens) -> Batch:
+def collate_pairs(samples: list[Sample], tokens: SpecialTokens) -> LoaderBatch:
     """LAION batch: right padding to the longest caption (OpenFlamingo's `padding="longest"`)."""
     length = max(len(s.input_ids) for s in samples)
     input_ids = torch.full((len(samples), length), tokens.pad, dtype=torch.long)
@@ -52,7 +53,7 @@ def collate_pairs(samples: list[Sample], tokens: SpecialTokens) -> Batch:
     for row, s in enumerate(samples):
         input_ids[row, : len(s.input_ids)] = s.input_ids
         attention_mask[row, : len(s.attention_mask)] = s.attention_mask
-    return Batch(
+    return LoaderBatch(
         images=torch.stack([s.images for s in samples]),
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -61,13 +62,13 @@ def collate_pairs(samples: list[Sample], tokens: SpecialTokens) -> Batch:
     )
 
 
-def collate_documents(samples: list[Sample], tokens: SpecialTokens, slots: int) -> Batch:
+def collate_documents(samples: list[Sample], tokens: SpecialTokens, slots: int) -> LoaderBatch:
     """MMC4 batch: images zero-padded to `slots` (max_num_images); text is padded already."""
     input_ids = torch.stack([s.input_ids for s in samples])
     images = torch.zeros((len(samples), slots, *samples[0].images.shape[1:]))
     for row, s in enumerate(samples):
         images[row, : len(s.images)] = s.images
-    return Batch(
+    return LoaderBatch(
         images=images,
         input_ids=input_ids,
         attention_mask=torch.stack([s.attention_mask for s in samples]),
@@ -213,7 +214,7 @@ class TrainLoader:
         )
         return ShardStream(spec, start, *sample_functions(config, self.ctx))
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[LoaderBatch]:
         if self.remaining <= 0:
             return
         loader = worker_loader(

@@ -33,7 +33,7 @@ from flamingo_cli.shards.tar import TarReader, is_utf8, printable_name, split_me
 
 RawSample = dict[str, Any]
 Preprocess = Callable[[RawSample, random.Random], Sample]
-Collate = Callable[[list[Sample]], "Batch"]
+Collate = Callable[[list[Sample]], "LoaderBatch"]
 
 T = TypeVar("T")
 
@@ -48,8 +48,8 @@ _NAMED_SHARDS = 5
 
 
 @dataclass
-class Batch:
-    """A training batch and the position of the stream that produced it.
+class LoaderBatch:
+    """What a loader yields: a batch and the position of the stream that produced it.
 
     images `(B, N, 3, H, W)` float (N = 1 for LAION, max_num_images for MMC4, zero-padded);
     input_ids, attention_mask, labels `(B, L)` long (labels -100 where masked); the k-th
@@ -68,9 +68,9 @@ class Batch:
     dropped: dict[str, int] = field(default_factory=dict)
     damaged: dict[str, str] = field(default_factory=dict)
 
-    def pin_memory(self) -> Batch:
+    def pin_memory(self) -> LoaderBatch:
         """Called by DataLoader(pin_memory=True)."""
-        return Batch(
+        return LoaderBatch(
             self.images.pin_memory(),
             self.input_ids.pin_memory(),
             self.attention_mask.pin_memory(),
@@ -82,9 +82,9 @@ class Batch:
             self.damaged,
         )
 
-    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Batch:
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> LoaderBatch:
         """The same batch with its tensors on `device`."""
-        return Batch(
+        return LoaderBatch(
             self.images.to(device, non_blocking=non_blocking),
             self.input_ids.to(device, non_blocking=non_blocking),
             self.attention_mask.to(device, non_blocking=non_blocking),
@@ -331,7 +331,7 @@ def batch_up(
     collate: Collate,
     worker: int,
     log: ReadLog,
-) -> Iterator[Batch]:
+) -> Iterator[LoaderBatch]:
     """Full batches only, yielded as soon as the last sample is in (so the stamp is exact)."""
     pending: list[Sample] = []
     for drawn, sample in src:
@@ -344,7 +344,7 @@ def batch_up(
             pending = []
 
 
-class ShardStream(IterableDataset[Batch | StreamFailure]):
+class ShardStream(IterableDataset[LoaderBatch | StreamFailure]):
     """The batches of one rank for one epoch, split among DataLoader workers.
 
     A worker that cannot go on yields one `StreamFailure` and stops."""
@@ -362,7 +362,7 @@ class ShardStream(IterableDataset[Batch | StreamFailure]):
         self.preprocess = preprocess
         self.collate = collate
 
-    def __iter__(self) -> Iterator[Batch | StreamFailure]:
+    def __iter__(self) -> Iterator[LoaderBatch | StreamFailure]:
         info = get_worker_info()
         physical = info.id if info is not None else 0
         # after a restart the worker due next is DataLoader worker 0: rotate the roles
@@ -372,7 +372,7 @@ class ShardStream(IterableDataset[Batch | StreamFailure]):
             return iter(())
         return _failures_as_items(itertools.islice(self.batches(worker), remaining))
 
-    def batches(self, worker: int) -> Iterator[Batch]:
+    def batches(self, worker: int) -> Iterator[LoaderBatch]:
         """The endless batch stream of logical worker `worker`, from its resume point."""
         spec = self.spec
         log = ReadLog()
@@ -468,7 +468,7 @@ def _no_usable_sample(
     )
 
 
-def _failures_as_items(batches: Iterator[Batch]) -> Iterator[Batch | StreamFailure]:
+def _failures_as_items(batches: Iterator[LoaderBatch]) -> Iterator[LoaderBatch | StreamFailure]:
     """The batches, and a FlamingoError raised while making them as a last StreamFailure."""
     try:
         yield from batches

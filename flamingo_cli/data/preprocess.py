@@ -34,7 +34,8 @@ from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-ImageTransform = Callable[[Image.Image], torch.Tensor]
+    from flamingo_cli.model.factory import ImageTransform
+
 K = TypeVar("K")  # the key of an image in its document (an index, a placeholder)
 
 # Image members OpenFlamingo accepts for a pair, in the order it looks for them.

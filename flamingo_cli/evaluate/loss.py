@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from flamingo_cli.data.eval_loader import DROP_KEYS, EvalLoader
 from flamingo_cli.data.labels import IGNORE, content_length
-from flamingo_cli.data.pipeline import Batch, derive_seed
+from flamingo_cli.data.pipeline import LoaderBatch, derive_seed
 from flamingo_cli.runtime.distributed import DistInfo, any_rank
 
 Ablation = Literal["none", "shuffle"]
@@ -115,7 +115,7 @@ def derangement(n: int, rng: random.Random) -> list[int]:
     return order
 
 
-def shuffled_images(batch: Batch, seed: int) -> Tensor | None:
+def shuffled_images(batch: LoaderBatch, seed: int) -> Tensor | None:
     """Each sample gets another sample's whole image set (a derangement within the batch, drawn
     from the seed and the batch's keys); None for a batch of one sample."""
     rows = int(batch.images.shape[0])
@@ -149,7 +149,7 @@ class _Sums:
     alone: float = 0.0
     dropped: list[float] = field(default_factory=lambda: [0.0] * len(DROP_KEYS))
 
-    def add(self, batch: Batch, loss: float, tokens: int, *, real: bool) -> None:
+    def add(self, batch: LoaderBatch, loss: float, tokens: int, *, real: bool) -> None:
         self.loss += loss
         self.tokens += tokens
         if real:
@@ -158,7 +158,9 @@ class _Sums:
         else:
             self.padding += 1
 
-    def add_ablated(self, batch: Batch, loss: float, tokens: int, ablated: float | None) -> None:
+    def add_ablated(
+        self, batch: LoaderBatch, loss: float, tokens: int, ablated: float | None
+    ) -> None:
         """A real batch's ablated loss, or None when it could not be ablated (alone)."""
         if ablated is None:
             self.alone += len(batch.keys)
@@ -191,7 +193,9 @@ class _Forward:
     ablation: Ablation | None
     seed: int
 
-    def loss(self, batch: Batch, images: Tensor, *, use_media: bool = True) -> tuple[float, int]:
+    def loss(
+        self, batch: LoaderBatch, images: Tensor, *, use_media: bool = True
+    ) -> tuple[float, int]:
         """The summed target-token loss of `batch` with `images`, and the tokens counted."""
         device = self.info.device
         length = content_length(batch.attention_mask, batch.labels)  # right padding: no change
@@ -205,7 +209,7 @@ class _Forward:
         total, count = token_loss_sum(out.logits, batch.labels[:, :length].to(device))
         return float(total), int(count)
 
-    def ablated(self, batch: Batch) -> float | None:
+    def ablated(self, batch: LoaderBatch) -> float | None:
         """The same batch without its images (`none`) or with another sample's (`shuffle`);
         None for a batch of one sample, which cannot be shuffled. Every rank runs the second
         forward all the same, so the calls stay in lockstep."""

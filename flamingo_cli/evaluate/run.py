@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from flamingo_cli.data.eval_loader import EvalLoader
-    from flamingo_cli.data.preprocess import ImageTransform
+    from flamingo_cli.model.factory import ImageTransform
     from flamingo_cli.model.tokenizer import SpecialTokens
     from flamingo_cli.runtime.distributed import DistInfo
 

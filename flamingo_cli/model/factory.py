@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from flamingo_cli.errors import FlamingoError
@@ -37,7 +38,8 @@ TINY_FLAMINGO = FlamingoConfig(
     cross_attn_dim_head=32,
 )
 
-ImageTransform = Callable[[Any], torch.Tensor]
+# What a vision encoder's preprocessing does: a PIL image to its `(C, H, W)` input tensor.
+ImageTransform = Callable[[Image.Image], torch.Tensor]
 
 
 def _offline() -> bool:

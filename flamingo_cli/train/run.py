@@ -64,7 +64,7 @@ from flamingo_cli.train.schedule import build_scheduler
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from flamingo_cli.data.preprocess import ImageTransform
+    from flamingo_cli.model.factory import ImageTransform
     from flamingo_cli.model.tokenizer import SpecialTokens
 
 FINISHED = "FINISHED"
