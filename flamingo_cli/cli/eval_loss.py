@@ -34,63 +34,82 @@ def register(app: typer.Typer) -> None:
     command(app, "eval-loss")(eval_loss)
 
 
+_RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file.", dir_okay=False)]
+
+_CheckpointOption = Annotated[
+    str,
+    typer.Option(
+        "--checkpoint",
+        metavar="DIR|FILE|latest",
+        help="A checkpoint directory, an exported flamingo.pt or OpenFlamingo checkpoint.pt, "
+        "or 'latest' (the newest complete checkpoint of the recipe's run).",
+    ),
+]
+
+_ShardsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--shards",
+        metavar="SPEC",
+        help="Shards to evaluate instead of the recipe's eval_shards (brace spec, '::', "
+        "directory).",
+    ),
+]
+
+_DatasetOption = Annotated[
+    Dataset | None,
+    typer.Option(
+        "--dataset",
+        help="Only this dataset; with --shards, the kind of samples they hold.",
+    ),
+]
+
+_MaxBatchesOption = Annotated[
+    int | None, typer.Option("--max-batches", min=1, help="At most N batches per rank.")
+]
+
+_AblateOption = Annotated[
+    Ablate | None,
+    typer.Option(
+        "--ablate-images",
+        help="Also evaluate the same batches without images (none: cross-attention off) "
+        "or with each sample given another sample's images (shuffle), and show the gap.",
+    ),
+]
+
+_BatchSizeOption = Annotated[
+    int | None,
+    typer.Option("--batch-size", min=1, help="Samples per batch (default: the recipe's)."),
+]
+
+_NprocOption = Annotated[
+    int | None,
+    typer.Option("--nproc-per-node", min=1, help="Evaluate with N processes (torchrun)."),
+]
+
+_ReportOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--report",
+        hidden=True,
+        help="As a rank `flamingo eval-loss` started: rank 0 writes the report here as JSON.",
+    ),
+]
+
+
 def eval_loss(
-    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.", dir_okay=False)],
-    checkpoint: Annotated[
-        str,
-        typer.Option(
-            "--checkpoint",
-            metavar="DIR|FILE|latest",
-            help="A checkpoint directory, an exported flamingo.pt or OpenFlamingo checkpoint.pt, "
-            "or 'latest' (the newest complete checkpoint of the recipe's run).",
-        ),
-    ],
-    shards: Annotated[
-        str | None,
-        typer.Option(
-            "--shards",
-            metavar="SPEC",
-            help="Shards to evaluate instead of the recipe's eval_shards (brace spec, '::', "
-            "directory).",
-        ),
-    ] = None,
-    dataset: Annotated[
-        Dataset | None,
-        typer.Option(
-            "--dataset",
-            help="Only this dataset; with --shards, the kind of samples they hold.",
-        ),
-    ] = None,
-    max_batches: Annotated[
-        int | None, typer.Option("--max-batches", min=1, help="At most N batches per rank.")
-    ] = None,
-    ablate_images: Annotated[
-        Ablate | None,
-        typer.Option(
-            "--ablate-images",
-            help="Also evaluate the same batches without images (none: cross-attention off) "
-            "or with each sample given another sample's images (shuffle), and show the gap.",
-        ),
-    ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option("--batch-size", min=1, help="Samples per batch (default: the recipe's)."),
-    ] = None,
+    recipe: _RecipeArg,
+    checkpoint: _CheckpointOption,
+    shards: _ShardsOption = None,
+    dataset: _DatasetOption = None,
+    max_batches: _MaxBatchesOption = None,
+    ablate_images: _AblateOption = None,
+    batch_size: _BatchSizeOption = None,
     set_: SetOption = None,
     allow_pipe: AllowPipeOption = False,
     json_: JsonOption = False,
-    nproc_per_node: Annotated[
-        int | None,
-        typer.Option("--nproc-per-node", min=1, help="Evaluate with N processes (torchrun)."),
-    ] = None,
-    report_to: Annotated[
-        Path | None,
-        typer.Option(
-            "--report",
-            hidden=True,
-            help="As a rank `flamingo eval-loss` started: rank 0 writes the report here as JSON.",
-        ),
-    ] = None,
+    nproc_per_node: _NprocOption = None,
+    report_to: _ReportOption = None,
 ) -> None:
     """Held-out loss per dataset: exact token-weighted loss, perplexity, token and sample counts.
 

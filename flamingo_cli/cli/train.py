@@ -29,50 +29,61 @@ def register(app: typer.Typer) -> None:
     command(app, "train")(train)
 
 
+_RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file.", dir_okay=False)]
+
+_NodeRankOption = Annotated[
+    int | None,
+    typer.Option("--node-rank", min=0, help="This node's rank (default: NODE_RANK, SLURM_NODEID)."),
+]
+
+_RdzvOption = Annotated[
+    str | None,
+    typer.Option(
+        "--rdzv-endpoint",
+        metavar="HOST:PORT",
+        help="c10d rendezvous of a multi-node run (default: MASTER_ADDR:MASTER_PORT).",
+    ),
+]
+
+_MaxStepsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-steps", min=1, help="Stop after this many optimizer steps, with a checkpoint."
+    ),
+]
+
+_TakeOverOption = Annotated[
+    bool,
+    typer.Option(
+        "--take-over",
+        help="Take the run directory's lock from a run you know is gone (its host "
+        "or job died); a lock whose process is gone or whose heartbeat stopped is "
+        "taken over without it.",
+    ),
+]
+
+_LaunchedOption = Annotated[
+    bool,
+    typer.Option(
+        "--launched",
+        hidden=True,
+        help="A rank `flamingo train` started: its launcher validated the recipe, showed "
+        "the plan and reports the end.",
+    ),
+]
+
+
 def train(
-    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.", dir_okay=False)],
+    recipe: _RecipeArg,
     set_: SetOption = None,
     nproc_per_node: NprocOption = None,
     nnodes: NnodesOption = None,
     allow_pipe: AllowPipeOption = False,
-    node_rank: Annotated[
-        int | None,
-        typer.Option(
-            "--node-rank", min=0, help="This node's rank (default: NODE_RANK, SLURM_NODEID)."
-        ),
-    ] = None,
-    rdzv_endpoint: Annotated[
-        str | None,
-        typer.Option(
-            "--rdzv-endpoint",
-            metavar="HOST:PORT",
-            help="c10d rendezvous of a multi-node run (default: MASTER_ADDR:MASTER_PORT).",
-        ),
-    ] = None,
-    max_steps: Annotated[
-        int | None,
-        typer.Option(
-            "--max-steps", min=1, help="Stop after this many optimizer steps, with a checkpoint."
-        ),
-    ] = None,
-    take_over: Annotated[
-        bool,
-        typer.Option(
-            "--take-over",
-            help="Take the run directory's lock from a run you know is gone (its host "
-            "or job died); a lock whose process is gone or whose heartbeat stopped is "
-            "taken over without it.",
-        ),
-    ] = False,
-    launched: Annotated[
-        bool,
-        typer.Option(
-            "--launched",
-            hidden=True,
-            help="A rank `flamingo train` started: its launcher validated the recipe, showed "
-            "the plan and reports the end.",
-        ),
-    ] = False,
+    node_rank: _NodeRankOption = None,
+    rdzv_endpoint: _RdzvOption = None,
+    max_steps: _MaxStepsOption = None,
+    take_over: _TakeOverOption = False,
+    launched: _LaunchedOption = False,
 ) -> None:
     """Train a recipe: one process in place, several through torchrun (FSDP2/DDP).
 

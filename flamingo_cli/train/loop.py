@@ -122,13 +122,36 @@ def optimizer_step(
     """Run the micro-steps of one optimizer step; every rank calls it with its own batches."""
     start = time.perf_counter()
     lr = float(optimizer.param_groups[0]["lr"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    totals, samples, tokens = _backward_window(model, batches, config, info, strategy, scaler)
+    grad_norm = _update(params, optimizer, scheduler, config, scaler)
+    return StepResult(
+        losses=totals,
+        lr=lr,
+        grad_norm=grad_norm,
+        skipped=not math.isfinite(grad_norm),
+        samples=samples,
+        tokens=tokens,
+        data_wait_s=data_wait_s,
+        elapsed_s=time.perf_counter() - start + data_wait_s,
+    )
+
+
+def _backward_window(
+    model: nn.Module,
+    batches: Sequence[Mapping[str, Batch]],
+    config: LoopConfig,
+    info: DistInfo,
+    strategy: Strategy,
+    scaler: torch.amp.GradScaler | None,
+) -> tuple[dict[str, float], int, int]:
+    """Forward and backward of every micro-batch, gradients reduced on the last only; the mean
+    loss per dataset, and the samples and tokens seen."""
     accum = config.gradient_accumulation_steps
     totals: dict[str, float] = {}
     samples = tokens = 0
-    params = [p for p in model.parameters() if p.requires_grad]
     for micro, named in enumerate(batches):
-        last = micro == len(batches) - 1
-        with gradient_sync(model, enabled=last):
+        with gradient_sync(model, enabled=micro == len(batches) - 1):
             for name, batch in named.items():
                 # right padding is cut off: same loss, less work (OF pads MMC4 to 256 tokens)
                 length = content_length(batch.attention_mask, batch.labels)
@@ -144,33 +167,35 @@ def optimizer_step(
                 totals[name] = totals.get(name, 0.0) + float(out.loss.detach()) / len(batches)
                 samples += int(batch.input_ids.shape[0])
                 tokens += int(batch.attention_mask.sum())
+    return totals, samples, tokens
+
+
+def _update(
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    config: LoopConfig,
+    scaler: torch.amp.GradScaler | None,
+) -> float:
+    """Mask, clip and apply the gradients (not when their norm is not finite), then advance
+    the schedule; returns the global gradient norm."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     for param, mask in config.grad_masks:
         if param.grad is not None:
             param.grad.mul_(mask)
     grad_norm = global_grad_norm(params, config.max_grad_norm)
-    skipped = not math.isfinite(grad_norm)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
-    elif not skipped:
+    elif math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with warnings.catch_warnings():
         # a skipped step still advances the schedule, which counts optimizer steps
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
         scheduler.step()
-    return StepResult(
-        losses=totals,
-        lr=lr,
-        grad_norm=grad_norm,
-        skipped=skipped,
-        samples=samples,
-        tokens=tokens,
-        data_wait_s=data_wait_s,
-        elapsed_s=time.perf_counter() - start + data_wait_s,
-    )
+    return grad_norm
 
 
 def accumulation_windows(
