@@ -103,11 +103,7 @@ def eval_targets(
             dataset = next(iter(configs))
         return [EvalTarget(dataset, configs[dataset], shards)]
     chosen = {dataset: configs[dataset]} if dataset is not None else configs
-    targets = [
-        EvalTarget(name, config, config.eval_shards)
-        for name, config in chosen.items()
-        if config.eval_shards
-    ]
+    targets = _with_eval_shards(chosen)
     if not targets:
         which = f"data.{dataset}.eval_shards" if dataset else "data.<dataset>.eval_shards"
         raise UsageError(
@@ -116,6 +112,11 @@ def eval_targets(
             "(with --dataset when the recipe has both datasets)",
         )
     return targets
+
+
+def _with_eval_shards(configs: Mapping[str, LaionConfig | Mmc4Config]) -> list[EvalTarget]:
+    """The datasets that set `eval_shards`, each with them."""
+    return [EvalTarget(n, c, c.eval_shards) for n, c in configs.items() if c.eval_shards]
 
 
 def expected_batches(
@@ -176,11 +177,7 @@ def periodic_evaluation(
     Collective: every rank calls the result at the same step with its wrapped model."""
     from flamingo_cli.runtime.precision import autocast_for
 
-    targets = [
-        EvalTarget(name, config, config.eval_shards)
-        for name, config in recipe.datasets().items()
-        if config.eval_shards
-    ]
+    targets = _with_eval_shards(recipe.datasets())
     if not targets:
         return None
     loaders = make_eval_loaders(
