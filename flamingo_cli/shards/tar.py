@@ -355,6 +355,8 @@ class TarReader:
 
     # The general walk: jump from header to header with positioned reads (one read usually
     # covers a header and the small members after it), checksums verified in batches.
+    # The loop is the hot path, one iteration per member: plain members are handled inline,
+    # everything rarer (long names, pax headers, prefixed names, damage) by the helpers.
     def _walk_general(self) -> list[TarMember]:
         fd, size = self._fd, self.file_size or 0
         members: list[TarMember] = []
@@ -367,19 +369,10 @@ class TarReader:
         new_member = tuple.__new__  # TarMember(...) without the generated __new__: hot path
         window_start, window = 0, b""
         offset = 0
-        pending = _CHECKSUM_BATCH
-        long_name: str | None = None
-        pax: dict[str, str] = {}
-        special = False  # a long name or pax header applies to the next member
-        while True:  # the hot loop: one iteration per member, kept lean on purpose
+        names = _NextMember()
+        while True:
             if offset + BLOCK > size:
-                if offset >= size:
-                    message = (
-                        f"is truncated: it ends at byte {size} without the end-of-archive marker"
-                    )
-                else:
-                    message = f"is truncated: the header at byte {offset} is cut off"
-                self._stop("truncated", offset, message)
+                self._stop_at_header(offset, size if offset >= size else None)
                 break
             at = offset - window_start
             if at < 0 or at + BLOCK > len(window):
@@ -390,11 +383,8 @@ class TarReader:
                 break
             add_header(offset)
             add_block(block)
-            pending -= 1
-            if not pending:
-                pending = _CHECKSUM_BATCH
-                if self._bad_checksum(headers, blocks, members):
-                    return members
+            if len(headers) == _CHECKSUM_BATCH and self._bad_checksum(headers, blocks, members):
+                return members
             try:
                 # 11 digits and a terminator, what writers emit; anything else (a sign, an
                 # underscore or a space int() would take, a 12th digit) goes to _octal
@@ -402,57 +392,91 @@ class TarReader:
                     raise ValueError
                 member_size = int(block[124:135], 8)
             except ValueError:
-                try:
-                    member_size = _octal(block[124:136])
-                except _Corrupt as exc:
-                    message = f"has a corrupt header at byte offset {offset} ({exc})"
-                    self._stop("corrupt", offset, message)
-                    break
+                member_size = self._odd_size(block, offset)
             kind = block[156]
             data_offset = offset + BLOCK
-            if data_offset + member_size > size:
-                regular = kind in _REGULAR_CODES
-                self._stop(
-                    "truncated",
-                    offset,
-                    f"is truncated: the member at byte {offset} needs {member_size} bytes of "
-                    f"data, the file ends at byte {size}",
-                    pax.get("path") or long_name or _name(block) if regular else None,
-                )
+            if member_size < 0 or data_offset + member_size > size:
+                self._stop_at_member(offset, member_size, size, block, names)
                 break
-            if kind in _PLAIN and not special:  # a plain file: the common case
+            if kind in _PLAIN and not names.active and not block[345]:  # the common case
                 end = block.find(b"\0", 0, 100)
-                name = block[: end if end >= 0 else 100]
-                if block[345] and block[257:263] == b"ustar\0":
-                    name = _name(block).encode("utf-8", "surrogateescape")
-                fields = (name.decode("utf-8", "surrogateescape"), offset, data_offset, member_size)
-                add_member(new_member(TarMember, fields))
-            elif kind in _REGULAR_CODES:
-                if "size" in pax:
-                    member_size = int(pax["size"])
-                name_text = pax.get("path") or long_name or _name(block)
-                add_member(TarMember(name_text, offset, data_offset, member_size))
-                long_name, pax, special = None, {}, False
-            elif kind == 76:  # L: GNU long name of the next member
-                long_name = (
-                    os.pread(fd, member_size, data_offset)
-                    .split(b"\0", 1)[0]
-                    .decode("utf-8", "surrogateescape")
-                )
-                special = True
-            elif kind == 120:  # x: pax extended header of the next member
-                try:
-                    pax = _pax(os.pread(fd, member_size, data_offset))
-                    special = True
-                except _Corrupt as exc:
-                    message = f"has a corrupt pax header at byte offset {offset} ({exc})"
-                    self._stop("corrupt", offset, message)
-                    break
+                name = block[: end if end >= 0 else 100].decode("utf-8", "surrogateescape")
+                add_member(new_member(TarMember, (name, offset, data_offset, member_size)))
             else:
-                long_name, pax, special = None, {}, False
+                member_size = self._other_member(block, offset, member_size, names, members)
+                if member_size < 0:
+                    break
             offset = data_offset + (member_size + 511) // 512 * 512
         self._bad_checksum(headers, blocks, members)
         return members
+
+    def _odd_size(self, block: bytes, offset: int) -> int:
+        """The size field as GNU tar may write it (base-256, spaces, no terminator); -1, the
+        damage recorded, when it is no number."""
+        try:
+            return _octal(block[124:136])
+        except _Corrupt as exc:
+            self._stop("corrupt", offset, f"has a corrupt header at byte offset {offset} ({exc})")
+            return -1
+
+    def _stop_at_header(self, offset: int, end: int | None) -> None:
+        """The archive ends at `end` without its end marker, or within the header at `offset`."""
+        if end is not None:
+            message = f"is truncated: it ends at byte {end} without the end-of-archive marker"
+        else:
+            message = f"is truncated: the header at byte {offset} is cut off"
+        self._stop("truncated", offset, message)
+
+    def _stop_at_member(
+        self, offset: int, member_size: int, size: int, block: bytes, names: _NextMember
+    ) -> None:
+        """The member at `offset` needs more data than the file has (a size of -1: its
+        header's damage is recorded already)."""
+        if member_size < 0:
+            return
+        regular = block[156] in _REGULAR_CODES
+        self._stop(
+            "truncated",
+            offset,
+            f"is truncated: the member at byte {offset} needs {member_size} bytes of "
+            f"data, the file ends at byte {size}",
+            names.name(block) if regular else None,
+        )
+
+    def _other_member(
+        self,
+        block: bytes,
+        offset: int,
+        member_size: int,
+        names: _NextMember,
+        members: list[TarMember],
+    ) -> int:
+        """A member off the common path: a regular file with a long, pax or prefixed name
+        (added to `members`), or a header of another kind (a long name or pax header read
+        for the next member). The size of its data, -1 when reading stops here."""
+        data_offset = offset + BLOCK
+        kind = block[156]
+        if kind in _REGULAR_CODES:
+            name = names.name(block)
+            if "size" in names.pax:
+                member_size = int(names.pax["size"])
+            members.append(TarMember(name, offset, data_offset, member_size))
+            names.clear()
+            return member_size
+        assert self._fd is not None
+        data = os.pread(self._fd, member_size, data_offset) if kind in (76, 120) else b""
+        return member_size if self._take_names(names, kind, data, offset) else -1
+
+    def _take_names(self, names: _NextMember, kind: int, data: bytes, offset: int) -> bool:
+        """Read a long name or pax header for the next member; False, the damage recorded,
+        when the pax header is corrupt."""
+        try:
+            names.take(kind, data)
+        except _Corrupt as exc:
+            message = f"has a corrupt pax header at byte offset {offset} ({exc})"
+            self._stop("corrupt", offset, message)
+            return False
+        return True
 
     def _bad_checksum(
         self,
@@ -477,31 +501,11 @@ class TarReader:
         assert self._stream is not None
         stream = self._stream
         offset = 0
-        long_name: str | None = None
-        pax: dict[str, str] = {}
-
-        def read_exact(n: int) -> bytes:
-            data = stream.read(n)
-            return data if data is not None else b""
-
-        def skip(n: int) -> int:
-            skipped = 0
-            while skipped < n:
-                got = len(stream.read(min(n - skipped, _CHUNK)) or b"")
-                if not got:
-                    break
-                skipped += got
-            return skipped
-
+        names = _NextMember()
         while True:
-            block = read_exact(BLOCK)
+            block = _read_exact(stream, BLOCK)
             if len(block) < BLOCK:
-                message = (
-                    f"is truncated: it ends at byte {offset} without the end-of-archive marker"
-                    if not block
-                    else f"is truncated: the header at byte {offset} is cut off"
-                )
-                self._stop("truncated", offset, message)
+                self._stop_at_header(offset, None if block else offset)
                 return
             if not block.strip(b"\0"):
                 self.end = offset
@@ -513,50 +517,94 @@ class TarReader:
             except _Corrupt:
                 self._stop("corrupt", offset, f"has a corrupt header at byte offset {offset}")
                 return
-            kind = block[156:157]
             data_offset = offset + BLOCK
             padded = _padded(member_size)
             cut = f"is truncated: the member at byte {offset} needs {member_size} bytes of data"
-            if kind in _REGULAR:
-                name = pax.get("path") or long_name or _name(block)
-                if "size" in pax:
-                    member_size, padded = int(pax["size"]), _padded(int(pax["size"]))
-                long_name, pax = None, {}
-                member = TarMember(name, offset, data_offset, member_size)
-                data: bytes | None = None
-                if self.want is not None and self.want(name):
-                    data = read_exact(member_size)
-                    if len(data) < member_size or skip(padded - member_size) < padded - member_size:
-                        self._stop("truncated", offset, cut, name)
-                        return
-                elif skip(padded) < padded:
+            if block[156:157] in _REGULAR:
+                name = names.name(block)
+                if "size" in names.pax:
+                    member_size = int(names.pax["size"])
+                    padded = _padded(member_size)
+                names.clear()
+                data = _stream_data(stream, member_size, padded, self.want, name)
+                if data is _CUT:
                     self._stop("truncated", offset, cut, name)
                     return
-                yield member, data
+                yield TarMember(name, offset, data_offset, member_size), data
             else:
-                payload = read_exact(padded)
+                payload = _read_exact(stream, padded)
                 if len(payload) < padded:
                     self._stop("truncated", offset, cut)
                     return
-                try:
-                    if kind == b"L":
-                        long_name = (
-                            payload[:member_size]
-                            .split(b"\0", 1)[0]
-                            .decode("utf-8", "surrogateescape")
-                        )
-                    elif kind == b"x":
-                        pax = _pax(payload[:member_size])
-                    else:
-                        long_name, pax = None, {}
-                except _Corrupt as exc:
-                    self._stop(
-                        "corrupt",
-                        offset,
-                        f"has a corrupt pax header at byte offset {offset} ({exc})",
-                    )
+                if not self._take_names(names, block[156], payload[:member_size], offset):
                     return
             offset = data_offset + padded
+
+
+class _NextMember:
+    """What a GNU long-name (L) or pax (x) header says about the member that follows it."""
+
+    __slots__ = ("active", "long_name", "pax")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.long_name: str | None = None
+        self.pax: dict[str, str] = {}
+        self.active = False  # a header applies to the next member
+
+    def name(self, block: bytes) -> str:
+        """The name of the member of header `block`."""
+        return self.pax.get("path") or self.long_name or _name(block)
+
+    def take(self, kind: int, data: bytes) -> None:
+        """Keep what the header of `kind` with `data` says, or forget it for another kind."""
+        if kind == 76:  # L: GNU long name
+            self.long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            self.active = True
+        elif kind == 120:  # x: pax extended header
+            self.pax = _pax(data)
+            self.active = True
+        else:
+            self.clear()
+
+
+_CUT = b"<cut>"  # a marker object: the member's data ends early
+
+
+def _read_exact(stream: IO[bytes], n: int) -> bytes:
+    """Up to `n` bytes (fewer only at the end of the stream)."""
+    data = stream.read(n)
+    return data if data is not None else b""
+
+
+def _skip(stream: IO[bytes], n: int) -> int:
+    """Read past `n` bytes; how many there were."""
+    skipped = 0
+    while skipped < n:
+        got = len(stream.read(min(n - skipped, _CHUNK)) or b"")
+        if not got:
+            break
+        skipped += got
+    return skipped
+
+
+def _stream_data(
+    stream: IO[bytes],
+    size: int,
+    padded: int,
+    want: Callable[[str], bool] | None,
+    name: str,
+) -> bytes | None:
+    """A member's data when `want(name)` (None when not wanted), read or skipped with its
+    padding; `_CUT` when the stream ends first."""
+    if want is not None and want(name):
+        data = _read_exact(stream, size)
+        if len(data) < size or _skip(stream, padded - size) < padded - size:
+            return _CUT
+        return data
+    return _CUT if _skip(stream, padded) < padded else None
 
 
 def _first_bad_checksum(blocks: list[bytes]) -> int | None:
