@@ -166,6 +166,8 @@ def _finish(report: ConvertReport, json_: bool, strict: bool) -> None:
         raise typer.Exit(1)
 
 
+# The conversion commands are long only for their option declarations; the body is
+# _run_options, the converter's options and _convert.
 @command(convert_app, "mmc4")
 def mmc4(
     docs_spec: Annotated[
