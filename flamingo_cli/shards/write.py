@@ -13,10 +13,11 @@ import json
 import os
 import socket
 import tarfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Protocol
+from typing import IO, Protocol, TypeVar
 
 from flamingo_cli.errors import FlamingoError, OutputError
 from flamingo_cli.shards.sizes import SIZES_FILE
@@ -189,7 +190,35 @@ def sample_bytes(sample: Sample) -> int:
     )
 
 
-class TarWriter:
+class _Published(ABC):
+    """A writer used as a context manager: closed (published) when the block ends, aborted
+    (nothing published) when it raises."""
+
+    @abstractmethod
+    def close(self) -> object: ...
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+    def __enter__(self: _W) -> _W:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+_W = TypeVar("_W", bound=_Published)
+
+
+class TarWriter(_Published):
     """A tar shard written one sample at a time to a sink (a local path: temporary file).
 
     Members get fixed mtime, owner and mode, so the same samples give the same bytes. `close`
@@ -260,22 +289,8 @@ class TarWriter:
             self._tar.close()
         self._sink.abort()
 
-    def __enter__(self) -> TarWriter:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
-class SplitTarWriter:
+class SplitTarWriter(_Published):
     """Samples spread over numbered shards, a new one started when a size limit would be passed.
 
     `name(k)` gives the path (or sink) of part k. A part holds at most `max_samples` samples and
@@ -345,20 +360,6 @@ class SplitTarWriter:
         if self._current is not None:
             self._current.abort()
             self._current = None
-
-    def __enter__(self) -> SplitTarWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def write_tar(path: str | Path, samples: Iterable[Sample]) -> int:
