@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 from functools import cache
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -12,7 +13,11 @@ from torch import nn
 from flamingo_cli.model.factory import TINY_FLAMINGO, TINY_VISION, build_vision_encoder
 from flamingo_cli.model.flamingo import FlamingoConfig, FlamingoModel
 from flamingo_cli.model.lm import resize_embeddings
+from flamingo_cli.model.params import checkpoint_parameter_names
 from flamingo_cli.model.tokenizer import TINY_TOKENIZER, SpecialTokens, load_tokenizer
+
+if TYPE_CHECKING:
+    from flamingo_cli.train.export import ExportPaths
 
 TEXTS = [
     "We the people<image>a red square<|endofchunk|><image>a blue one<|endofchunk|></s>",
@@ -60,3 +65,15 @@ def open_gates(model: FlamingoModel, value: float = 1.0) -> None:
         for block in model.cross_attention_blocks():
             block.attn_gate.fill_(value)
             block.ff_gate.fill_(value)
+
+
+def export(model: FlamingoModel, run_dir: Path) -> ExportPaths:
+    """`flamingo.pt` and OpenFlamingo's `checkpoint.pt` of `model` under `run_dir/export/`,
+    written as a finished training run writes them (one process)."""
+    from flamingo_cli.runtime.distributed import DistInfo
+    from flamingo_cli.train.export import export_weights
+
+    one = DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo")
+    paths = export_weights(model, checkpoint_parameter_names(model), run_dir, one)
+    assert paths is not None
+    return paths

@@ -15,10 +15,11 @@ import torch
 
 from flamingo_cli.evaluate.run import evaluate_loss
 from flamingo_cli.model.factory import build_model
-from flamingo_cli.model.params import checkpoint_state_dict
+from flamingo_cli.model.params import checkpoint_parameter_names
 from flamingo_cli.recipe.load import Override, load_recipe
 from flamingo_cli.shards.write import write_tar
 from flamingo_cli.synthetic import laion_samples, mmc4_samples
+from tests.model_util import export
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,11 +66,11 @@ def test_two_ranks_match_one_process(tmp_path: Path) -> None:
     with torch.no_grad():
         for block in model.cross_attention_blocks():
             block.attn_gate.fill_(1.0)
-        kept = checkpoint_state_dict(model)
-        for param in kept.values():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    weights = tmp_path / "flamingo.pt"
-    torch.save(checkpoint_state_dict(model), weights)
+        kept = checkpoint_parameter_names(model)
+        for name, param in model.named_parameters():
+            if name in kept:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    weights = export(model, tmp_path).flamingo
 
     single = evaluate_loss(loaded, str(weights), ablation="none")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -26,14 +26,14 @@ from flamingo_cli.evaluate.loss import (
 from flamingo_cli.evaluate.run import eval_targets, evaluate_loss
 from flamingo_cli.model.factory import build_model
 from flamingo_cli.model.flamingo import FlamingoModel
-from flamingo_cli.model.openflamingo import save_openflamingo_checkpoint
-from flamingo_cli.model.params import checkpoint_state_dict
+from flamingo_cli.model.params import checkpoint_parameter_names
 from flamingo_cli.recipe.load import Override, load_recipe
 from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config, ModelConfig
 from flamingo_cli.runtime.distributed import DistInfo
 from flamingo_cli.runtime.weights import resolve_checkpoint
 from flamingo_cli.shards.write import write_tar
 from flamingo_cli.synthetic import laion_samples, mmc4_samples
+from tests.model_util import export
 
 from .conftest import RECIPES
 
@@ -208,18 +208,18 @@ def test_every_weights_format_gives_the_same_loss(
     loaded = load_recipe(recipe)
     model, *_ = build_model(loaded.recipe.model, seed=loaded.recipe.run.seed)
     generator = torch.Generator().manual_seed(3)
+    kept = checkpoint_parameter_names(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name in checkpoint_state_dict(model):
+            if name in kept:
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    torch.save(checkpoint_state_dict(model), tmp_path / "flamingo.pt")
-    save_openflamingo_checkpoint(model, tmp_path / "checkpoint.pt")
+    exported = export(model, tmp_path)
     optimizer = torch.optim.AdamW(model.parameters())
     state = TrainState(
         model,
         optimizer,
         torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-        keep=lambda k: k in checkpoint_state_dict(model),
+        keep=lambda k: k in kept,
         progress={"step": 3, "epoch": 0},
     )
     save_checkpoint(
@@ -230,8 +230,8 @@ def test_every_weights_format_gives_the_same_loss(
         for source in (
             "latest",
             str(tmp_path / "runs" / "eval-test" / "checkpoints" / "step-00000003"),
-            str(tmp_path / "flamingo.pt"),
-            str(tmp_path / "checkpoint.pt"),
+            str(exported.flamingo),
+            str(exported.openflamingo),
         )
     }
     kinds = [r.weights for r in reports.values()]

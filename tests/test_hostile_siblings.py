@@ -205,11 +205,10 @@ def test_eval_loss_json_prints_a_failed_multi_process_evaluation(
 
 def test_eval_shards_that_name_no_shard_get_a_fix(tmp_path: Path) -> None:
     from flamingo_cli.model.factory import build_model
-    from flamingo_cli.model.openflamingo import save_openflamingo_checkpoint
     from flamingo_cli.recipe.schema import ModelConfig
+    from tests.model_util import export
 
-    weights = tmp_path / "checkpoint.pt"
-    save_openflamingo_checkpoint(build_model(ModelConfig(preset="tiny"))[0], weights)
+    weights = export(build_model(ModelConfig(preset="tiny"))[0], tmp_path).openflamingo
     folder = tmp_path / "shards.tar"  # a directory named like a shard, holding none
     folder.mkdir()
     args = ["eval-loss", str(TINY), "--checkpoint", str(weights), "--shards", str(folder)]

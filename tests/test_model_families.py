@@ -12,7 +12,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutput
 
-from flamingo_cli.model.openflamingo import openflamingo_state_dict
+from flamingo_cli.model.openflamingo import to_openflamingo_key
+from flamingo_cli.model.params import checkpoint_parameter_names
 from tests.model_util import batch, open_gates, tokenizer_and_ids, wrap
 
 SMALL = {"vocab_size": 512, "bos_token_id": 1, "eos_token_id": 2}
@@ -134,7 +135,7 @@ def test_lm_without_embedding_accessors_is_found_by_inspection() -> None:
     assert torch.equal(wte.weight[:512], old_rows)
     assert torch.equal(wte.weight[514], old_rows.mean(dim=0))
     assert model.decoder_layers_path == "transformer.blocks"
-    keys = set(openflamingo_state_dict(model))
+    keys = {to_openflamingo_key(k) for k in checkpoint_parameter_names(model)}
     assert "lang_encoder.transformer.wte.weight" in keys
     assert "lang_encoder.transformer.blocks.1.gated_cross_attn_layer.attn.to_q.weight" in keys
     images, ids, mask = batch()

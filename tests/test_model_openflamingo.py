@@ -20,14 +20,11 @@ from flamingo_cli.model.factory import (
     tiny_lm,
 )
 from flamingo_cli.model.flamingo import FlamingoConfig, FlamingoModel
-from flamingo_cli.model.openflamingo import (
-    load_openflamingo_checkpoint,
-    load_openflamingo_state_dict,
-    openflamingo_state_dict,
-    save_openflamingo_checkpoint,
-)
+from flamingo_cli.model.openflamingo import load_openflamingo_state_dict, to_openflamingo_key
 from flamingo_cli.model.params import set_trainable
 from flamingo_cli.model.tokenizer import TINY_TOKENIZER, load_tokenizer
+from flamingo_cli.runtime.weights import load_weights
+from tests.model_util import export
 
 of_factory = pytest.importorskip("open_flamingo.src.factory")
 of_train_utils = pytest.importorskip("open_flamingo.train.train_utils")
@@ -135,7 +132,7 @@ def test_openflamingo_weights_give_equal_logits(lm_dir: Path, tmp_path: Path) ->
     state = of_train_utils.filter_state_dict_to_trainable(theirs, theirs.state_dict())
     assert not any(k.startswith("vision_encoder") for k in state)
     torch.save({"model_state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
-    load_openflamingo_checkpoint(ours, path)
+    assert load_weights(ours, path) == "OpenFlamingo checkpoint"
     a, b = _logits_pair(ours, theirs)
     assert _rel_error(a, b) < 1e-5
 
@@ -145,8 +142,7 @@ def test_our_checkpoint_loads_into_openflamingo(lm_dir: Path, tmp_path: Path) ->
     # same backbones first (frozen weights are not part of a checkpoint)
     load_openflamingo_state_dict(ours, theirs.state_dict())
     _randomize_flamingo_layers(ours, seed=4)
-    path = tmp_path / "checkpoint.pt"
-    save_openflamingo_checkpoint(ours, path)
+    path = export(ours, tmp_path).openflamingo  # as a training run writes it
     saved = torch.load(path, weights_only=True)
     assert "perceiver.layers.0.0.to_q.weight" in saved
     assert "lang_encoder.model.layers.1.gated_cross_attn_layer.ff.3.weight" in saved
@@ -157,7 +153,7 @@ def test_our_checkpoint_loads_into_openflamingo(lm_dir: Path, tmp_path: Path) ->
     a, b = _logits_pair(ours, theirs)
     assert _rel_error(a, b) < 1e-5
     # and the full export is exactly OpenFlamingo's own state dict layout
-    full = openflamingo_state_dict(ours, full=True)
+    full = {to_openflamingo_key(k) for k in ours.state_dict()}
     expected = {
         k
         for k in theirs.state_dict()

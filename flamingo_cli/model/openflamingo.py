@@ -1,4 +1,6 @@
-"""OpenFlamingo `checkpoint.pt` files: read them into our model, write ours in their layout.
+"""OpenFlamingo `checkpoint.pt` files: their key layout, and their weights into our model.
+
+Our runs write theirs in that layout too (train/export.py, through `to_openflamingo_key`).
 
 OpenFlamingo keys (2.0.1, the released checkpoints) are its module paths: `vision_encoder.*`,
 `perceiver.layers.{i}.0.to_q` (attention) / `.1.{0,1,3}` (feed-forward), and
@@ -10,17 +12,14 @@ embeddings; training checkpoints wrap them in `model_state_dict` with DDP's `mod
 
 from __future__ import annotations
 
-import pickle
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from flamingo_cli.errors import FlamingoError
 from flamingo_cli.model.flamingo import FlamingoModel
-from flamingo_cli.model.params import checkpoint_parameter_names
 
 _ATTN = {"q_proj": "to_q", "kv_proj": "to_kv", "out_proj": "to_out"}
 _FF = {"norm": "0", "fc_in": "1", "fc_out": "3"}
@@ -61,14 +60,6 @@ def _canonical(key: str, layers_path: str) -> str:
     if m := re.fullmatch(r"lang_encoder\.gated_cross_attn_layers\.(\d+)\.(.+)", key):
         return f"lang_encoder.{layers_path}.{m[1]}.gated_cross_attn_layer.{m[2]}"
     return key
-
-
-def openflamingo_state_dict(model: FlamingoModel, *, full: bool = False) -> dict[str, Tensor]:
-    """Our weights under OpenFlamingo's keys: what a released checkpoint holds (trainable
-    parameters and embeddings), or with `full` every entry of the state dict."""
-    state = model.state_dict()
-    keep = set(state) if full else checkpoint_parameter_names(model)
-    return {to_openflamingo_key(k): v for k, v in state.items() if k in keep}
 
 
 @dataclass(frozen=True)
@@ -141,12 +132,6 @@ def load_openflamingo_state_dict(
     return ImportReport(loaded=sorted(mapped), unexpected=unexpected)
 
 
-def save_openflamingo_checkpoint(model: FlamingoModel, path: str | Path) -> None:
-    """Write `checkpoint.pt` as OpenFlamingo publishes it (a flat state dict)."""
-    tensors = {k: v.detach().cpu().clone() for k, v in openflamingo_state_dict(model).items()}
-    torch.save(tensors, Path(path))
-
-
 _BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue")
 _UNPICKLER = "WeightsUnpickler error:"
 _ALLOW_ADVICE = " Please use `torch.serialization.add_safe_globals"
@@ -163,20 +148,3 @@ def weights_only_refusal(exc: BaseException) -> str:
     useful = [ln for ln in lines if ln and not ln.startswith(_BOILERPLATE)]
     useful = [ln.split(_ALLOW_ADVICE, 1)[0].strip() for ln in useful if "weights_only" not in ln]
     return next((ln for ln in useful if ln), type(exc).__name__)
-
-
-def load_openflamingo_checkpoint(model: FlamingoModel, path: str | Path) -> ImportReport:
-    """Read an OpenFlamingo `checkpoint.pt` (tensors only: `weights_only=True`) into `model`."""
-    try:
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise FlamingoError(f"checkpoint {str(path)!r} does not exist") from exc
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise FlamingoError(
-            f"cannot read {str(path)!r} as an OpenFlamingo checkpoint "
-            f"({weights_only_refusal(exc)}): nothing from it was run",
-            fix="give the checkpoint.pt file of an OpenFlamingo model or training run",
-        ) from exc
-    if not isinstance(state, dict):
-        raise FlamingoError(f"{str(path)!r} does not hold a state dict")
-    return load_openflamingo_state_dict(model, state)

@@ -43,15 +43,6 @@ def embedding_grad_mask(model: FlamingoModel) -> Tensor | None:
     return mask
 
 
-def mask_embedding_grad(model: FlamingoModel) -> None:
-    """Zero the gradient of every input embedding row but the trainable ones, in place
-    (plain tensors; a sharded trainer applies `embedding_grad_mask` to its local shard)."""
-    mask = embedding_grad_mask(model)
-    grad = model.input_embeddings().weight.grad
-    if mask is not None and grad is not None:
-        grad.mul_(mask)
-
-
 def checkpoint_parameter_names(model: FlamingoModel) -> set[str]:
     """Names (as in `model.named_parameters()`) a checkpoint must keep: the trainable ones and
     the input and output embeddings, always (their added rows must survive even when frozen)."""
@@ -65,9 +56,3 @@ def checkpoint_parameter_names(model: FlamingoModel) -> set[str]:
         if any(p is e for e in embeddings):
             names.add(name)
     return names
-
-
-def checkpoint_state_dict(model: FlamingoModel) -> dict[str, Tensor]:
-    """The part of `model.state_dict()` named by `checkpoint_parameter_names`."""
-    keep = checkpoint_parameter_names(model)
-    return {k: v for k, v in model.state_dict().items() if k in keep}
