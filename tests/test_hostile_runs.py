@@ -453,3 +453,30 @@ def test_a_read_only_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     flat = " ".join(result.stderr.split())
     assert f"error: cannot write in the run directory {out / 'tiny-cpu'}: {reason}" in flat
     assert "fix: set run.output_dir" in flat and "Traceback" not in result.output
+
+
+def test_a_second_ctrl_c_while_saving_aborts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DCP wraps a KeyboardInterrupt raised while it plans a save in a CheckpointException;
+    the save raises it again as the KeyboardInterrupt that `flamingo train` turns into exit
+    130 (it was exit 1 with DCP's traceback when the second Ctrl-C landed in the save)."""
+    import torch
+    from torch import nn
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    from flamingo_cli.runtime.distributed import DistInfo
+    from flamingo_cli.train.checkpoint import TrainState, save_checkpoint
+
+    def interrupted(self: DefaultSavePlanner) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DefaultSavePlanner, "create_local_plan", interrupted)
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    state = TrainState(model, optimizer, schedule, keep=lambda k: True, progress={"step": 1})
+    info = DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo")
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 1, state, {}, info, recipe_text="", keep_last=0)
+    assert list_checkpoints(tmp_path) == []

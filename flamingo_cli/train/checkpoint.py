@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -119,8 +120,14 @@ def save_checkpoint(
                 shutil.rmtree(stale)
         tmp.mkdir()
     _barrier(info)
-    with single_process_ok():
-        dcp_save({"train": state}, checkpoint_id=str(tmp), no_dist=info.world_size == 1)
+    try:
+        with single_process_ok():
+            dcp_save({"train": state}, checkpoint_id=str(tmp), no_dist=info.world_size == 1)
+    except CheckpointException as exc:
+        if any(isinstance(error, KeyboardInterrupt) for error, _ in exc.failures.values()):
+            # a second Ctrl-C while saving aborts as it does anywhere else (DCP wraps it)
+            raise KeyboardInterrupt from None
+        raise
     (tmp / f"rank{info.rank}.json").write_text(json.dumps(rank_state), encoding="utf-8")
     _barrier(info)
     if info.is_main:
