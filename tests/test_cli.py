@@ -203,3 +203,34 @@ def test_convert_takes_quiet_after_its_subcommand(tmp_path: Path) -> None:
     assert "No such option" not in result.output
     assert result.exit_code == 1  # nothing to convert, reported; the option was accepted
     assert "no input" in " ".join(result.stderr.split()).lower()
+
+
+def test_torchrun_shows_its_summary_only_for_a_rank_that_crashed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch.distributed.run as torch_run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from flamingo_cli.cli import torchrun
+
+    crash = tmp_path / "error.json"
+    crash.write_text(
+        json.dumps(
+            {
+                "message": {
+                    "message": "RuntimeError: a bug",
+                    "extraInfo": {"py_callstack": "Traceback: a bug", "timestamp": "0"},
+                }
+            }
+        ),
+        encoding="utf-8",
+    )
+    for error_file, shown in ((str(tmp_path / "none.json"), False), (str(crash), True)):
+        failure = ProcessFailure(local_rank=0, pid=1, exitcode=1, error_file=error_file)
+
+        def run(args: object, failure: ProcessFailure = failure) -> None:
+            raise ChildFailedError("flamingo_cli", {0: failure})
+
+        monkeypatch.setattr(torch_run, "run", run)
+        assert torchrun.main(["--nproc-per-node", "1", "-m", "flamingo_cli"]) == 1
+        assert ("a bug" in capsys.readouterr().err) == shown

@@ -22,6 +22,7 @@ from flamingo_cli.synthetic import laion_samples, mmc4_samples
 from tests.model_util import export
 
 REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "recipes"
 
 
 @pytest.mark.multiprocess
@@ -129,3 +130,24 @@ def test_periodic_eval_under_fsdp_training(tmp_path: Path) -> None:
     final = {d.dataset: d.loss for d in evaluate_loss(loaded, "latest").datasets}
     assert evals[8]["eval/loss/laion"] == pytest.approx(final["laion"], abs=1e-5)
     assert evals[8]["eval/loss/mmc4"] == pytest.approx(final["mmc4"], abs=1e-5)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_user_error_on_every_rank_is_a_message_not_torchruns_traceback(tmp_path: Path) -> None:
+    """Each rank prints its message and fix and exits 1; torchrun adds no ChildFailedError
+    traceback of its own (the launcher runs it through flamingo_cli.cli.torchrun)."""
+    damaged = tmp_path / "step-00000001"
+    damaged.mkdir()
+    (damaged / "COMPLETE").write_text("", encoding="utf-8")  # complete, but no .metadata
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "flamingo_cli", "eval-loss", str(RECIPES / "tiny-cpu.toml")]
+    command += ["--checkpoint", str(damaged), "--nproc-per-node", "2", "--max-batches", "1"]
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"{damaged}/.metadata" in " ".join(done.stderr.split())
+    assert "fix:" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "ChildFailedError" not in done.stderr

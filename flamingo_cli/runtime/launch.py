@@ -61,9 +61,10 @@ def rendezvous_for(
 
 
 def torchrun_command(rdzv: Rendezvous, rank_args: Sequence[str], log_dir: Path) -> list[str]:
-    """The `python -m torch.distributed.run` command starting `python -m flamingo_cli
-    RANK_ARGS` (a subcommand and its arguments) on every rank of this node."""
-    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    """The torchrun command (`flamingo_cli.cli.torchrun`, torchrun without its traceback for
+    ranks that failed on a user error) starting `python -m flamingo_cli RANK_ARGS` (a
+    subcommand and its arguments) on every rank of this node."""
+    cmd = [sys.executable, "-m", "flamingo_cli.cli.torchrun"]
     if rdzv.nnodes == 1 and rdzv.endpoint is None:
         cmd += ["--standalone"]
     else:
