@@ -220,6 +220,7 @@ def test_epoch_larger_than_data_warns_with_counts(write_recipe: WriteRecipe) -> 
     laion = only(report.problems, "data.laion.train_num_samples")
     assert laion.severity == "warning"
     assert "draws 64 samples but the shards hold 32" in laion.message
+    assert "goes over its shards again, so samples repeat within the epoch" in laion.message
 
 
 def test_check_shards_scans_tars_without_sizes_json(

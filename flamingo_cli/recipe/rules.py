@@ -324,7 +324,8 @@ def _warnings(loaded: LoadedRecipe, plan: Plan) -> list[Problem]:
                 loaded.problem(
                     f"data.{dataset.name}.train_num_samples",
                     f"an epoch draws {dataset.samples_drawn_per_epoch} samples but the shards "
-                    f"hold {total}: without resampling the loaders run dry before the epoch ends",
+                    f"hold {total}: without resampling each loader worker goes over its shards "
+                    "again, so samples repeat within the epoch (docs/formats.md §5.8)",
                     fix=f"set data.{dataset.name}.resampled = true or lower train_num_samples",
                     severity="warning",
                 )
