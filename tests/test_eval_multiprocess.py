@@ -74,7 +74,9 @@ def test_two_ranks_match_one_process(tmp_path: Path) -> None:
     weights = export(model, tmp_path).flamingo
 
     single = evaluate_loss(loaded, str(weights), ablation="none")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    scratch = tmp_path / "tmp"  # the launcher's working folder goes here, and away after
+    scratch.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}
     command = [sys.executable, "-m", "flamingo_cli", "eval-loss", str(recipe)]
     command += ["--checkpoint", str(weights), "--nproc-per-node", "2", "--json"]
     command += ["--ablate-images", "none"]
@@ -91,6 +93,7 @@ def test_two_ranks_match_one_process(tmp_path: Path) -> None:
         assert two["ablated_loss"] == pytest.approx(one.ablated_loss, abs=1e-6)
         assert two["padding_batches"] == 1  # the rank with fewer batches padded once
     assert [d["samples"] for d in sharded["datasets"]] == [16, 5]
+    assert list(scratch.glob("flamingo-eval-*")) == []  # (wandb leaves folders of its own)
 
 
 @pytest.mark.multiprocess

@@ -227,8 +227,10 @@ def _rank_args(
 
 def _through_torchrun(run_name: str, nproc: int, rank_args: list[str]) -> EvalReport:
     """Start `nproc` ranks of this command; the report rank 0 wrote. A failure is a
-    FlamingoError (so `--json` prints it too) pointing at rank 0's error and the logs."""
+    FlamingoError (so `--json` prints it too) pointing at rank 0's error and the logs, which
+    are kept; after a success the working folder is removed."""
     import json
+    import shutil
     import tempfile
 
     from flamingo_cli.errors import FlamingoError
@@ -250,4 +252,6 @@ def _through_torchrun(run_name: str, nproc: int, rank_args: list[str]) -> EvalRe
             f"evaluation failed (exit {code})",
             fix=f"see rank 0's error above; every rank's log is under {work / 'logs'}",
         )
-    return EvalReport.from_dict(json.loads(report_path.read_text(encoding="utf-8")))
+    report = EvalReport.from_dict(json.loads(report_path.read_text(encoding="utf-8")))
+    shutil.rmtree(work, ignore_errors=True)
+    return report
