@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -254,15 +255,25 @@ def _distributed_rules(loaded: LoadedRecipe) -> list[Problem]:
 
 def _logging_rules(loaded: LoadedRecipe) -> list[Problem]:
     logging = loaded.recipe.logging
+    problems = []
     if logging.save_checkpoints_to_wandb and not logging.wandb:
-        return [
+        problems.append(
             loaded.problem(
                 "logging.save_checkpoints_to_wandb",
                 "saving checkpoints to wandb needs wandb logging, which is off",
                 fix="set logging.wandb = true or logging.save_checkpoints_to_wandb = false",
             )
-        ]
-    return []
+        )
+    # looked up, not imported: validate-config stays free of torch and tensorboard
+    if logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        problems.append(
+            loaded.problem(
+                "logging.tensorboard",
+                "TensorBoard logging needs the tensorboard package, which is not installed",
+                fix="pip install 'flamingo[tensorboard]', or set logging.tensorboard = false",
+            )
+        )
+    return problems
 
 
 def machine_memory_bytes() -> int | None:

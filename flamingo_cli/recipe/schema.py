@@ -140,6 +140,9 @@ class LoggingConfig(_Section):
     wandb_entity: str | None = None
     wandb_mode: Literal["online", "offline", "disabled"] = "online"
     save_checkpoints_to_wandb: bool = False
+    tensorboard: bool = Field(
+        False, description="also write TensorBoard event files to <run>/tensorboard"
+    )
 
 
 class Recipe(_Section):

@@ -1,4 +1,4 @@
-"""Where training metrics go: metrics.jsonl always, wandb when the recipe asks."""
+"""Where training metrics go: metrics.jsonl always, wandb and TensorBoard when the recipe asks."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from flamingo_cli.recipe.schema import Recipe
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,29 @@ class WandbSink:
         self._run.finish()
 
 
+class TensorBoardSink:
+    """Event files under `<run>/tensorboard` (torch's SummaryWriter), for clusters where wandb
+    cannot reach the internet. A resumed run purges the events after its checkpoint's step,
+    so TensorBoard shows each step once, as metrics.jsonl does."""
+
+    def __init__(self, run_dir: Path, resumed_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        purge = resumed_step + 1 if resumed_step > 0 else None
+        self._writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=purge)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self._writer.add_scalar(key, value, global_step=step)
+
+    def save_checkpoint(self, path: Path) -> None:
+        self._writer.flush()  # what a checkpoint covers is on disk with it
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class Sinks:
     """All sinks of rank 0 as one."""
 
@@ -153,8 +177,11 @@ class Sinks:
             sink.close()
 
 
-def open_sinks(recipe: Recipe, run_dir: Path) -> Sinks:
+def open_sinks(recipe: Recipe, run_dir: Path, resumed_step: int = 0) -> Sinks:
+    """The sinks the recipe asks for; `resumed_step`: the step this run continues from."""
     sinks: list[MetricsSink] = [JsonlSink(run_dir / METRICS_FILE)]
     if recipe.logging.wandb:
         sinks.append(WandbSink(recipe, run_dir))
+    if recipe.logging.tensorboard:
+        sinks.append(TensorBoardSink(run_dir, resumed_step))
     return Sinks(sinks)

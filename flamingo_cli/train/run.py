@@ -389,7 +389,7 @@ def _start(
                 f"moved {moved.rows} row(s) of {METRICS_FILE} after step {progress['step']} "
                 f"to {moved.path.name}: this run logs those steps again"
             )
-        sinks = open_sinks(recipe, session.run_dir)
+        sinks = open_sinks(recipe, session.run_dir, progress["step"])
     # the recipe as this run resolved it: overrides applied, world size as launched
     recipe_text = dumps(recipe.model_dump(mode="json", exclude_none=True))
     return _Loop(config, scaler, sinks, recipe_text, stop, lock, max_steps)
