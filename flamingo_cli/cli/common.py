@@ -36,40 +36,31 @@ def _debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
         settings.debug = True
 
 
+def _global_option(decls: list[str], callback: Any, help: str, **kind: Any) -> TyperOption:
+    """One of the global options as a subcommand takes it: no value of its own, set at parse."""
+    return TyperOption(
+        param_decls=decls,
+        expose_value=False,
+        callback=callback,
+        help=help,
+        rich_help_panel=GLOBAL_PANEL,
+        **kind,
+    )
+
+
 class GlobalOptionsCommand(TyperCommand):
     """A subcommand that also takes `-q`, `-v` and `--debug` after its name
     (`flamingo convert mmc4 ... -q`), as uv and pip users type them."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        flag = {"is_flag": True, "default": False}
         self.params += [
-            TyperOption(
-                param_decls=["--quiet", "-q"],
-                is_flag=True,
-                default=False,
-                expose_value=False,
-                callback=_quiet,
-                help="Only errors and results.",
-                rich_help_panel=GLOBAL_PANEL,
+            _global_option(["--quiet", "-q"], _quiet, "Only errors and results.", **flag),
+            _global_option(
+                ["--verbose", "-v"], _verbose, "More detail (repeatable).", count=True, default=0
             ),
-            TyperOption(
-                param_decls=["--verbose", "-v"],
-                count=True,
-                default=0,
-                expose_value=False,
-                callback=_verbose,
-                help="More detail (repeatable).",
-                rich_help_panel=GLOBAL_PANEL,
-            ),
-            TyperOption(
-                param_decls=["--debug"],
-                is_flag=True,
-                default=False,
-                expose_value=False,
-                callback=_debug,
-                help="Show tracebacks for user errors.",
-                rich_help_panel=GLOBAL_PANEL,
-            ),
+            _global_option(["--debug"], _debug, "Show tracebacks for user errors.", **flag),
         ]
 
 
