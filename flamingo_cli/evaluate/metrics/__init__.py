@@ -1,0 +1,5 @@
+"""Few-shot scores: CIDEr for captions, VQA accuracy, OK-VQA stemming (docs/formats.md, metrics).
+
+Pure functions over predictions and references; no torch, no printing. `eval-fewshot` calls
+them on rank 0 after gathering every rank's predictions.
+"""
