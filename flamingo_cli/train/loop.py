@@ -25,6 +25,7 @@ from flamingo_cli.data.labels import content_length
 from flamingo_cli.recipe.schema import Precision, Strategy
 from flamingo_cli.runtime.distributed import DistInfo, any_rank, gradient_sync
 from flamingo_cli.runtime.precision import autocast_for
+from flamingo_cli.train.optim import step_if_finite
 
 
 class Batch(Protocol):
@@ -80,7 +81,7 @@ class StopFlag:
 
 @dataclass
 class StepResult:
-    """What one optimizer step measured."""
+    """What one optimizer step measured: totals, and samples and tokens per dataset."""
 
     losses: dict[str, float]
     lr: float
@@ -90,6 +91,8 @@ class StepResult:
     tokens: int
     data_wait_s: float
     elapsed_s: float
+    dataset_samples: dict[str, int] = field(default_factory=dict)
+    dataset_tokens: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -101,11 +104,27 @@ class LoopConfig:
     grad_masks: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
 
 
-def global_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
-    """Clip all gradients together on their global norm; works on FSDP2's sharded DTensors."""
+def global_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip all gradients together on their global norm, returned as a tensor on the device
+    (not read: no host sync); works on FSDP2's sharded DTensors."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
     full = getattr(norm, "full_tensor", None)
-    return float(full() if callable(full) else norm)
+    return full() if callable(full) else norm
+
+
+@dataclass
+class _Window:
+    """What the backward window measured, per dataset: loss sums and token counts as device
+    tensors (float64: the sums Python floats would make), samples from the batch shapes."""
+
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)
+    samples: dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str, loss: torch.Tensor, tokens: torch.Tensor, samples: int) -> None:
+        self.losses[name] = self.losses[name] + loss if name in self.losses else loss
+        self.tokens[name] = self.tokens[name] + tokens if name in self.tokens else tokens
+        self.samples[name] = self.samples.get(name, 0) + samples
 
 
 def optimizer_step(
@@ -119,22 +138,42 @@ def optimizer_step(
     scaler: torch.amp.GradScaler | None = None,
     data_wait_s: float = 0.0,
 ) -> StepResult:
-    """Run the micro-steps of one optimizer step; every rank calls it with its own batches."""
+    """Run the micro-steps of one optimizer step; every rank calls it with its own batches.
+
+    The step reads the device once, at its end (docs/formats.md §12): losses and the gradient
+    norm stay tensors until then, and the skip of a non-finite step is decided on the device
+    (train/optim.py `step_if_finite`)."""
     start = time.perf_counter()
     lr = float(optimizer.param_groups[0]["lr"])
     params = [p for p in model.parameters() if p.requires_grad]
-    totals, samples, tokens = _backward_window(model, batches, config, info, strategy, scaler)
-    grad_norm = _update(params, optimizer, scheduler, config, scaler)
+    window = _backward_window(model, batches, config, info, strategy, scaler)
+    norm = _update(params, optimizer, scheduler, config, scaler)
+    grad_norm, losses, tokens = _read_once(norm, window)
     return StepResult(
-        losses=totals,
+        losses=losses,
         lr=lr,
         grad_norm=grad_norm,
         skipped=not math.isfinite(grad_norm),
-        samples=samples,
-        tokens=tokens,
+        samples=sum(window.samples.values()),
+        tokens=sum(tokens.values()),
         data_wait_s=data_wait_s,
         elapsed_s=time.perf_counter() - start + data_wait_s,
+        dataset_samples=window.samples,
+        dataset_tokens=tokens,
     )
+
+
+def _read_once(
+    norm: torch.Tensor, window: _Window
+) -> tuple[float, dict[str, float], dict[str, int]]:
+    """The step's one host read: gradient norm, mean loss and tokens per dataset."""
+    names = list(window.losses)
+    counts = [window.tokens[name].to(norm.device, non_blocking=True) for name in names]
+    values = [norm.detach().double(), *(window.losses[name] for name in names), *counts]
+    grad_norm, *read = torch.stack(values).tolist()
+    losses = dict(zip(names, read[: len(names)], strict=True))
+    tokens = {name: int(v) for name, v in zip(names, read[len(names) :], strict=True)}
+    return grad_norm, losses, tokens
 
 
 def _backward_window(
@@ -144,12 +183,11 @@ def _backward_window(
     info: DistInfo,
     strategy: Strategy,
     scaler: torch.amp.GradScaler | None,
-) -> tuple[dict[str, float], int, int]:
+) -> _Window:
     """Forward and backward of every micro-batch, gradients reduced on the last only; the mean
-    loss per dataset, and the samples and tokens seen."""
+    loss per dataset (a device tensor), and the samples and tokens seen per dataset."""
     accum = config.gradient_accumulation_steps
-    totals: dict[str, float] = {}
-    samples = tokens = 0
+    seen = _Window()
     for micro, named in enumerate(batches):
         with gradient_sync(model, enabled=micro == len(batches) - 1):
             for name, batch in named.items():
@@ -164,10 +202,13 @@ def _backward_window(
                     )
                 loss = out.loss * config.loss_multipliers[name] / accum
                 (scaler.scale(loss) if scaler is not None else loss).backward()
-                totals[name] = totals.get(name, 0.0) + float(out.loss.detach()) / len(batches)
-                samples += int(batch.input_ids.shape[0])
-                tokens += int(batch.attention_mask.sum())
-    return totals, samples, tokens
+                seen.add(
+                    name,
+                    out.loss.detach().double() / len(batches),
+                    batch.attention_mask.sum(dtype=torch.float64),
+                    int(batch.input_ids.shape[0]),
+                )
+    return seen
 
 
 def _update(
@@ -176,9 +217,9 @@ def _update(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     config: LoopConfig,
     scaler: torch.amp.GradScaler | None,
-) -> float:
+) -> torch.Tensor:
     """Mask, clip and apply the gradients (not when their norm is not finite), then advance
-    the schedule; returns the global gradient norm."""
+    the schedule; returns the global gradient norm, not read."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     for param, mask in config.grad_masks:
@@ -188,8 +229,8 @@ def _update(
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
-    elif math.isfinite(grad_norm):
-        optimizer.step()
+    else:
+        step_if_finite(optimizer, grad_norm)
     optimizer.zero_grad(set_to_none=True)
     with warnings.catch_warnings():
         # a skipped step still advances the schedule, which counts optimizer steps
@@ -218,16 +259,21 @@ def accumulation_windows(
 
 
 def metrics_of(result: StepResult, counters: dict[str, int]) -> dict[str, Any]:
-    """The metrics line of one optimizer step."""
+    """The metrics line of one optimizer step: throughput in all and per dataset."""
+    seconds = max(result.elapsed_s, 1e-9)
     metrics: dict[str, Any] = {f"loss/{k}": v for k, v in result.losses.items()}
     metrics.update(
         lr=result.lr,
         grad_norm=result.grad_norm,
         skipped=int(result.skipped),
-        samples_per_s=result.samples / max(result.elapsed_s, 1e-9),
-        tokens_per_s=result.tokens / max(result.elapsed_s, 1e-9),
-        data_wait=result.data_wait_s / max(result.elapsed_s, 1e-9),
+        samples_per_s=result.samples / seconds,
+        tokens_per_s=result.tokens / seconds,
+        data_wait=result.data_wait_s / seconds,
     )
+    for name, samples in result.dataset_samples.items():
+        metrics[f"samples_per_s/{name}"] = samples / seconds
+    for name, tokens in result.dataset_tokens.items():
+        metrics[f"tokens_per_s/{name}"] = tokens / seconds
     metrics.update({f"dropped/{k}": v for k, v in counters.items()})
     return metrics
 
