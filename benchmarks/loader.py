@@ -33,7 +33,7 @@ from flamingo_cli.data import preprocess  # noqa: E402
 from flamingo_cli.data.loader import make_loader  # noqa: E402
 from flamingo_cli.data.preprocess import Context, Dropped, preprocess_document, sample_rng  # noqa: E402
 from flamingo_cli.model.tokenizer import ENDOFCHUNK, IMAGE, TINY_TOKENIZER, load_tokenizer  # noqa: E402
-from flamingo_cli.recipe.schema import Mmc4Config  # noqa: E402
+from flamingo_cli.recipe.schema import InterleavedConfig  # noqa: E402
 from flamingo_cli.shards.write import write_tar  # noqa: E402
 from flamingo_cli.synthetic import web_samples  # noqa: E402
 
@@ -147,11 +147,11 @@ def main() -> None:
 
                 runs[label] = run_theirs
                 continue
-            config = Mmc4Config(shards="x", max_tokens=max_tokens, **fields)
+            config = InterleavedConfig(shards="x", max_tokens=max_tokens, **fields)
             ctx = Context.create(tokenizer, tokens, transform, fast_images=config.fast_images)
 
             def run_ours(
-                sample: dict[str, Any], ctx: Context = ctx, config: Mmc4Config = config
+                sample: dict[str, Any], ctx: Context = ctx, config: InterleavedConfig = config
             ) -> bool:
                 try:
                     preprocess_document(sample, ctx, config, sample_rng(0, 0, sample["__key__"]))
@@ -180,7 +180,7 @@ def main() -> None:
             )
 
         # fast-forward: replaying the stream to a position against loading up to it
-        config = Mmc4Config(
+        config = InterleavedConfig(
             shards=[str(p) for p in paths],
             batch_size=4,
             train_num_samples=args.docs,

@@ -15,10 +15,10 @@ from open_clip.transform import image_transform
 from PIL import Image
 
 from flamingo_cli.data.loader import TrainLoader, make_loader
-from flamingo_cli.data.pipeline import LoaderBatch, StreamSpec, pass_urls
+from flamingo_cli.data.pipeline import LoaderBatch, SourceSpec, StreamSpec, pass_urls
 from flamingo_cli.errors import OpenerError
 from flamingo_cli.model.tokenizer import TINY_TOKENIZER, SpecialTokens, load_tokenizer
-from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config
+from flamingo_cli.recipe.schema import DatasetConfig, InterleavedConfig, PairsConfig
 from flamingo_cli.shards.write import write_tar
 from flamingo_cli.synthetic import laion_samples, mmc4_samples, write_dataset
 
@@ -39,7 +39,7 @@ def tok() -> tuple[Any, SpecialTokens]:
     return load_tokenizer(TINY_TOKENIZER)
 
 
-def laion(root: Path, **kw: Any) -> LaionConfig:
+def laion(root: Path, **kw: Any) -> PairsConfig:
     base: dict[str, Any] = {
         "shards": str(root / "laion" / "0000{0..3}.tar"),
         "batch_size": 3,
@@ -48,10 +48,10 @@ def laion(root: Path, **kw: Any) -> LaionConfig:
         "shuffle_initial": 3,
         "workers": 0,
     }
-    return LaionConfig(**(base | kw))
+    return PairsConfig(**(base | kw))
 
 
-def mmc4(root: Path, **kw: Any) -> Mmc4Config:
+def mmc4(root: Path, **kw: Any) -> InterleavedConfig:
     base: dict[str, Any] = {
         "shards": str(root / "mmc4" / "0000{0..3}.tar"),
         "batch_size": 2,
@@ -62,11 +62,11 @@ def mmc4(root: Path, **kw: Any) -> Mmc4Config:
         "max_tokens": 48,
         "max_num_images": 3,
     }
-    return Mmc4Config(**(base | kw))
+    return InterleavedConfig(**(base | kw))
 
 
 def build(
-    config: LaionConfig | Mmc4Config, tok: tuple[Any, SpecialTokens], **kw: Any
+    config: DatasetConfig, tok: tuple[Any, SpecialTokens], **kw: Any
 ) -> TrainLoader:
     transform = kw.pop("transform", image_transform(32, is_train=False))
     return make_loader(config, tok[0], tok[1], transform, seed=kw.pop("seed", 5), **kw)
@@ -173,19 +173,20 @@ def test_state_counts_what_was_consumed_not_what_was_prefetched(
 
 def test_shards_are_split_by_node_then_worker_after_one_shuffle() -> None:
     urls = tuple(f"{i}.tar" for i in range(12))
-    spec = StreamSpec(urls, 3, 1, 0, 2, 3, False, 10, 5, 2, 4, False)
+    source = SourceSpec(urls, False)
+    spec = StreamSpec((source,), 3, 1, 0, 2, 3, 10, 5, 2, 4, False)
     parts = [
-        pass_urls(replace(spec, rank=rank), worker, index=0)
+        pass_urls(replace(spec, rank=rank), source, worker, index=0)
         for rank in range(2)
         for worker in range(3)
     ]
     assert all(len(p) == 2 for p in parts)
     assert sorted(u for p in parts for u in p) == sorted(urls)
-    assert pass_urls(spec, 0, 0) == pass_urls(spec, 0, 0)
-    assert pass_urls(spec, 0, 1) != pass_urls(spec, 0, 0)  # each pass is reshuffled
-    resampled = replace(spec, resampled=True)
-    assert pass_urls(resampled, 0, 0) != pass_urls(resampled, 1, 0)
-    assert set(pass_urls(resampled, 0, 0)) <= set(urls)
+    assert pass_urls(spec, source, 0, 0) == pass_urls(spec, source, 0, 0)
+    assert pass_urls(spec, source, 0, 1) != pass_urls(spec, source, 0, 0)  # reshuffled
+    resampled = replace(source, resampled=True)
+    assert pass_urls(spec, resampled, 0, 0) != pass_urls(spec, resampled, 1, 0)
+    assert set(pass_urls(spec, resampled, 0, 0)) <= set(urls)
 
 
 def test_fast_forward_decodes_no_skipped_image(
@@ -207,7 +208,7 @@ def test_fast_forward_decodes_no_skipped_image(
     assert resuming.calls - probe == decoded_total - decoded_head
 
 
-def build_state(config: Mmc4Config, tok: tuple[Any, SpecialTokens], n: int) -> dict[str, Any]:
+def build_state(config: InterleavedConfig, tok: tuple[Any, SpecialTokens], n: int) -> dict[str, Any]:
     loader = build(config, tok)
     take(loader, n)
     return loader.state_dict()
@@ -218,7 +219,7 @@ def test_uneven_shards_give_every_rank_the_same_full_batches(
 ) -> None:
     for shard, count in enumerate([1, 2, 3, 17]):
         write_tar(tmp_path / f"{shard}.tar", laion_samples(shard, count, seed=0))
-    config = LaionConfig(
+    config = PairsConfig(
         shards=str(tmp_path / "{0..3}.tar"),
         batch_size=4,
         train_num_samples=40,
@@ -263,7 +264,7 @@ def test_corrupt_samples_are_skipped_and_counted(
     }
     write_tar(tmp_path / "0.tar", [one_corrupt, all_corrupt, bad_json, no_images, *good[2:]])
     (tmp_path / "1.tar").write_bytes((tmp_path / "0.tar").read_bytes()[:700])  # cut in a member
-    config = Mmc4Config(
+    config = InterleavedConfig(
         shards=str(tmp_path / "{0..1}.tar"),
         batch_size=5,
         train_num_samples=10,
@@ -301,7 +302,7 @@ def test_gpt_documents_flow_through_the_mmc4_loader(
     tmp_path: Path, tok: tuple[Any, SpecialTokens]
 ) -> None:
     write_dataset("gpt", tmp_path, shards=1, per_shard=4)
-    config = Mmc4Config(
+    config = InterleavedConfig(
         shards=str(tmp_path / "00000.tar"), batch_size=4, train_num_samples=4, max_tokens=64
     )
     (batch,) = list(build(config, tok))

@@ -15,7 +15,7 @@ from PIL import Image
 
 from flamingo_cli.data.preprocess import Context, preprocess_document, preprocess_pair
 from flamingo_cli.model.tokenizer import ENDOFCHUNK, IMAGE, TINY_TOKENIZER, load_tokenizer
-from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config
+from flamingo_cli.recipe.schema import InterleavedConfig, PairsConfig
 from flamingo_cli.synthetic import laion_samples, mmc4_samples
 
 
@@ -60,7 +60,7 @@ def test_mmc4_argmax_matches_openflamingo(
     of = openflamingo_data()
     # keep OpenFlamingo's random half of the single-image documents, as NoFlip does for ours
     monkeypatch.setattr(of.random, "random", lambda: 0.9)
-    config = Mmc4Config(
+    config = InterleavedConfig(
         shards="x", assignment="argmax", max_num_images=max_num_images, min_num_images=1
     )
     compared = 0
@@ -86,7 +86,7 @@ def test_laion_text_and_images_match_openflamingo(setup: tuple[Any, Context]) ->
     tokenizer, ctx = setup
     of = openflamingo_data()
     raws = list(laion_samples(shard=1, count=5, seed=2))
-    ours = [preprocess_pair(r, ctx, LaionConfig(shards="x"), NoFlip(0)) for r in raws]
+    ours = [preprocess_pair(r, ctx, PairsConfig(shards="x"), NoFlip(0)) for r in raws]
     ids, mask = of.preprocess_laion_text(
         [member(r, "txt").decode() + "  " for r in raws], tokenizer, 32
     )

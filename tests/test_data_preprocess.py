@@ -26,7 +26,7 @@ from flamingo_cli.data.preprocess import (
 )
 from flamingo_cli.data.text import strip_control_tokens
 from flamingo_cli.model.tokenizer import TINY_TOKENIZER, SpecialTokens, load_tokenizer
-from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config
+from flamingo_cli.recipe.schema import InterleavedConfig, PairsConfig
 from flamingo_cli.synthetic import encode, shape_image
 
 EOC, IMG = "<|endofchunk|>", "<image>"
@@ -105,7 +105,7 @@ def document(
     return {"__key__": "doc", "json": json.dumps(doc).encode()}
 
 
-MMC4 = Mmc4Config(shards="x.tar", assignment="argmax", max_tokens=64)
+MMC4 = InterleavedConfig(shards="x.tar", assignment="argmax", max_tokens=64)
 
 
 # ---- LAION (5.2) -------------------------------------------------------------------------
@@ -121,28 +121,28 @@ def pair(caption: bytes, image: bytes | None = None, ext: str = "png") -> dict[s
 def test_pair_text_and_image(ctx: Context) -> None:
     data = png("red", 1)
     out = preprocess_pair(
-        pair(b"  a red square \n", data), ctx, LaionConfig(shards="x"), FixedRng(0.9)
+        pair(b"  a red square \n", data), ctx, PairsConfig(shards="x"), FixedRng(0.9)
     )
     assert decode(ctx, out.input_ids) == f"<s>{IMG}a red square{EOC}</s>"
     assert out.attention_mask.tolist() == [1] * len(out.input_ids)
     assert out.images.shape == (1, 3, 32, 32)
     assert torch.equal(out.images[0], pixels(ctx, data))
     flipped = preprocess_pair(
-        pair(b"a red square", data), ctx, LaionConfig(shards="x"), FixedRng(0.1)
+        pair(b"a red square", data), ctx, PairsConfig(shards="x"), FixedRng(0.1)
     )
     assert torch.equal(flipped.images[0], pixels(ctx, data).flip(-1))
 
 
 def test_pair_truncates_to_max_tokens(ctx: Context) -> None:
     out = preprocess_pair(
-        pair(b"a red square " * 20, png("red", 1)), ctx, LaionConfig(shards="x"), FixedRng(0.9)
+        pair(b"a red square " * 20, png("red", 1)), ctx, PairsConfig(shards="x"), FixedRng(0.9)
     )
     assert len(out.input_ids) == 32
     assert out.input_ids[1].item() == ctx.tokens.image
 
 
 def test_pair_needs_caption_and_an_accepted_image_extension(ctx: Context) -> None:
-    config = LaionConfig(shards="x")
+    config = PairsConfig(shards="x")
     with pytest.raises(Dropped, match="missing_member"):
         preprocess_pair(pair(b"cap"), ctx, config, FixedRng(0.9))
     with pytest.raises(Dropped, match="missing_member"):
@@ -156,7 +156,7 @@ def test_pair_needs_caption_and_an_accepted_image_extension(ctx: Context) -> Non
 def test_control_strings_are_removed_from_web_text(ctx: Context) -> None:
     assert strip_control_tokens("a<im<image>age>b<PAD>c</s>", ctx.control_strings) == "abc"
     out = preprocess_pair(
-        pair(f"x{IMG}y{EOC}".encode(), png("red", 1)), ctx, LaionConfig(shards="x"), FixedRng(0.9)
+        pair(f"x{IMG}y{EOC}".encode(), png("red", 1)), ctx, PairsConfig(shards="x"), FixedRng(0.9)
     )
     assert decode(ctx, out.input_ids) == f"<s>{IMG}xy{EOC}</s>"
 

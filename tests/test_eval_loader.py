@@ -22,7 +22,7 @@ from flamingo_cli.data.preprocess import (
 )
 from flamingo_cli.errors import FlamingoError
 from flamingo_cli.model.tokenizer import TINY_TOKENIZER, SpecialTokens, load_tokenizer
-from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config
+from flamingo_cli.recipe.schema import DatasetConfig, InterleavedConfig, PairsConfig
 from flamingo_cli.shards.write import write_tar
 from flamingo_cli.synthetic import laion_samples, mmc4_samples
 
@@ -55,12 +55,12 @@ def _loader(
     tok: tuple[Any, SpecialTokens], kind: str, shards: list[str], **kwargs: Any
 ) -> EvalLoader:
     tokenizer, special = tok
-    config: LaionConfig | Mmc4Config
+    config: DatasetConfig
     workers = kwargs.pop("workers", 0)
     if kind == "laion":
-        config = LaionConfig(shards="unused.tar", batch_size=4, workers=workers)
+        config = PairsConfig(shards="unused.tar", batch_size=4, workers=workers)
     else:
-        config = Mmc4Config(shards="unused.tar", batch_size=2, workers=workers, max_tokens=64)
+        config = InterleavedConfig(shards="unused.tar", batch_size=2, workers=workers, max_tokens=64)
     return make_eval_loader(kind, config, shards, tokenizer, special, TRANSFORM, **kwargs)
 
 
@@ -124,7 +124,7 @@ def test_mmc4_keeps_single_image_documents_and_never_flips(
     assert loader.dropped == {}
     tokenizer, special = tok
     ctx = Context.create(tokenizer, special, TRANSFORM, deterministic=True)
-    config = Mmc4Config(shards="x.tar", max_tokens=64)
+    config = InterleavedConfig(shards="x.tar", max_tokens=64)
     sample = next(iter(mmc4_samples(0, 1, seed=3, images_per_doc=1)))
     rng = random.Random(0)
     state = rng.getstate()
@@ -141,7 +141,7 @@ def test_mmc4_keeps_single_image_documents_and_never_flips(
 def test_training_context_still_flips_and_drops(tok: tuple[Any, SpecialTokens]) -> None:
     tokenizer, special = tok
     ctx = Context.create(tokenizer, special, TRANSFORM)
-    config = LaionConfig(shards="x.tar")
+    config = PairsConfig(shards="x.tar")
     sample = next(iter(laion_samples(0, 1, seed=0)))
     flipped = {
         bool(

@@ -28,7 +28,7 @@ from flamingo_cli.model.factory import build_model
 from flamingo_cli.model.flamingo import FlamingoModel
 from flamingo_cli.model.params import checkpoint_parameter_names
 from flamingo_cli.recipe.load import Override, load_recipe
-from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config, ModelConfig
+from flamingo_cli.recipe.schema import DatasetConfig, InterleavedConfig, ModelConfig, PairsConfig
 from flamingo_cli.runtime.distributed import DistInfo
 from flamingo_cli.runtime.weights import resolve_checkpoint
 from flamingo_cli.shards.write import write_tar
@@ -74,10 +74,10 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
 
 def _loader(built: Built, kind: str, urls: list[str], **kwargs: Any) -> EvalLoader:
     _, transform, tokenizer, special = built
-    config: LaionConfig | Mmc4Config = (
-        LaionConfig(shards="x.tar", batch_size=5, workers=0)
+    config: DatasetConfig = (
+        PairsConfig(shards="x.tar", batch_size=5, workers=0)
         if kind == "laion"
-        else Mmc4Config(shards="x.tar", batch_size=2, workers=0, max_tokens=64)
+        else InterleavedConfig(shards="x.tar", batch_size=2, workers=0, max_tokens=64)
     )
     return make_eval_loader(kind, config, urls, tokenizer, special, transform, **kwargs)
 

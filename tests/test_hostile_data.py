@@ -31,7 +31,12 @@ from flamingo_cli.data.pipeline import pass_urls
 from flamingo_cli.data.preprocess import DROP_REASONS, decode_image
 from flamingo_cli.errors import FlamingoError
 from flamingo_cli.model.tokenizer import TINY_TOKENIZER, SpecialTokens, load_tokenizer
-from flamingo_cli.recipe.schema import DEFAULT_MAX_IMAGE_PIXELS, LaionConfig, Mmc4Config
+from flamingo_cli.recipe.schema import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DatasetConfig,
+    InterleavedConfig,
+    PairsConfig,
+)
 from flamingo_cli.shards.write import write_tar
 from flamingo_cli.synthetic import laion_samples, mmc4_samples
 
@@ -107,7 +112,7 @@ def write_bad_name_tar(path: Path, count: int, bad: int) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
-def laion_config(shards: str | list[str], **kw: Any) -> LaionConfig:
+def laion_config(shards: str | list[str], **kw: Any) -> PairsConfig:
     base: dict[str, Any] = {
         "shards": shards,
         "batch_size": 4,
@@ -116,19 +121,19 @@ def laion_config(shards: str | list[str], **kw: Any) -> LaionConfig:
         "shuffle_initial": 1,
         "workers": 0,
     }
-    return LaionConfig(**(base | kw))
+    return PairsConfig(**(base | kw))
 
 
 def train_loader(
-    config: LaionConfig | Mmc4Config, tok: tuple[Any, SpecialTokens], **kw: Any
+    config: DatasetConfig, tok: tuple[Any, SpecialTokens], **kw: Any
 ) -> TrainLoader:
     return make_loader(config, tok[0], tok[1], TRANSFORM, seed=3, **kw)
 
 
 def eval_loader(
-    config: LaionConfig | Mmc4Config, shards: list[str], tok: tuple[Any, SpecialTokens], **kw: Any
+    config: DatasetConfig, shards: list[str], tok: tuple[Any, SpecialTokens], **kw: Any
 ) -> EvalLoader:
-    name = "laion" if isinstance(config, LaionConfig) else "mmc4"
+    name = "laion" if isinstance(config, PairsConfig) else "mmc4"
     return make_eval_loader(name, config, shards, tok[0], tok[1], TRANSFORM, **kw)
 
 
@@ -258,7 +263,7 @@ def test_loaders_skip_bombs_and_oversized_images_without_decoding(
     evaluated = eval_loader(laion_config("unused.tar"), [pairs], tok)
     assert len(keys_of(iter(evaluated))) == 6
     assert evaluated.dropped == {"corrupt_image": 2}
-    docs = Mmc4Config(shards="unused.tar", batch_size=2, max_tokens=64, max_num_images=3)
+    docs = InterleavedConfig(shards="unused.tar", batch_size=2, max_tokens=64, max_num_images=3)
     documents = eval_loader(docs, [str(hostile_images / "docs.tar")], tok)
     assert len(keys_of(iter(documents))) == 4  # each bomb drops one image, not its document
     assert documents.dropped == {"images_corrupt": 2}
@@ -401,7 +406,8 @@ def test_unreadable_shards_are_counted_and_named(
     write_tar(good, laion_samples(1, 8, seed=0))
     urls = [str(good), *map(str, unreadable.values())]
     loader = train_loader(laion_config(urls, train_num_samples=16), tok)
-    second = pass_urls(loader.stream().spec, 0, 1)
+    spec = loader.stream().spec
+    second = pass_urls(spec, spec.sources[0], 0, 1)
     assert len(keys_of(iter(loader))) == 16
     # every shard once in the first pass; in the second, those read before the last sample
     assert loader.dropped == {"tar_error": len(unreadable) + second.index(str(good))}

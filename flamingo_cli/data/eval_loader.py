@@ -41,7 +41,11 @@ from flamingo_cli.data.preprocess import (
 )
 from flamingo_cli.errors import FlamingoError
 from flamingo_cli.model.tokenizer import SpecialTokens
-from flamingo_cli.recipe.schema import DEFAULT_MAX_IMAGE_PIXELS, LaionConfig, Mmc4Config
+from flamingo_cli.recipe.schema import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DatasetConfig,
+    InterleavedConfig,
+)
 from flamingo_cli.shards.spec import expand_spec, missing_local
 from flamingo_cli.shards.tar import printable_name
 
@@ -82,7 +86,7 @@ def select_samples(
 
 def _stats_only(worker: int, log: ReadLog) -> LoaderBatch:
     empty = torch.zeros((0,), dtype=torch.long)
-    return _stamped(LoaderBatch(torch.zeros((0,)), empty, empty, empty, []), worker, log)
+    return log.stamp(LoaderBatch(torch.zeros((0,)), empty, empty, empty, []), worker)
 
 
 def batch_all(
@@ -103,20 +107,14 @@ def batch_all(
         pending.append(sample)
         if len(pending) == size:
             if held:
-                yield _stamped(collate(held), worker, log)
+                yield log.stamp(collate(held), worker)
             held, pending = pending, []
     if pending and held and no_single and len(pending) == 1:
         held, pending = held + pending, []
     for rows in (held, pending):
         if rows:
-            yield _stamped(collate(rows), worker, log)
+            yield log.stamp(collate(rows), worker)
     yield _stats_only(worker, log)
-
-
-def _stamped(batch: LoaderBatch, worker: int, log: ReadLog) -> LoaderBatch:
-    batch.worker, batch.dropped = worker, dict(log.counters)
-    batch.damaged = log.take_damaged()
-    return batch
 
 
 class EvalStream(IterableDataset[LoaderBatch]):
@@ -161,8 +159,7 @@ class EvalStream(IterableDataset[LoaderBatch]):
                 preprocess=self.preprocess,
                 seed=0,  # unused: a deterministic context draws nothing
                 epoch=0,
-                counters=log.counters,
-                progress=[0, 0],
+                log=log,
             ),
             functools.partial(
                 batch_all,
@@ -185,7 +182,7 @@ class EvalLoader:
     def __init__(
         self,
         name: str,
-        config: LaionConfig | Mmc4Config,
+        config: DatasetConfig,
         ctx: Context,
         shards: str | Sequence[str],
         *,
@@ -266,7 +263,7 @@ class EvalLoader:
     def padding_batch(self) -> LoaderBatch:
         """One row whose labels are all masked: the forward pass of a rank with no data left."""
         tokens = self.ctx.tokens
-        slots = self.config.max_num_images if isinstance(self.config, Mmc4Config) else 1
+        slots = self.config.max_num_images if isinstance(self.config, InterleavedConfig) else 1
         input_ids = torch.tensor([[tokens.image, tokens.eos]], dtype=torch.long)
         return LoaderBatch(
             images=torch.zeros((1, slots, *self.ctx.image_shape)),
@@ -279,7 +276,7 @@ class EvalLoader:
 
 def make_eval_loader(
     name: str,
-    config: LaionConfig | Mmc4Config,
+    config: DatasetConfig,
     shards: str | Sequence[str],
     tokenizer: PreTrainedTokenizerBase,
     tokens: SpecialTokens,

@@ -18,6 +18,7 @@ from flamingo_cli.data.pipeline import (
     Preprocess,
     RawSample,
     ShardStream,
+    SourceSpec,
     StreamFailure,
     StreamSpec,
     StreamStart,
@@ -33,7 +34,13 @@ from flamingo_cli.data.preprocess import (
 from flamingo_cli.errors import FlamingoError
 from flamingo_cli.model.tokenizer import SpecialTokens
 from flamingo_cli.recipe.plan import batches_per_epoch
-from flamingo_cli.recipe.schema import DEFAULT_MAX_IMAGE_PIXELS, LaionConfig, Mmc4Config
+from flamingo_cli.recipe.schema import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMPLIED_KINDS,
+    DatasetConfig,
+    InterleavedConfig,
+    PairsConfig,
+)
 from flamingo_cli.shards.spec import expand_spec
 from flamingo_cli.shards.tar import printable_name
 
@@ -78,21 +85,21 @@ def collate_documents(samples: list[Sample], tokens: SpecialTokens, slots: int) 
 
 
 def _preprocess_pair(
-    ctx: Context, config: LaionConfig, raw: RawSample, rng: random.Random
+    ctx: Context, config: PairsConfig, raw: RawSample, rng: random.Random
 ) -> Sample:
     return preprocess_pair(raw, ctx, config, rng)
 
 
 def _preprocess_document(
-    ctx: Context, config: Mmc4Config, raw: RawSample, rng: random.Random
+    ctx: Context, config: InterleavedConfig, raw: RawSample, rng: random.Random
 ) -> Sample:
     return preprocess_document(raw, ctx, config, rng)
 
 
-def sample_functions(config: LaionConfig | Mmc4Config, ctx: Context) -> tuple[Preprocess, Collate]:
+def sample_functions(config: DatasetConfig, ctx: Context) -> tuple[Preprocess, Collate]:
     """The per-sample preprocessing and the batch collation of a dataset (picklable, for
     DataLoader workers)."""
-    if isinstance(config, LaionConfig):
+    if isinstance(config, PairsConfig):
         return (
             functools.partial(_preprocess_pair, ctx, config),
             functools.partial(collate_pairs, tokens=ctx.tokens),
@@ -110,7 +117,8 @@ class TrainLoader:
     `set_epoch(e)` before iterating epoch e; iterating yields the batches of the current epoch
     not yet consumed. `state_dict()` records what the trainer consumed (not what workers
     prefetched); after `load_state_dict()` the next batches are those an uninterrupted run
-    would have yielded. `dropped` counts dropped samples by reason over the whole run;
+    would have yielded. `dropped` counts dropped samples by reason over the whole run
+    (`source_counts()` the samples and drops of each blended source);
     `damaged_shards` names the shards found unreadable or damaged (counted as `tar_error`), and
     `damage_notices()` gives one message per shard not yet reported. A worker that cannot go on
     (no usable sample in its shards) stops the iteration with a FlamingoError naming them.
@@ -119,7 +127,7 @@ class TrainLoader:
     def __init__(
         self,
         name: str,
-        config: LaionConfig | Mmc4Config,
+        config: DatasetConfig,
         ctx: Context,
         *,
         seed: int,
@@ -135,24 +143,18 @@ class TrainLoader:
         self.rank = rank
         self.world_size = world_size
         self.allow_pipe = allow_pipe
-        self.urls = tuple(expand_spec(config.shards))
         self.workers = max(config.workers, 1)
+        self.sources = _source_specs(name, config, self.workers, world_size)
+        for source in self.sources:
+            check_pipes(source.urls, allow_pipe)
         self.num_batches = batches_per_epoch(
             config.train_num_samples, config.batch_size, world_size, config.workers
         )
-        if not self.urls:
-            raise FlamingoError(f"data.{name}.shards names no shard")
-        if not config.resampled and len(self.urls) < self.workers * world_size:
-            raise FlamingoError(
-                f"data.{name}: {len(self.urls)} shards cannot feed {self.workers} workers "
-                f"x {world_size} ranks without resampling",
-                fix=f"set data.{name}.resampled = true, or give at least "
-                f"{self.workers * world_size} shards",
-            )
-        check_pipes(self.urls, allow_pipe)
         self.epoch = epoch
         self._reset_position()
         self._dropped_before: Counter[str] = Counter()
+        self._source_samples_before: Counter[str] = Counter()
+        self._source_dropped_before: dict[str, Counter[str]] = {}
         self.damaged_shards: dict[str, str] = {}  # shard -> what is wrong, in the order found
         self._noticed = 0
 
@@ -161,6 +163,10 @@ class TrainLoader:
         self._worker_batches = [0] * self.workers
         self._drawn = [0] * self.workers
         self._worker_dropped: list[dict[str, int]] = [{} for _ in range(self.workers)]
+        self._worker_source_samples: list[dict[str, int]] = [{} for _ in range(self.workers)]
+        self._worker_source_dropped: list[dict[str, dict[str, int]]] = [
+            {} for _ in range(self.workers)
+        ]
 
     def __len__(self) -> int:
         return self.num_batches
@@ -170,19 +176,40 @@ class TrainLoader:
         if epoch == self.epoch:
             return
         self._dropped_before += self._epoch_dropped()
+        self._source_samples_before += _summed(self._worker_source_samples)
+        self._source_dropped_before = self._source_dropped()
         self.epoch = epoch
         self._reset_position()
 
     def _epoch_dropped(self) -> Counter[str]:
-        total: Counter[str] = Counter()
-        for counts in self._worker_dropped:
-            total.update(counts)
+        return _summed(self._worker_dropped)
+
+    def _source_dropped(self) -> dict[str, Counter[str]]:
+        """Each blended source's drops over the whole run, as consumed."""
+        total = {s: Counter(c) for s, c in self._source_dropped_before.items()}
+        for worker in self._worker_source_dropped:
+            for source, counts in worker.items():
+                total.setdefault(source, Counter()).update(counts)
         return total
 
     @property
     def dropped(self) -> dict[str, int]:
         """Dropped samples by reason (and `images_corrupt`) over the whole run, as consumed."""
         return dict(sorted((self._dropped_before + self._epoch_dropped()).items()))
+
+    def source_counts(self) -> dict[str, int]:
+        """Per blended source, over the whole run as consumed: `samples/NAME/SOURCE` (samples
+        that went into batches) and `dropped_by_source/NAME/SOURCE/REASON` (docs/formats.md §9.3)."""
+        samples = self._source_samples_before + _summed(self._worker_source_samples)
+        counts = {
+            f"samples/{self.name}/{s.name}": samples.get(s.name, 0)
+            for s in self.sources
+            if s.name is not None
+        }
+        for source, dropped in sorted(self._source_dropped().items()):
+            for reason, n in sorted(dropped.items()):
+                counts[f"dropped_by_source/{self.name}/{source}/{reason}"] = n
+        return counts
 
     @property
     def remaining(self) -> int:
@@ -192,13 +219,12 @@ class TrainLoader:
         """The dataset that yields the rest of this epoch (what `__iter__` loads from)."""
         config = self.config
         spec = StreamSpec(
-            urls=self.urls,
+            sources=self.sources,
             seed=self.seed,
             epoch=self.epoch,
             rank=self.rank,
             world_size=self.world_size,
             workers=self.workers,
-            resampled=config.resampled,
             shuffle_buffer=config.shuffle_buffer,
             shuffle_initial=config.shuffle_initial,
             batch_size=config.batch_size,
@@ -211,6 +237,10 @@ class TrainLoader:
             worker_batches=tuple(self._worker_batches),
             drawn=tuple(self._drawn),
             dropped=tuple(dict(d) for d in self._worker_dropped),
+            source_samples=tuple(dict(d) for d in self._worker_source_samples),
+            source_dropped=tuple(
+                {s: dict(c) for s, c in d.items()} for d in self._worker_source_dropped
+            ),
         )
         return ShardStream(spec, start, *sample_functions(config, self.ctx))
 
@@ -233,6 +263,8 @@ class TrainLoader:
             self._worker_batches[batch.worker] += 1
             self._drawn[batch.worker] = batch.drawn
             self._worker_dropped[batch.worker] = batch.dropped
+            self._worker_source_samples[batch.worker] = batch.source_samples
+            self._worker_source_dropped[batch.worker] = batch.source_dropped
             yield batch
 
     def damage_notices(self) -> list[str]:
@@ -275,6 +307,12 @@ class TrainLoader:
             "drawn": list(self._drawn),
             "worker_dropped": [dict(d) for d in self._worker_dropped],
             "dropped_before": dict(self._dropped_before),
+            "worker_source_samples": [dict(d) for d in self._worker_source_samples],
+            "worker_source_dropped": [
+                {s: dict(c) for s, c in d.items()} for d in self._worker_source_dropped
+            ],
+            "source_samples_before": dict(self._source_samples_before),
+            "source_dropped_before": {s: dict(c) for s, c in self._source_dropped_before.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -300,10 +338,56 @@ class TrainLoader:
         self._drawn = [int(n) for n in state["drawn"]]
         self._worker_dropped = [dict(d) for d in state["worker_dropped"]]
         self._dropped_before = Counter(state["dropped_before"])
+        # per-source counts: absent from checkpoints written before blends (none to restore)
+        empty: list[dict[str, Any]] = [{} for _ in range(self.workers)]
+        self._worker_source_samples = [dict(d) for d in state.get("worker_source_samples", empty)]
+        self._worker_source_dropped = [
+            {s: dict(c) for s, c in d.items()} for d in state.get("worker_source_dropped", empty)
+        ]
+        self._source_samples_before = Counter(state.get("source_samples_before", {}))
+        self._source_dropped_before = {
+            s: Counter(c) for s, c in state.get("source_dropped_before", {}).items()
+        }
+
+
+def _summed(counts: list[dict[str, int]]) -> Counter[str]:
+    total: Counter[str] = Counter()
+    for c in counts:
+        total.update(c)
+    return total
+
+
+def _source_specs(
+    name: str, config: DatasetConfig, workers: int, world_size: int
+) -> tuple[SourceSpec, ...]:
+    """The dataset's sources with their shard lists expanded; each must feed every worker of
+    every rank unless resampled (docs/formats.md §5.8, §7)."""
+    readers = workers * world_size
+    specs: list[SourceSpec] = []
+    for source in config.source_list(name):
+        where = f"data.{name}" if not source.blended else f"data.{name} source {source.name}"
+        key = f"data.{name}.shards" if not source.blended else where + "'s shards"
+        urls = tuple(expand_spec(source.shards))
+        if not urls:
+            raise FlamingoError(f"{key} names no shard")
+        if not source.resampled and len(urls) < readers:
+            raise FlamingoError(
+                f"{where}: {len(urls)} shards cannot feed {workers} workers x {world_size} "
+                "ranks without resampling",
+                fix=f"set resampled = true for {where}, or give at least {readers} shards",
+            )
+        specs.append(
+            SourceSpec(
+                urls, source.resampled, source.name if source.blended else None, source.weight
+            )
+        )
+    if not specs:
+        raise FlamingoError(f"data.{name} has neither shards nor sources")
+    return tuple(specs)
 
 
 def make_loader(
-    config: LaionConfig | Mmc4Config,
+    config: DatasetConfig,
     tokenizer: PreTrainedTokenizerBase,
     tokens: SpecialTokens,
     image_transform: ImageTransform,
@@ -314,9 +398,11 @@ def make_loader(
     world_size: int = 1,
     allow_pipe: bool = False,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    name: str | None = None,
 ) -> TrainLoader:
-    """The training loader of a LAION or MMC4 dataset config for one rank; images declaring
-    more than `max_image_pixels` (the recipe's `data.max_image_pixels`) count as corrupt."""
+    """The training loader of dataset `name` (default: laion or mmc4, by the config's kind)
+    for one rank; images declaring more than `max_image_pixels` (the recipe's
+    `data.max_image_pixels`) count as corrupt."""
     ctx = Context.create(
         tokenizer,
         tokens,
@@ -324,7 +410,8 @@ def make_loader(
         fast_images=config.fast_images,
         max_image_pixels=max_image_pixels,
     )
-    name = "laion" if isinstance(config, LaionConfig) else "mmc4"
+    if name is None:
+        name = next(n for n, kind in IMPLIED_KINDS.items() if kind == config.kind)
     return TrainLoader(
         name,
         config,

@@ -2,12 +2,15 @@
 
 One rank's epoch is split among `w` logical workers; logical worker `k` reads its own
 deterministic stream of samples, preprocesses them and yields `batches_per_worker` full batches.
-Every batch carries the worker's count of samples drawn from its shuffle buffer and its drop
+A blended dataset's worker draws each sample from one of its sources by a seeded generator
+(docs/formats.md §7). Every batch carries the worker's count of samples drawn and its drop
 counters, which is all a restart needs to replay the stream without decoding anything.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -54,8 +57,9 @@ class LoaderBatch:
     images `(B, N, 3, H, W)` float (N = 1 for LAION, max_num_images for MMC4, zero-padded);
     input_ids, attention_mask, labels `(B, L)` long (labels -100 where masked); the k-th
     `<image>` token of a row belongs to `images[row, k]`. `worker`, `drawn` and `dropped`
-    are the loader's bookkeeping for exact resume and drop metrics; `damaged` names the
-    shards the worker found damaged since its previous batch (shard -> what is wrong).
+    are the loader's bookkeeping for exact resume and drop metrics (`source_samples` and
+    `source_dropped` the same per source of a blend); `damaged` names the shards the worker
+    found damaged since its previous batch (shard -> what is wrong).
     """
 
     images: torch.Tensor
@@ -67,33 +71,24 @@ class LoaderBatch:
     drawn: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     damaged: dict[str, str] = field(default_factory=dict)
+    source_samples: dict[str, int] = field(default_factory=dict)
+    source_dropped: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def pin_memory(self) -> LoaderBatch:
         """Called by DataLoader(pin_memory=True)."""
-        return LoaderBatch(
-            self.images.pin_memory(),
-            self.input_ids.pin_memory(),
-            self.attention_mask.pin_memory(),
-            self.labels.pin_memory(),
-            self.keys,
-            self.worker,
-            self.drawn,
-            self.dropped,
-            self.damaged,
-        )
+        return self._with(lambda t: t.pin_memory())
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> LoaderBatch:
         """The same batch with its tensors on `device`."""
-        return LoaderBatch(
-            self.images.to(device, non_blocking=non_blocking),
-            self.input_ids.to(device, non_blocking=non_blocking),
-            self.attention_mask.to(device, non_blocking=non_blocking),
-            self.labels.to(device, non_blocking=non_blocking),
-            self.keys,
-            self.worker,
-            self.drawn,
-            self.dropped,
-            self.damaged,
+        return self._with(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def _with(self, move: Callable[[torch.Tensor], torch.Tensor]) -> LoaderBatch:
+        return dataclasses.replace(
+            self,
+            images=move(self.images),
+            input_ids=move(self.input_ids),
+            attention_mask=move(self.attention_mask),
+            labels=move(self.labels),
         )
 
 
@@ -113,25 +108,62 @@ class StreamFailure:
 @dataclass
 class ReadLog:
     """What reading shards met, for one logical worker: drop counters by reason (shared with
-    preprocessing) and the damaged shards, each named once (`take_damaged` hands over the
-    ones not yet reported)."""
+    preprocessing), the same per source of a blend, samples accepted per blended source, the
+    samples accepted and skipped per source index (progress), and the damaged shards, each
+    named once (`take_damaged` hands over the ones not yet reported)."""
 
     counters: Counter[str] = field(default_factory=Counter)
     damaged: dict[str, str] = field(default_factory=dict)
+    source_dropped: dict[str, Counter[str]] = field(default_factory=dict)
+    source_samples: Counter[str] = field(default_factory=Counter)
+    progress: dict[int, list[int]] = field(default_factory=dict)
     _reported: int = 0
 
-    def damage(self, url: str, message: str) -> None:
+    def count(self, reason: str, source: str | None, n: int = 1) -> None:
+        """`n` more samples dropped for `reason` (a blended source's also counted as its own)."""
+        self.counters[reason] += n
+        if source is not None:
+            self.source_dropped.setdefault(source, Counter())[reason] += n
+
+    def accepted(self, index: int, source: str | None) -> None:
+        self.progress_of(index)[0] += 1
+        if source is not None:
+            self.source_samples[source] += 1
+
+    def progress_of(self, index: int) -> list[int]:
+        """[samples accepted, samples skipped] of source `index` (a pass that moves neither
+        gave nothing)."""
+        return self.progress.setdefault(index, [0, 0])
+
+    def damage(self, url: str, message: str, source: str | None = None) -> None:
         """A shard that could not be read to its end: one `tar_error` per pass over it."""
-        self.counters["tar_error"] += 1
+        self.count("tar_error", source)
         self.damaged.setdefault(url, message)
 
-    def bad_name(self) -> None:
-        self.counters["bad_name"] += 1
-
-    def handler(self, exc: BaseException) -> bool:
+    def handler_for(self, source: str | None) -> Callable[[BaseException], bool]:
         """webdataset's error hook (grouping members into samples): count and go on."""
-        self.counters["tar_error"] += 1
-        return True
+
+        def handler(exc: BaseException) -> bool:
+            self.count("tar_error", source)
+            return True
+
+        return handler
+
+    def restore(self, start: StreamStart, worker: int) -> None:
+        """Take a restart's saved counters (replayed samples were counted before it)."""
+        self.counters = Counter(start.dropped[worker])
+        saved = start.source_dropped[worker] if start.source_dropped else {}
+        self.source_dropped = {s: Counter(c) for s, c in saved.items()}
+        samples = start.source_samples[worker] if start.source_samples else {}
+        self.source_samples = Counter(samples)
+
+    def stamp(self, batch: LoaderBatch, worker: int) -> LoaderBatch:
+        """Put this worker's bookkeeping on a batch it yields."""
+        batch.worker, batch.dropped = worker, dict(self.counters)
+        batch.source_samples = dict(self.source_samples)
+        batch.source_dropped = {s: dict(c) for s, c in self.source_dropped.items()}
+        batch.damaged = self.take_damaged()
+        return batch
 
     def take_damaged(self) -> dict[str, str]:
         """The damaged shards found since the previous call."""
@@ -141,16 +173,31 @@ class ReadLog:
 
 
 @dataclass(frozen=True)
+class SourceSpec:
+    """One source of a dataset's stream: its shards, how they are drawn, its blend weight."""
+
+    urls: tuple[str, ...]
+    resampled: bool
+    # a blended source's name, part of its seeds (docs/formats.md §7); None for a dataset's
+    # own `shards`, whose seeds stay those of §5.8
+    name: str | None = None
+    weight: float = 1.0
+
+    @property
+    def label(self) -> str:
+        return "" if self.name is None else f" source {self.name}"
+
+
+@dataclass(frozen=True)
 class StreamSpec:
     """Everything that fixes the sample stream of one rank in one epoch."""
 
-    urls: tuple[str, ...]
+    sources: tuple[SourceSpec, ...]
     seed: int
     epoch: int
     rank: int
     world_size: int
     workers: int  # logical workers, at least 1 (DataLoader workers, or 1 in-process)
-    resampled: bool
     shuffle_buffer: int
     shuffle_initial: int
     batch_size: int
@@ -161,12 +208,15 @@ class StreamSpec:
 
 @dataclass(frozen=True)
 class StreamStart:
-    """Where each logical worker resumes: batches consumed, samples drawn, drops so far."""
+    """Where each logical worker resumes: batches consumed, samples drawn, drops so far (and
+    per blended source: samples accepted, drops; empty tuples for none)."""
 
     rotation: int
     worker_batches: tuple[int, ...]
     drawn: tuple[int, ...]
     dropped: tuple[dict[str, int], ...]
+    source_samples: tuple[dict[str, int], ...] = ()
+    source_dropped: tuple[dict[str, dict[str, int]], ...] = ()
 
     @classmethod
     def fresh(cls, workers: int) -> StreamStart:
@@ -216,26 +266,35 @@ def split_by_worker(urls: Sequence[str], worker: int, workers: int) -> list[str]
     return list(urls[worker::workers])
 
 
-def pass_urls(spec: StreamSpec, worker: int, index: int) -> list[str]:
-    """Shards of one pass of a logical worker.
+def _seed_parts(tag: str, source: SourceSpec) -> tuple[object, ...]:
+    """A seed's leading parts: its tag, then a blended source's name (docs/formats.md §7)."""
+    return (tag,) if source.name is None else (tag, source.name)
+
+
+def pass_urls(spec: StreamSpec, source: SourceSpec, worker: int, index: int) -> list[str]:
+    """Shards of one pass of a logical worker over one source (docs/formats.md §5.8).
 
     Resampled: len(urls) draws with replacement from a generator of (seed, epoch, rank, worker,
     pass). Otherwise the whole list shuffled by (seed, epoch, pass), the same on every rank,
     then split by node and by worker.
     """
-    if spec.resampled:
+    if source.resampled:
         rng = random.Random(
-            derive_seed("resample", spec.seed, spec.epoch, spec.rank, worker, index)
+            derive_seed(
+                *_seed_parts("resample", source), spec.seed, spec.epoch, spec.rank, worker, index
+            )
         )
-        return [rng.choice(spec.urls) for _ in spec.urls]
-    order = list(spec.urls)
-    random.Random(derive_seed("shards", spec.seed, spec.epoch, index)).shuffle(order)
+        return [rng.choice(source.urls) for _ in source.urls]
+    order = list(source.urls)
+    random.Random(
+        derive_seed(*_seed_parts("shards", source), spec.seed, spec.epoch, index)
+    ).shuffle(order)
     mine = split_by_node(order, spec.rank, spec.world_size)
     return split_by_worker(mine, worker, spec.workers)
 
 
 def tar_members(
-    src: Iterable[dict[str, Any]], *, allow_pipe: bool, log: ReadLog
+    src: Iterable[dict[str, Any]], *, allow_pipe: bool, log: ReadLog, source: str | None = None
 ) -> Iterator[dict[str, Any]]:
     """webdataset's opener and tar stages in one, on our tar reader: the members of each shard
     as `{"fname", "data", "__url__"}`, then `{}` at its end (webdataset's end-of-shard mark).
@@ -248,13 +307,15 @@ def tar_members(
     for item in src:
         url = item["url"]
         try:
-            yield from _shard_members(url, allow_pipe, log)
+            yield from _shard_members(url, allow_pipe, log, source)
         except OpenerError as exc:  # cannot open, or a stream failed while being read
-            log.damage(url, exc.message)
+            log.damage(url, exc.message, source)
         yield {}
 
 
-def _shard_members(url: str, allow_pipe: bool, log: ReadLog) -> Iterator[dict[str, Any]]:
+def _shard_members(
+    url: str, allow_pipe: bool, log: ReadLog, source: str | None
+) -> Iterator[dict[str, Any]]:
     bad_key: str | None = None
     with TarReader(url, allow_pipe=allow_pipe, want=_every_member) as reader:
         for member, data in reader:
@@ -264,35 +325,42 @@ def _shard_members(url: str, allow_pipe: bool, log: ReadLog) -> Iterator[dict[st
             if not is_utf8(name):
                 key = split_member(name)[0]
                 if key != bad_key:
-                    log.bad_name()
+                    log.count("bad_name", source)
                     bad_key = key
                 continue
             yield {"fname": name, "data": data, "__url__": url}
     if reader.damage is not None:
-        log.damage(url, f"tar shard {printable_name(url)} {reader.damage.message}")
+        log.damage(url, f"tar shard {printable_name(url)} {reader.damage.message}", source)
 
 
 def _every_member(name: str) -> bool:
     return True
 
 
-def read_stages(urls: Sequence[str], *, allow_pipe: bool, log: ReadLog) -> list[Any]:
+def read_stages(
+    urls: Sequence[str], *, allow_pipe: bool, log: ReadLog, source: str | None = None
+) -> list[Any]:
     """The stages that turn shard URLs, in the given order, into raw samples (dicts of members);
-    damage is counted in `log` and reading goes on with the next shard."""
+    damage is counted in `log` (and for a blended `source`) and reading goes on."""
     return [
         wds.SimpleShardList(list(urls)),
-        functools.partial(tar_members, allow_pipe=allow_pipe, log=log),
-        functools.partial(group_by_keys, handler=log.handler),
+        functools.partial(tar_members, allow_pipe=allow_pipe, log=log, source=source),
+        functools.partial(group_by_keys, handler=log.handler_for(source)),
     ]
 
 
+# raw-sample fields the blend adds: the source's index and its name (None: not blended)
+SOURCE_INDEX = "__source_index__"
+SOURCE_NAME = "__source__"
+
+
 def number_and_skip(
-    src: Iterable[RawSample], *, skip: int, progress: list[int], on_skipped: Callable[[], None]
+    src: Iterable[RawSample], *, skip: int, log: ReadLog, on_skipped: Callable[[], None]
 ) -> Iterator[tuple[int, RawSample]]:
     """Number samples 1, 2, ...; pass over the first `skip` untouched (fast-forward)."""
     for drawn, sample in enumerate(src, start=1):
         if drawn <= skip:
-            progress[1] += 1
+            log.progress_of(sample.get(SOURCE_INDEX, 0))[1] += 1
             if drawn == skip:
                 on_skipped()
             continue
@@ -305,22 +373,22 @@ def prepare(
     preprocess: Preprocess,
     seed: int,
     epoch: int,
-    counters: Counter[str],
-    progress: list[int],
+    log: ReadLog,
 ) -> Iterator[tuple[int, Sample]]:
-    """Preprocess each sample with its own generator; count drops by reason."""
+    """Preprocess each sample with its own generator; count drops by reason (and source)."""
     for drawn, raw in src:
         key = str(raw.get("__key__", ""))
+        source = raw.get(SOURCE_NAME)
         try:
             sample = preprocess(raw, sample_rng(seed, epoch, key))
         except Dropped as dropped:
-            counters[dropped.reason] += 1
+            log.count(dropped.reason, source)
             if dropped.corrupt_images:
-                counters[CORRUPT_IMAGES] += dropped.corrupt_images
+                log.count(CORRUPT_IMAGES, source, dropped.corrupt_images)
             continue
         if sample.corrupt_images:
-            counters[CORRUPT_IMAGES] += sample.corrupt_images
-        progress[0] += 1
+            log.count(CORRUPT_IMAGES, source, sample.corrupt_images)
+        log.accepted(raw.get(SOURCE_INDEX, 0), source)
         yield drawn, sample
 
 
@@ -337,9 +405,8 @@ def batch_up(
     for drawn, sample in src:
         pending.append(sample)
         if len(pending) == size:
-            batch = collate(pending)
-            batch.worker, batch.drawn, batch.dropped = worker, drawn, dict(log.counters)
-            batch.damaged = log.take_damaged()
+            batch = log.stamp(collate(pending), worker)
+            batch.drawn = drawn
             yield batch
             pending = []
 
@@ -376,28 +443,21 @@ class ShardStream(IterableDataset[LoaderBatch | StreamFailure]):
         """The endless batch stream of logical worker `worker`, from its resume point."""
         spec = self.spec
         log = ReadLog()
-        progress = [0, 0]  # samples accepted, samples skipped
-
-        def skipped() -> None:
-            # replayed tar errors were counted before the restart too: take the saved counters
-            log.counters.clear()
-            log.counters.update(self.start.dropped[worker])
-
         pipeline = wds.DataPipeline(
-            functools.partial(self.raw_samples, worker, log, progress),
+            functools.partial(self.raw_samples, worker, log),
             functools.partial(
                 number_and_skip,
                 skip=self.start.drawn[worker],
-                progress=progress,
-                on_skipped=skipped,
+                log=log,
+                # replayed tar errors were counted before the restart too: take the saved ones
+                on_skipped=functools.partial(log.restore, self.start, worker),
             ),
             functools.partial(
                 prepare,
                 preprocess=self.preprocess,
                 seed=spec.seed,
                 epoch=spec.epoch,
-                counters=log.counters,
-                progress=progress,
+                log=log,
             ),
             functools.partial(
                 batch_up,
@@ -409,26 +469,51 @@ class ShardStream(IterableDataset[LoaderBatch | StreamFailure]):
         )
         return iter(pipeline)
 
-    def raw_samples(self, worker: int, log: ReadLog, progress: list[int]) -> Iterator[RawSample]:
-        """Raw samples of successive passes over the worker's shards, each pass shuffled."""
+    def raw_samples(self, worker: int, log: ReadLog) -> Iterator[RawSample]:
+        """The worker's raw samples: its one source's, or each drawn from a blend's sources
+        in proportion to their weights by a generator of (seed, epoch, rank, worker)."""
         spec = self.spec
-        shards = len(set(spec.urls))
+        if len(spec.sources) == 1 and spec.sources[0].name is None:
+            return self.source_samples(0, worker, log)
+        return _blend(
+            [self.source_samples(i, worker, log) for i in range(len(spec.sources))],
+            [source.weight for source in spec.sources],
+            random.Random(derive_seed("blend", spec.seed, spec.epoch, spec.rank, worker)),
+        )
+
+    def source_samples(self, index: int, worker: int, log: ReadLog) -> Iterator[RawSample]:
+        """Raw samples of successive passes over the worker's shards of one source, each pass
+        shuffled; a blended source's samples carry its index and name."""
+        spec = self.spec
+        source = spec.sources[index]
+        progress = log.progress_of(index)
+        shards = len(set(source.urls))
         fruitless = 0  # passes in a row without a usable sample
         tried: set[str] = set()  # and their shards
-        for index in itertools.count():
-            urls = pass_urls(spec, worker, index)
+        for number in itertools.count():
+            urls = pass_urls(spec, source, worker, number)
             before = (progress[0], progress[1])
             reader = wds.DataPipeline(
-                *read_stages(urls, allow_pipe=spec.allow_pipe, log=log),
+                *read_stages(urls, allow_pipe=spec.allow_pipe, log=log, source=source.name),
                 wds.shuffle(
                     spec.shuffle_buffer,
                     spec.shuffle_initial,
                     rng=random.Random(
-                        derive_seed("samples", spec.seed, spec.epoch, spec.rank, worker, index)
+                        derive_seed(
+                            *_seed_parts("samples", source),
+                            spec.seed,
+                            spec.epoch,
+                            spec.rank,
+                            worker,
+                            number,
+                        )
                     ),
                 ),
             )
-            yield from reader
+            for raw in reader:
+                if source.name is not None:
+                    raw[SOURCE_INDEX], raw[SOURCE_NAME] = index, source.name
+                yield raw
             if (progress[0], progress[1]) != before:
                 fruitless = 0
                 tried.clear()
@@ -439,15 +524,29 @@ class ShardStream(IterableDataset[LoaderBatch | StreamFailure]):
             # have drawn only the bad ones), or after many passes in any case
             covered = len(tried) == shards or fruitless >= _MAX_FRUITLESS_PASSES
             if fruitless >= _FRUITLESS_PASSES and covered:
-                raise _no_usable_sample(spec, worker, fruitless, tried, log)
+                raise _no_usable_sample(spec, source, worker, fruitless, tried, log)
+
+
+def _blend(
+    streams: Sequence[Iterator[RawSample]], weights: Sequence[float], rng: random.Random
+) -> Iterator[RawSample]:
+    """Each sample from the stream whose share of the cumulative weights holds the next draw
+    of `rng` (docs/formats.md §7): one `random()` per sample, so replaying `n` draws puts
+    every stream where it was."""
+    bounds = list(itertools.accumulate(weights))
+    total = bounds[-1]
+    last = len(streams) - 1
+    while True:
+        index = min(bisect.bisect_right(bounds, rng.random() * total), last)
+        yield next(streams[index])
 
 
 def _no_usable_sample(
-    spec: StreamSpec, worker: int, passes: int, tried: set[str], log: ReadLog
+    spec: StreamSpec, source: SourceSpec, worker: int, passes: int, tried: set[str], log: ReadLog
 ) -> FlamingoError:
     """The error of a worker whose passes give nothing: its damaged shards named, the fix."""
     where = (
-        f"data.{spec.name}: {passes} passes over the shards of loader worker {worker} "
+        f"data.{spec.name}{source.label}: {passes} passes over the shards of loader worker {worker} "
         f"(rank {spec.rank}) gave no usable sample"
     )
     damaged = [u for u in log.damaged if u in tried]
@@ -464,7 +563,8 @@ def _no_usable_sample(
     return FlamingoError(
         f"{where}; unreadable or damaged: {'; '.join(log.damaged[u] for u in named)}{more}",
         fix=f"run `flamingo inspect-shards {shown}`, then rewrite or re-download these "
-        f"shards, or leave them out of data.{spec.name}.shards",
+        f"shards, or leave them out of data.{spec.name}"
+        + (".shards" if source.name is None else f" source {source.name}'s shards"),
     )
 
 

@@ -29,7 +29,7 @@ from flamingo_cli.data.text import (
     strip_control_tokens,
 )
 from flamingo_cli.model.tokenizer import ENDOFCHUNK, IMAGE, PAD, SpecialTokens
-from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config
+from flamingo_cli.recipe.schema import InterleavedConfig, PairsConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -196,7 +196,7 @@ def _tensors(ids: list[int], mask: list[int]) -> tuple[torch.Tensor, torch.Tenso
 
 
 def preprocess_pair(
-    sample: Mapping[str, Any], ctx: Context, config: LaionConfig, rng: random.Random
+    sample: Mapping[str, Any], ctx: Context, config: PairsConfig, rng: random.Random
 ) -> Sample:
     """A LAION pair: `<image>{caption}<|endofchunk|>{eos}` (at most `max_tokens`), one image."""
     key = str(sample["__key__"])
@@ -218,7 +218,7 @@ def preprocess_pair(
 
 
 def preprocess_document(
-    sample: Mapping[str, Any], ctx: Context, config: Mmc4Config, rng: random.Random
+    sample: Mapping[str, Any], ctx: Context, config: InterleavedConfig, rng: random.Random
 ) -> Sample:
     """An interleaved sample: its `.json` is an MMC4 document or a ChatGPT-generated one."""
     key = str(sample["__key__"])
@@ -262,7 +262,7 @@ def b64_size(data: Any) -> int | None:
 
 
 def _mmc4_document(
-    key: str, info: dict[str, Any], ctx: Context, config: Mmc4Config, rng: random.Random
+    key: str, info: dict[str, Any], ctx: Context, config: InterleavedConfig, rng: random.Random
 ) -> Sample:
     # evaluation: never dropped at random (1.0 > 0.5), never flipped
     drop_draw = 1.0 if ctx.deterministic else rng.random()
@@ -303,7 +303,7 @@ class _Mmc4Choice:
     similarity: list[Any]
     sized: list[bool]
     ctx: Context
-    config: Mmc4Config
+    config: InterleavedConfig
     drop_draw: float
 
     def make(self, corrupt: set[int]) -> tuple[list[int], list[int], list[int]]:
@@ -354,7 +354,7 @@ def _decode_new(
 
 
 def _gpt_document(
-    key: str, info: dict[str, Any], ctx: Context, config: Mmc4Config, rng: random.Random
+    key: str, info: dict[str, Any], ctx: Context, config: InterleavedConfig, rng: random.Random
 ) -> Sample:
     flip = not ctx.deterministic and rng.random() < 0.5
     example = strip_control_tokens(str(info["example"]), ctx.control_strings)

@@ -20,8 +20,7 @@ from flamingo_cli.evaluate.loss import (
 from flamingo_cli.recipe.load import LoadedRecipe
 from flamingo_cli.recipe.schema import (
     DEFAULT_MAX_IMAGE_PIXELS,
-    LaionConfig,
-    Mmc4Config,
+    DatasetConfig,
     Recipe,
     ShardSpec,
     Strategy,
@@ -45,7 +44,7 @@ class EvalTarget:
     """One dataset to evaluate: its preprocessing settings and the shards to read."""
 
     name: str
-    config: LaionConfig | Mmc4Config
+    config: DatasetConfig
     shards: ShardSpec
 
 
@@ -114,7 +113,7 @@ def eval_targets(
     return targets
 
 
-def _with_eval_shards(configs: Mapping[str, LaionConfig | Mmc4Config]) -> list[EvalTarget]:
+def _with_eval_shards(configs: Mapping[str, DatasetConfig]) -> list[EvalTarget]:
     """The datasets that set `eval_shards`, each with them."""
     return [EvalTarget(n, c, c.eval_shards) for n, c in configs.items() if c.eval_shards]
 

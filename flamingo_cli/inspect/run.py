@@ -82,7 +82,7 @@ def groups_from_specs(specs: Sequence[str], options: InspectOptions) -> list[Sha
 def groups_from_recipe(path: str | Path, options: InspectOptions) -> list[ShardGroup]:
     """The training and eval shards of each dataset of a recipe, with its filters."""
     from flamingo_cli.recipe.load import load_recipe
-    from flamingo_cli.recipe.schema import Mmc4Config
+    from flamingo_cli.recipe.schema import InterleavedConfig
 
     recipe = load_recipe(path).recipe
     pixels = options.max_image_pixels or recipe.data.max_image_pixels
@@ -97,10 +97,10 @@ def groups_from_recipe(path: str | Path, options: InspectOptions) -> list[ShardG
         settings = replace(
             base,
             max_tokens=config.max_tokens,
-            expected_kind="interleaved" if isinstance(config, Mmc4Config) else "pairs",
+            expected_kind="interleaved" if isinstance(config, InterleavedConfig) else "pairs",
             dataset=f"data.{name}",
         )
-        if isinstance(config, Mmc4Config):
+        if isinstance(config, InterleavedConfig):
             threshold = options.sim_threshold
             settings = replace(
                 settings,

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from flamingo_cli.errors import Problem, ProblemsFound, UsageError
-from flamingo_cli.recipe.schema import Recipe
+from flamingo_cli.recipe.schema import IMPLIED_KINDS, KIND_MODELS, DataConfig, Recipe
 from flamingo_cli.recipe.toml_lines import key_lines, line_of
 from flamingo_cli.shards.spec import split_spec, url_kind
 
@@ -233,15 +233,18 @@ def _anchor_shard_paths(data: dict[str, Any], base: Path) -> None:
     for dataset in section.values():
         if not isinstance(dataset, dict):
             continue
-        for key in SHARD_KEYS:
-            spec = dataset.get(key)
-            if isinstance(spec, str | list) and all(isinstance(s, str) for s in spec):
-                dataset[key] = "::".join(
-                    str(base / part)
-                    if url_kind(part) == "local" and not Path(part).is_absolute()
-                    else part
-                    for part in split_spec(spec)
-                )
+        sources = dataset.get("sources")
+        tables = [s for s in sources if isinstance(s, dict)] if isinstance(sources, list) else []
+        for table in (dataset, *tables):
+            for key in SHARD_KEYS:
+                spec = table.get(key)
+                if isinstance(spec, str | list) and all(isinstance(s, str) for s in spec):
+                    table[key] = "::".join(
+                        str(base / part)
+                        if url_kind(part) == "local" and not Path(part).is_absolute()
+                        else part
+                        for part in split_spec(spec)
+                    )
 
 
 def _apply_override(data: dict[str, Any], override: Override, report: Any) -> None:
@@ -257,10 +260,12 @@ def _apply_override(data: dict[str, Any], override: Override, report: Any) -> No
 
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside an annotation such as `X`, `X | None` or `Optional[X]`."""
+    """The pydantic model inside an annotation such as `X`, `X | None`, `Optional[X]` or
+    `list[X] | None` (a table array)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+    origin = typing.get_origin(annotation)
+    if isinstance(annotation, types.UnionType) or origin in (typing.Union, list):
         for arg in typing.get_args(annotation):
             found = _model_of(arg)
             if found is not None:
@@ -277,7 +282,15 @@ def _resolve_loc(loc: Iterable[int | str]) -> tuple[str, type[BaseModel] | None]
     model: type[BaseModel] | None = Recipe
     owner: type[BaseModel] | None = Recipe
     for item in loc:
-        if model is not None and isinstance(item, str) and item in model.model_fields:
+        if model is DataConfig and isinstance(item, str) and item not in model.model_fields:
+            parts.append(item)  # a [data.NAME] table: its model follows as the kind tag
+            owner = model
+            model = _DatasetTag
+        elif model is _DatasetTag:
+            model = KIND_MODELS.get(str(item))
+            if model is None:  # not a tag: the dataset's own key
+                parts.append(str(item))
+        elif model is not None and isinstance(item, str) and item in model.model_fields:
             parts.append(item)
             owner = model
             model = _model_of(model.model_fields[item].annotation)
@@ -289,6 +302,24 @@ def _resolve_loc(loc: Iterable[int | str]) -> tuple[str, type[BaseModel] | None]
             parts.append(str(item))
         # else: a union tag such as "str" or "list[str]": not part of the key
     return ".".join(parts), owner
+
+
+class _DatasetTag(BaseModel):
+    """Marks, while resolving a location, that the next part is a dataset's kind tag."""
+
+
+def _kind_message(key: str, error: Any) -> str:
+    """The message for a `[data.NAME]` table whose kind is missing or unknown."""
+    name = key.rsplit(".", 1)[-1]
+    kinds = " or ".join(f'"{k}"' for k in KIND_MODELS)
+    if error["type"] == "union_tag_invalid":
+        return f"unknown dataset kind {error['ctx']['tag']!r}: kind is {kinds}"
+    guess = difflib.get_close_matches(name, list(IMPLIED_KINDS), n=1, cutoff=0.6)
+    hint = f" (or did you mean [data.{guess[0]}]?)" if guess else ""
+    return (
+        f"[data.{name}] does not say its kind: only laion and mmc4 have theirs implied; "
+        f"set kind = {kinds}{hint}"
+    )
 
 
 def _validation_messages(exc: ValidationError) -> list[tuple[str, str]]:
@@ -305,6 +336,9 @@ def _validation_messages(exc: ValidationError) -> list[tuple[str, str]]:
             continue
         if error["type"] == "missing":
             merged.setdefault(key, []).append("required key is missing")
+            continue
+        if error["type"] in ("union_tag_not_found", "union_tag_invalid"):
+            merged.setdefault(f"{key}.kind", []).append(_kind_message(key, error))
             continue
         message = error["msg"]
         if "input" in error and not isinstance(error["input"], dict):

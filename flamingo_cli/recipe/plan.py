@@ -9,12 +9,12 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config, ModelConfig, Recipe
+from flamingo_cli.recipe.schema import DatasetConfig, InterleavedConfig, ModelConfig, Recipe
 from flamingo_cli.shards.spec import expand_spec
 
 # Raw bytes a sample occupies in a shuffle buffer when the shards cannot tell us:
 # img2dataset pairs at 256 px are ~25 KB; an MMC4 document carries several base64 JPEGs.
-DEFAULT_SAMPLE_BYTES = {"laion": 25_000, "mmc4": 500_000}
+DEFAULT_SAMPLE_BYTES = {"pairs": 25_000, "interleaved": 500_000}
 # The vision input side when open_clip's config for the encoder cannot be read (ViT-L/14's).
 DEFAULT_IMAGE_SIZE = 224
 TINY_VISION_CONFIG = Path(__file__).resolve().parent.parent / "assets/tiny/open_clip"
@@ -45,9 +45,9 @@ def image_size(model: ModelConfig) -> int:
     return _open_clip_image_size(name) or DEFAULT_IMAGE_SIZE
 
 
-def batch_pixel_bytes(config: LaionConfig | Mmc4Config, side: int) -> int:
+def batch_pixel_bytes(config: DatasetConfig, side: int) -> int:
     """Bytes of one batch's image tensor on one rank: batch x images per sample x 3 x side^2."""
-    images = config.max_num_images if isinstance(config, Mmc4Config) else 1
+    images = config.max_num_images if isinstance(config, InterleavedConfig) else 1
     return config.batch_size * images * 3 * side * side * FLOAT_BYTES
 
 
@@ -107,7 +107,7 @@ class Plan:
 
 def dataset_plan(
     name: str,
-    config: LaionConfig | Mmc4Config,
+    config: DatasetConfig,
     recipe: Recipe,
     *,
     total_samples: int | None = None,
@@ -116,11 +116,12 @@ def dataset_plan(
     """Plan one dataset; `total_samples` and `sample_bytes` come from the shards when known."""
     dist = recipe.distributed
     world = dist.world_size
-    shards = len(expand_spec(config.shards))
-    eval_shards = len(expand_spec(config.eval_shards)) if config.eval_shards else 0
+    sources = config.source_list(name)
+    shards = sum(len(expand_spec(s.shards)) for s in sources)
+    eval_shards = sum(len(expand_spec(s.eval_shards)) for s in sources if s.eval_shards)
     batches = batches_per_epoch(config.train_num_samples, config.batch_size, world, config.workers)
     workers = max(config.workers, 1)
-    per_sample = sample_bytes or DEFAULT_SAMPLE_BYTES[name]
+    per_sample = sample_bytes or DEFAULT_SAMPLE_BYTES[config.kind]
     return DatasetPlan(
         name=name,
         shards=shards,

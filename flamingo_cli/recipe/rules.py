@@ -9,7 +9,7 @@ from pathlib import Path
 from flamingo_cli.errors import Problem
 from flamingo_cli.recipe.load import SHARD_KEYS, LoadedRecipe, UntypedRecipe
 from flamingo_cli.recipe.plan import Plan, batches_per_epoch
-from flamingo_cli.recipe.schema import LaionConfig, Mmc4Config
+from flamingo_cli.recipe.schema import DatasetConfig
 from flamingo_cli.shards.spec import expand_spec, missing_local, url_kind
 from flamingo_cli.units import format_bytes
 
@@ -328,7 +328,7 @@ def _warnings(loaded: LoadedRecipe, plan: Plan) -> list[Problem]:
             )
         )
     for dataset in plan.datasets:
-        config: LaionConfig | Mmc4Config = loaded.recipe.datasets()[dataset.name]
+        config: DatasetConfig = loaded.recipe.datasets()[dataset.name]
         total = dataset.total_samples
         if total is not None and not dataset.resampled and dataset.samples_drawn_per_epoch > total:
             problems.append(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -48,15 +50,65 @@ class ModelConfig(_Section):
     )
 
 
-class _DatasetConfig(_Section):
-    shards: ShardSpec = Field(description="brace pattern(s) of .tar shards; join several with ::")
+# dataset and source names end up in metric keys (`loss/NAME`, `samples/NAME/SOURCE`)
+NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+Kind = Literal["pairs", "interleaved"]
+KINDS: tuple[Kind, ...] = ("pairs", "interleaved")
+# the two datasets of OpenFlamingo's step, whose kind is implied by their name (docs/formats.md §5.10)
+IMPLIED_KINDS: dict[str, Kind] = {"laion": "pairs", "mmc4": "interleaved"}
+
+
+def _check_name(value: str, what: str) -> str:
+    if not NAME_PATTERN.fullmatch(value):
+        raise ValueError(
+            f"{what} {value!r} must start with a letter and hold only letters, digits, _ and - "
+            "(at most 64): it becomes part of metric names"
+        )
+    return value
+
+
+class SourceConfig(_Section):
+    """One weighted source of a blended dataset (docs/formats.md §5.10)."""
+
+    name: str = Field(description="names the source in metrics and the plan")
+    shards: ShardSpec = Field(description="brace pattern(s) of this source's .tar shards")
     eval_shards: ShardSpec | None = None
-    batch_size: PositiveInt
-    train_num_samples: PositiveInt = Field(description="samples per epoch (not a data pass)")
+    weight: Annotated[float, Field(gt=0)] = Field(
+        1.0, description="share of the dataset's samples drawn from this source, relative"
+    )
+    resampled: bool | None = Field(None, description="defaults to the dataset's resampled")
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        return _check_name(value, "source name")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A source as the loaders use it: a blend's entry, or a dataset's own `shards`."""
+
+    name: str
+    shards: ShardSpec
+    eval_shards: ShardSpec | None
+    weight: float
+    resampled: bool
+    blended: bool  # given in [[data.NAME.sources]] (metrics and the plan name it)
+
+
+class _DatasetConfig(_Section):
+    shards: ShardSpec | None = Field(
+        None, description="brace pattern(s) of .tar shards; join several with ::"
+    )
+    sources: list[SourceConfig] | None = Field(
+        None, description="a weighted blend of sources instead of shards"
+    )
+    eval_shards: ShardSpec | None = None
+    batch_size: PositiveInt = 128
+    train_num_samples: PositiveInt = Field(10000, description="samples per epoch (not a data pass)")
     workers: NonNegativeInt = 1
     resampled: bool = Field(False, description="draw shards with replacement")
     loss_multiplier: Annotated[float, Field(ge=0)] = 1.0
-    max_tokens: PositiveInt
     shuffle_buffer: NonNegativeInt = 5000
     shuffle_initial: NonNegativeInt = 1000
     prefetch_factor: PositiveInt = 2
@@ -67,20 +119,36 @@ class _DatasetConfig(_Section):
         "pixels differ slightly; false reproduces OpenFlamingo's pixels exactly",
     )
 
+    def source_list(self, dataset: str) -> list[Source]:
+        """The sources the loaders read: the blend, or one source named after the dataset."""
+        if self.sources:
+            return [
+                Source(
+                    s.name,
+                    s.shards,
+                    s.eval_shards,
+                    s.weight,
+                    self.resampled if s.resampled is None else s.resampled,
+                    blended=True,
+                )
+                for s in self.sources
+            ]
+        if self.shards is None:
+            return []
+        return [Source(dataset, self.shards, self.eval_shards, 1.0, self.resampled, blended=False)]
 
-class LaionConfig(_DatasetConfig):
-    """Image-caption pairs (img2dataset layout)."""
 
-    batch_size: PositiveInt = 128
-    train_num_samples: PositiveInt = 10000
+class PairsConfig(_DatasetConfig):
+    """Image-caption pairs (img2dataset layout), such as LAION, COYO or CC12M."""
+
+    kind: Literal["pairs"] = "pairs"
     max_tokens: PositiveInt = 32
 
 
-class Mmc4Config(_DatasetConfig):
-    """Interleaved documents (MMC4 and ChatGPT-generated sequences)."""
+class InterleavedConfig(_DatasetConfig):
+    """Interleaved documents (MMC4, OBELICS and ChatGPT-generated sequences)."""
 
-    batch_size: PositiveInt = 128
-    train_num_samples: PositiveInt = 10000
+    kind: Literal["interleaved"] = "interleaved"
     max_tokens: PositiveInt = 256
     textsim_threshold: float = Field(0.24, description="minimum CLIP image-sentence similarity")
     min_num_images: PositiveInt = 1
@@ -88,14 +156,38 @@ class Mmc4Config(_DatasetConfig):
     assignment: Literal["hungarian", "argmax"] = "hungarian"
 
 
+DatasetConfig = PairsConfig | InterleavedConfig
+# a dataset table under any other name says its kind
+_NamedDataset = Annotated[PairsConfig | InterleavedConfig, Field(discriminator="kind")]
+KIND_MODELS: dict[str, type[PairsConfig] | type[InterleavedConfig]] = {
+    "pairs": PairsConfig,
+    "interleaved": InterleavedConfig,
+}
+
+
 class DataConfig(_Section):
-    laion: LaionConfig | None = None
-    mmc4: Mmc4Config | None = None
+    """`[data.laion]`, `[data.mmc4]` and `[data.NAME]` tables, and the loaders' shared limits."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+    __pydantic_extra__: dict[str, _NamedDataset] = Field(init=False)
+
+    laion: PairsConfig | None = None
+    mmc4: InterleavedConfig | None = None
     allow_pipe: bool = Field(False, description="allow `pipe:` shard specs (runs shell commands)")
     max_image_pixels: PositiveInt = Field(
         DEFAULT_MAX_IMAGE_PIXELS,
         description="images declaring more pixels (width x height) are skipped as damaged",
     )
+
+    def named(self) -> dict[str, DatasetConfig]:
+        """The datasets in step order: laion, mmc4, then the others in recipe order."""
+        found: dict[str, DatasetConfig] = {}
+        if self.laion is not None:
+            found["laion"] = self.laion
+        if self.mmc4 is not None:
+            found["mmc4"] = self.mmc4
+        found.update(self.__pydantic_extra__ or {})
+        return found
 
 
 class OptimConfig(_Section):
@@ -155,11 +247,7 @@ class Recipe(_Section):
     distributed: DistributedConfig = DistributedConfig()
     logging: LoggingConfig = LoggingConfig()
 
-    def datasets(self) -> dict[str, LaionConfig | Mmc4Config]:
-        """The configured datasets by name, LAION first (the order of the training step)."""
-        found: dict[str, LaionConfig | Mmc4Config] = {}
-        if self.data.laion is not None:
-            found["laion"] = self.data.laion
-        if self.data.mmc4 is not None:
-            found["mmc4"] = self.data.mmc4
-        return found
+    def datasets(self) -> dict[str, DatasetConfig]:
+        """The configured datasets by name in the order of the training step (laion, mmc4,
+        then the others in recipe order; docs/formats.md §5.10)."""
+        return self.data.named()

@@ -89,9 +89,8 @@ def validate_recipe(
         pre = check_recipe(loaded, make_plan(recipe))
         if not any(p.severity == "error" for p in pre):
             for name, config in recipe.datasets().items():
-                counts[name] = count_dataset(
-                    expand_spec(config.shards), allow_pipe=recipe.data.allow_pipe
-                )
+                urls = [u for s in config.source_list(name) for u in expand_spec(s.shards)]
+                counts[name] = count_dataset(urls, allow_pipe=recipe.data.allow_pipe)
     plan = make_plan(
         recipe,
         totals={k: v.total for k, v in counts.items()},

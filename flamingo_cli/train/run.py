@@ -333,6 +333,7 @@ def _make_loaders(
             world_size=info.world_size,
             allow_pipe=recipe.data.allow_pipe,
             max_image_pixels=recipe.data.max_image_pixels,
+            name=name,
         )
         for name, config in recipe.datasets().items()
     }
@@ -486,6 +487,8 @@ def _log(
         }
         result.losses = mean_across_ranks(result.losses, session.info)
         metrics = metrics_of(result, counters)
+        for loader in session.loaders.values():
+            metrics.update(loader.source_counts())
         metrics["epoch"] = session.progress["epoch"]
         metrics.update(eval_metrics)
         metrics["skipped_steps"] = session.progress["skipped_steps"]
