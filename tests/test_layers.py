@@ -1,8 +1,8 @@
 """The package's layers import one way: each module only its own layer or lower ones.
 
 Order, lowest first: errors, units < shards < recipe < model < data < runtime < train, evaluate,
-convert, inspect < quickstart, synthetic < ui < cli < __main__. Imports under `TYPE_CHECKING`
-and inside functions count as well. `train` may import `evaluate` (for periodic evaluation);
+convert, inspect < quickstart, synthetic, monitor < ui < cli < __main__. Imports under
+`TYPE_CHECKING` and inside functions count as well. `train` may import `evaluate` (for periodic evaluation);
 `evaluate` never imports `train`; nothing below `ui` imports rich.
 """
 
@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "inspect": 6,
     "quickstart": 7,
     "synthetic": 7,
+    "monitor": 7,  # watching runs: metrics rows, the launcher's events, `flamingo status`
     "ui": 8,
     "cli": 9,
     "__main__": 10,

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from flamingo_cli import __version__
-from flamingo_cli.cli import convert, eval_loss, inspect, quickstart, train, validate
+from flamingo_cli.cli import convert, eval_loss, inspect, quickstart, status, train, validate
 
 app = typer.Typer(
     name="flamingo",
@@ -53,6 +53,7 @@ inspect.register(app)
 train.register(app)
 eval_loss.register(app)
 quickstart.register(app)
+status.register(app)
 
 
 def main() -> None:

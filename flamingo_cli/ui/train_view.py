@@ -1,24 +1,26 @@
-"""Rank 0's view of training: a live progress bar on a terminal, plain lines otherwise."""
+"""Rank 0's view of training (or its launcher's): the live layout on a terminal, plain lines
+otherwise."""
 
 from __future__ import annotations
 
 import datetime
 import time
+from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.live import Live
 
+from flamingo_cli.monitor.live import RunWatch, dataset_names, held_out
+from flamingo_cli.monitor.status import newest_checkpoint
 from flamingo_cli.ui.console import console, settings
+from flamingo_cli.ui.live_view import LiveLayout
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     """The line shown per logged step: losses, lr, grad norm, throughput, data wait."""
-    parts = [
-        f"{name} {metrics[f'loss/{name}']:.4f}"
-        for name in ("laion", "mmc4")
-        if f"loss/{name}" in metrics
-    ]
+    parts = [f"{name} {metrics[f'loss/{name}']:.4f}" for name in dataset_names(metrics)]
     if "lr" in metrics:
         parts.append(f"lr {metrics['lr']:.2e}")
     if "grad_norm" in metrics:
@@ -40,14 +42,28 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 
 class TrainDisplay:
-    """Context manager receiving the training loop's events (see `train.run.TrainEvents`)."""
+    """Context manager receiving the training loop's events (see `train.run.TrainEvents`):
+    the live layout (ui/live_view.py) on a terminal, one plain line per logged step otherwise
+    (and with -q nothing). `run_dir` lets the live view show the newest checkpoint; `now` (wall
+    time) and `tick` (the plain lines' ETA clock) are for tests."""
 
-    def __init__(self, *, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        enabled: bool = True,
+        run_name: str = "",
+        run_dir: Path | None = None,
+        now: Callable[[], float] = time.time,
+        tick: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.total = 0
         self.enabled = enabled and settings.verbosity >= 0
         self.live = console.is_terminal and self.enabled
-        self._progress: Progress | None = None
-        self._task: TaskID | None = None
+        self.watch = RunWatch(name=run_name)
+        self._run_dir = run_dir
+        self._now = now
+        self._tick = tick
+        self._live: Live | None = None
         self._clock: tuple[float, int] | None = None
 
     def __enter__(self) -> TrainDisplay:
@@ -55,35 +71,48 @@ class TrainDisplay:
 
     def started(self, total_steps: int, start_step: int) -> None:
         self.total = total_steps
+        self.watch.started(total_steps, start_step, self._now())
         if start_step:
             self.message(f"resuming at step {start_step} of {total_steps}")
-        if self.live:
-            self._progress = Progress(
-                TextColumn("step {task.completed}/{task.total}"),
-                BarColumn(),
-                TextColumn("{task.fields[metrics]}"),
-                TimeRemainingColumn(),
+        if self.live and self._live is None:
+            self._live = Live(
+                LiveLayout(self.watch, self._now),
                 console=console,
+                refresh_per_second=2,
+                transient=False,
             )
-            self._progress.start()
-            self._task = self._progress.add_task(
-                "train", total=self.total, completed=start_step, metrics=""
-            )
+            self._live.start()
 
     def step(self, step: int, metrics: dict[str, Any]) -> None:
-        text = format_metrics(metrics)
-        if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, completed=step, metrics=text)
+        if self._live is not None:
+            self._live_step(step, metrics)
         elif self.enabled:
+            text = format_metrics(metrics)
             console.print(
                 f"step {step}/{self.total}  {text}  eta {self._eta(step)}",
                 highlight=False,
                 soft_wrap=True,
             )
 
+    def _live_step(self, step: int, metrics: dict[str, Any]) -> None:
+        """Fold the step in; say so above the layout when a checkpoint or held-out loss is new."""
+        before = self.watch.checkpoint_step
+        self.watch.add(step, metrics, self._now())
+        if self._run_dir is not None:
+            newest = newest_checkpoint(self._run_dir)
+            if newest is not None and newest.step != before:
+                self.watch.checkpointed(newest.step, newest.saved_at)
+                self.message(f"checkpoint saved at step {newest.step}: {newest.path}")
+        evals = held_out(metrics)
+        if evals:
+            losses = "  ".join(f"{name} {loss:.4f}" for name, loss in evals.items())
+            self.message(f"held-out loss at step {step}: {losses}")
+        if self._live is not None:
+            self._live.refresh()
+
     def _eta(self, step: int) -> str:
         """Time left at the mean pace of the steps run by this process so far."""
-        now = time.monotonic()
+        now = self._tick()
         if self._clock is None:
             self._clock = (now, step)
             return "?"
@@ -94,8 +123,8 @@ class TrainDisplay:
         return str(datetime.timedelta(seconds=round(left)))
 
     def message(self, text: str) -> None:
-        if self._progress is not None:
-            self._progress.console.print(text, highlight=False, soft_wrap=True)
+        if self._live is not None:
+            self._live.console.print(text, highlight=False, soft_wrap=True)
         elif self.enabled:
             console.print(text, highlight=False, soft_wrap=True)
 
@@ -105,5 +134,6 @@ class TrainDisplay:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
