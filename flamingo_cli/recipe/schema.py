@@ -212,6 +212,12 @@ class RunConfig(_Section):
     )
     keep_last: NonNegativeInt = Field(3, description="checkpoints to keep; 0 keeps all")
     resume: str = Field("auto", description='"auto", "none" or a checkpoint path')
+    compile: bool = Field(
+        False, description="torch.compile each repeated block (vision, perceiver, decoder layer)"
+    )
+    peak_tflops: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="peak bf16 TFLOP/s of one device, for mfu; default: known GPUs' table"
+    )
 
 
 class DistributedConfig(_Section):
