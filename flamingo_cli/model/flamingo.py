@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +19,9 @@ from flamingo_cli.model.lm import (
     output_embeddings,
 )
 from flamingo_cli.model.tokenizer import SpecialTokens
+
+if TYPE_CHECKING:
+    from flamingo_cli.model.generation import DecodeConfig
 
 
 @dataclass(frozen=True)
@@ -209,66 +211,31 @@ class FlamingoModel(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        config: DecodeConfig | None = None,
     ) -> Tensor:
-        """Continue each prompt (left-padded when lengths differ); images are encoded once and
-        the LM's key/value cache is reused across steps. Stops a sequence at any of
-        `eos_token_ids` (default `<|endofchunk|>`, as OpenFlamingo; `()` never stops) and pads
-        it afterwards. Returns prompt + new tokens, (B, T + at most max_new_tokens)."""
-        stops = torch.tensor(
-            [self.special_tokens.endofchunk] if eos_token_ids is None else list(eos_token_ids),
-            device=input_ids.device,
-            dtype=input_ids.dtype,
-        )
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        latents = self.encode_images(images)
-        takes_positions = "position_ids" in inspect.signature(self.lm.forward).parameters
-        sequence, mask = input_ids, attention_mask
-        step_ids, seen = input_ids, torch.zeros_like(input_ids[:, 0])
-        finished = torch.zeros_like(input_ids[:, 0], dtype=torch.bool)
-        cache: Any = None
-        for _ in range(max_new_tokens):
-            index = self.media_index(step_ids, seen)
-            kwargs: dict[str, Any] = {}
-            if takes_positions:
-                positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
-                kwargs["position_ids"] = positions[:, -step_ids.shape[1] :]
-            with self._conditioned(latents, index):
-                out = self.lm(
-                    input_ids=step_ids,
-                    attention_mask=mask,
-                    past_key_values=cache,
-                    use_cache=True,
-                    **kwargs,
-                )
-            cache, seen = out.past_key_values, index[:, -1]
-            logits = out.logits[:, -1, :].float()
-            next_ids = self._pick(logits, do_sample, temperature, top_k, generator)
-            next_ids = next_ids.masked_fill(finished, self.special_tokens.pad)
-            finished = finished | torch.isin(next_ids, stops)
-            sequence = torch.cat((sequence, next_ids.unsqueeze(1)), dim=1)
-            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
-            step_ids = next_ids.unsqueeze(1)
-            if bool(finished.all()):
-                break
-        return sequence
+        """Continue each prompt (left-padded when lengths differ) with `model/generation.py`:
+        images encoded once, the LM's key/value cache reused across steps. Stops a sequence at
+        any of `eos_token_ids` (default `<|endofchunk|>`, as OpenFlamingo; `()` never stops)
+        and pads it afterwards. `config` (beam search and the rest) replaces the keyword
+        options. Returns prompt + new tokens, (B, T + at most max_new_tokens)."""
+        from flamingo_cli.model.generation import DecodeConfig, generate
 
-    @staticmethod
-    def _pick(
-        logits: Tensor,
-        do_sample: bool,
-        temperature: float,
-        top_k: int | None,
-        generator: torch.Generator | None,
-    ) -> Tensor:
-        if not do_sample:
-            return logits.argmax(dim=-1)
-        logits = logits / temperature
-        if top_k is not None:
-            threshold = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < threshold, float("-inf"))
-        probs = logits.softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        if config is None:
+            stops = [self.special_tokens.endofchunk] if eos_token_ids is None else eos_token_ids
+            config = DecodeConfig(
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k or 0,
+                stop_token_ids=tuple(int(t) for t in stops),
+                pad_token_id=self.special_tokens.pad,
+            )
+        rows = generate(self, images, input_ids, attention_mask, config, generator=generator)
+        width = max(len(row) for row in rows)
+        new = input_ids.new_full((len(rows), width), config.pad_token_id)
+        for b, row in enumerate(rows):
+            new[b, : len(row)] = torch.tensor(row, dtype=new.dtype)
+        return torch.cat((input_ids, new), dim=1)
 
     # -- embeddings ----------------------------------------------------------------------
 
