@@ -2,8 +2,8 @@
 
 Order, lowest first: errors, units < shards < recipe < model < data < runtime < train, evaluate,
 convert, inspect < quickstart, synthetic, monitor < ui < cli < __main__. Imports under
-`TYPE_CHECKING` and inside functions count as well. `train` may import `evaluate` (for periodic evaluation);
-`evaluate` never imports `train`; nothing below `ui` imports rich.
+`TYPE_CHECKING` and inside functions count as well. `train` may import `evaluate` (for periodic
+evaluation); `evaluate` never imports `train`; nothing below `ui` imports rich.
 """
 
 from __future__ import annotations

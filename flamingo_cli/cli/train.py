@@ -5,6 +5,8 @@ with the hidden `--launched`), see that they are ranks, and train."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -23,6 +25,7 @@ from flamingo_cli.cli.common import (
 if TYPE_CHECKING:
     from flamingo_cli.recipe.load import LoadedRecipe, Override
     from flamingo_cli.recipe.validate import ValidationReport
+    from flamingo_cli.ui.train_view import TrainDisplay
 
 
 def register(app: typer.Typer) -> None:
@@ -73,6 +76,17 @@ _LaunchedOption = Annotated[
 ]
 
 
+_EventsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--events",
+        hidden=True,
+        help="A rank `flamingo train` started on a terminal: rank 0 appends its training "
+        "events here as JSON lines, for the launcher's live view.",
+    ),
+]
+
+
 def train(
     recipe: _RecipeArg,
     set_: SetOption = None,
@@ -84,6 +98,7 @@ def train(
     max_steps: _MaxStepsOption = None,
     take_over: _TakeOverOption = False,
     launched: _LaunchedOption = False,
+    events: _EventsOption = None,
 ) -> None:
     """Train a recipe: one process in place, several through torchrun (FSDP2/DDP).
 
@@ -99,7 +114,8 @@ def train(
     with user_errors():
         overrides = recipe_overrides(set_, nproc_per_node, nnodes, allow_pipe=allow_pipe)
         if launched:
-            _train_as_rank(_loaded(recipe, overrides), max_steps, take_over, report=False)
+            loaded = _loaded(recipe, overrides)
+            _train_as_rank(loaded, max_steps, take_over, report=False, events=events)
             return
         report = _validated(recipe, overrides)
         require_gpu_for_fp16(report.loaded.recipe.run.precision)
@@ -142,16 +158,23 @@ def _show_plan(report: ValidationReport, recipe: Path) -> None:
 
 
 def _train_as_rank(
-    loaded: LoadedRecipe, max_steps: int | None, take_over: bool, *, report: bool
+    loaded: LoadedRecipe,
+    max_steps: int | None,
+    take_over: bool,
+    *,
+    report: bool,
+    events: Path | None = None,
 ) -> None:
-    """Train as this process's rank; `report`: say where it ended (a launcher says it else)."""
+    """Train as this process's rank; `report`: say where it ended (a launcher says it else);
+    `events`: where rank 0 sends its events for the launcher's live view (instead of showing
+    them itself)."""
+    from flamingo_cli.monitor.events import EventWriter
     from flamingo_cli.runtime.run_dir import run_dir_of
     from flamingo_cli.train.run import train_rank
     from flamingo_cli.ui import console as ui
-    from flamingo_cli.ui.train_view import TrainDisplay
 
     try:
-        with TrainDisplay() as display:
+        with EventWriter(events) if events else _display(loaded) as display:
             outcome = train_rank(loaded, display, max_steps=max_steps, take_over=take_over)
     except KeyboardInterrupt:
         _aborted(run_dir_of(loaded))
@@ -159,6 +182,14 @@ def _train_as_rank(
         where = outcome.last_checkpoint or outcome.run_dir
         state = "stopped" if outcome.stopped_early else "finished"
         ui.info(f"{state} at step {outcome.step}/{outcome.total_steps}; checkpoint: {where}")
+
+
+def _display(loaded: LoadedRecipe) -> TrainDisplay:
+    """The training display of this run: live on a terminal, plain lines otherwise."""
+    from flamingo_cli.runtime.run_dir import run_dir_of
+    from flamingo_cli.ui.train_view import TrainDisplay
+
+    return TrainDisplay(run_name=loaded.recipe.run.name, run_dir=run_dir_of(loaded))
 
 
 def _rank_args(
@@ -195,9 +226,13 @@ def _launch_ranks(
     if take_over and rdzv.nnodes > 1:
         rank_args = [*rank_args, "--take-over"]  # rank 0 takes the lock, on whichever node
     log_dir = run_dir_of(loaded) / "logs"
-    cmd = torchrun_command(rdzv, rank_args, log_dir)
-    ui.detail(" ".join(cmd))
-    code = _launch(cmd, run_dir_of(loaded), rdzv.nnodes, take_over)
+    with _events_file(rdzv.nnodes) as events:
+        if events is not None:
+            rank_args = [*rank_args, "--events", str(events)]
+        cmd = torchrun_command(rdzv, rank_args, log_dir)
+        ui.detail(" ".join(cmd))
+        with _watching(loaded, events):
+            code = _launch(cmd, run_dir_of(loaded), rdzv.nnodes, take_over)
     if code == ABORTED:
         _aborted(run_dir_of(loaded))
     if code != 0:
@@ -206,6 +241,41 @@ def _launch_ranks(
             f"files are under {log_dir}"
         )
     raise typer.Exit(code)
+
+
+@contextmanager
+def _events_file(nnodes: int) -> Iterator[Path | None]:
+    """Where rank 0 sends its events when this launcher shows the live view: on a terminal,
+    not -q, on one node (across nodes rank 0 may run elsewhere; its log has the lines)."""
+    import shutil
+    import tempfile
+
+    from flamingo_cli.ui import console as ui
+
+    if nnodes > 1 or not ui.console.is_terminal or ui.settings.verbosity < 0:
+        yield None
+        return
+    work = Path(tempfile.mkdtemp(prefix="flamingo-train-"))
+    try:
+        yield work / "events.jsonl"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextmanager
+def _watching(loaded: LoadedRecipe, events: Path | None) -> Iterator[None]:
+    """While torchrun runs: rank 0's events replayed into this process's live view."""
+    if events is None:
+        yield
+        return
+    from flamingo_cli.monitor.events import EventFollower
+
+    with _display(loaded) as display:
+        follower = EventFollower(events, display).start()
+        try:
+            yield
+        finally:
+            follower.stop()
 
 
 def _launch(cmd: list[str], run_dir: Path, nnodes: int, take_over: bool) -> int:

@@ -108,6 +108,7 @@ class RunWatch:
     held_out_step: int | None = None
     checkpoint_step: int | None = None
     checkpoint_at: float | None = None
+    rows: int = 0  # rows folded in
     rates: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))  # samples/s
     _pace_from: tuple[float, int] | None = None
 
@@ -117,23 +118,28 @@ class RunWatch:
         self.started_at = now
 
     def add(self, step: int, metrics: dict[str, Any], now: float | None = None) -> None:
-        """Fold in the row of `step` (logged at `now`, when known)."""
-        self.step = step
+        """Fold in the row of `step` (logged at `now`, when known). An eval-only row (held-out
+        losses at a step that logged nothing else, docs/formats.md §9.3) keeps the last full
+        row's figures."""
+        self.step = max(self.step, step)
+        self.rows += 1
         if now is not None and self._pace_from is None:
             self._pace_from = (now, step)
-        for name in dataset_names(metrics):
-            self.datasets.setdefault(name, DatasetWatch(name))
-        for watch in self.datasets.values():
-            watch.add(metrics)
+        names = dataset_names(metrics)
+        if names:
+            for name in names:
+                self.datasets.setdefault(name, DatasetWatch(name))
+            for watch in self.datasets.values():
+                watch.add(metrics)
+            rate = number(metrics, "samples_per_s")
+            if rate is not None:
+                self.rates.append(rate)
+            self.last = dict(metrics)
         evals = held_out(metrics)
         if evals:
             self.held_out_step = step
             for name, loss in evals.items():
                 self.datasets.setdefault(name, DatasetWatch(name)).held_out = loss
-        rate = number(metrics, "samples_per_s")
-        if rate is not None:
-            self.rates.append(rate)
-        self.last = dict(metrics)
 
     def checkpointed(self, step: int, at: float) -> None:
         self.checkpoint_step, self.checkpoint_at = step, at

@@ -100,7 +100,7 @@ class RunStatus:
 
     @property
     def step(self) -> int | None:
-        return self.watch.step if self.watch.last else None
+        return self.watch.step if self.watch.rows else None
 
     def to_dict(self) -> dict[str, Any]:
         datasets = {
@@ -290,7 +290,7 @@ def _state(
         return "running", f"running: {holder.describe(moment)}"
     if finished is not None:
         return "finished", f"finished at step {finished or watch.step}"
-    step = watch.step if watch.last else (checkpoints[-1].step if checkpoints else 0)
+    step = watch.step if watch.rows else (checkpoints[-1].step if checkpoints else 0)
     detail = f"stopped at step {step}"
     if checkpoints:
         detail += f"; a rerun resumes from the checkpoint of step {checkpoints[-1].step}"

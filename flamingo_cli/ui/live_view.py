@@ -94,7 +94,8 @@ def _rows(watch: RunWatch, spark: int) -> list[list[str]]:
         rates = [_rate(d.samples_per_s, 1), _rate(d.tokens_per_s, 0)]
         if not own_rates and len(datasets) == 1:
             rates = run_rates
-        row = [d.name, _loss(d.last), _loss(d.smoothed), sparkline(d.recent, spark), *rates]
+        spark_text = sparkline(d.recent, spark).ljust(spark)
+        row = [d.name, _loss(d.last), _loss(d.smoothed), spark_text, *rates]
         rows.append([*row, f"{d.dropped:,}"])
     if len(datasets) > 1:
         rows.append(["all", "", "", "", *run_rates, f"{sum(d.dropped for d in datasets):,}"])

@@ -75,6 +75,7 @@ class TrainDisplay:
         if start_step:
             self.message(f"resuming at step {start_step} of {total_steps}")
         if self.live and self._live is None:
+            self._note_checkpoint(announce=False)  # the one a resume started from
             self._live = Live(
                 LiveLayout(self.watch, self._now),
                 console=console,
@@ -96,19 +97,24 @@ class TrainDisplay:
 
     def _live_step(self, step: int, metrics: dict[str, Any]) -> None:
         """Fold the step in; say so above the layout when a checkpoint or held-out loss is new."""
-        before = self.watch.checkpoint_step
         self.watch.add(step, metrics, self._now())
-        if self._run_dir is not None:
-            newest = newest_checkpoint(self._run_dir)
-            if newest is not None and newest.step != before:
-                self.watch.checkpointed(newest.step, newest.saved_at)
-                self.message(f"checkpoint saved at step {newest.step}: {newest.path}")
+        self._note_checkpoint()
         evals = held_out(metrics)
         if evals:
             losses = "  ".join(f"{name} {loss:.4f}" for name, loss in evals.items())
             self.message(f"held-out loss at step {step}: {losses}")
         if self._live is not None:
             self._live.refresh()
+
+    def _note_checkpoint(self, *, announce: bool = True) -> None:
+        """Take in the newest complete checkpoint of the run directory; say so when it is new."""
+        if self._run_dir is None:
+            return
+        newest = newest_checkpoint(self._run_dir)
+        if newest is not None and newest.step != self.watch.checkpoint_step:
+            self.watch.checkpointed(newest.step, newest.saved_at)
+            if announce:
+                self.message(f"checkpoint saved at step {newest.step}: {newest.path}")
 
     def _eta(self, step: int) -> str:
         """Time left at the mean pace of the steps run by this process so far."""
@@ -135,5 +141,7 @@ class TrainDisplay:
         tb: TracebackType | None,
     ) -> None:
         if self._live is not None:
+            self._note_checkpoint()  # the last one is saved after the last step
+            self._live.refresh()
             self._live.stop()
             self._live = None
