@@ -25,6 +25,7 @@ from flamingo_cli.data.labels import content_length
 from flamingo_cli.recipe.schema import Precision, Strategy
 from flamingo_cli.runtime.distributed import DistInfo, any_rank, gradient_sync
 from flamingo_cli.runtime.precision import autocast_for
+from flamingo_cli.train.flops import StepFlops, peak_memory_gib, reset_peak_memory
 from flamingo_cli.train.optim import step_if_finite
 
 
@@ -93,6 +94,9 @@ class StepResult:
     elapsed_s: float
     dataset_samples: dict[str, int] = field(default_factory=dict)
     dataset_tokens: dict[str, int] = field(default_factory=dict)
+    model_flops: float | None = None  # of this step on this rank (train/flops.py)
+    peak_tflops: float | None = None  # of this rank's device, when known
+    peak_memory_gib: float | None = None
 
 
 @dataclass
@@ -102,6 +106,8 @@ class LoopConfig:
     max_grad_norm: float
     precision: Precision
     grad_masks: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
+    peak_tflops: float | None = None
+    flops: StepFlops = field(default_factory=StepFlops)
 
 
 def global_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -144,6 +150,7 @@ def optimizer_step(
     norm stay tensors until then, and the skip of a non-finite step is decided on the device
     (train/optim.py `step_if_finite`)."""
     start = time.perf_counter()
+    reset_peak_memory(info.device)
     lr = float(optimizer.param_groups[0]["lr"])
     params = [p for p in model.parameters() if p.requires_grad]
     window = _backward_window(model, batches, config, info, strategy, scaler)
@@ -160,6 +167,9 @@ def optimizer_step(
         elapsed_s=time.perf_counter() - start + data_wait_s,
         dataset_samples=window.samples,
         dataset_tokens=tokens,
+        model_flops=config.flops.of(window.samples),
+        peak_tflops=config.peak_tflops,
+        peak_memory_gib=peak_memory_gib(info.device),
     )
 
 
@@ -193,20 +203,22 @@ def _backward_window(
             for name, batch in named.items():
                 # right padding is cut off: same loss, less work (OF pads MMC4 to 256 tokens)
                 length = content_length(batch.attention_mask, batch.labels)
-                with autocast_for(config.precision, info.device, strategy):
-                    out = model(
-                        batch.images.to(info.device, non_blocking=True),
-                        batch.input_ids[:, :length].to(info.device, non_blocking=True),
-                        batch.attention_mask[:, :length].to(info.device, non_blocking=True),
-                        labels=batch.labels[:, :length].to(info.device, non_blocking=True),
-                    )
-                loss = out.loss * config.loss_multipliers[name] / accum
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+                rows = int(batch.input_ids.shape[0])
+                with config.flops.counting(name, rows):  # the first batch of each dataset
+                    with autocast_for(config.precision, info.device, strategy):
+                        out = model(
+                            batch.images.to(info.device, non_blocking=True),
+                            batch.input_ids[:, :length].to(info.device, non_blocking=True),
+                            batch.attention_mask[:, :length].to(info.device, non_blocking=True),
+                            labels=batch.labels[:, :length].to(info.device, non_blocking=True),
+                        )
+                    loss = out.loss * config.loss_multipliers[name] / accum
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
                 seen.add(
                     name,
                     out.loss.detach().double() / len(batches),
                     batch.attention_mask.sum(dtype=torch.float64),
-                    int(batch.input_ids.shape[0]),
+                    rows,
                 )
     return seen
 
@@ -274,8 +286,22 @@ def metrics_of(result: StepResult, counters: dict[str, int]) -> dict[str, Any]:
         metrics[f"samples_per_s/{name}"] = samples / seconds
     for name, tokens in result.dataset_tokens.items():
         metrics[f"tokens_per_s/{name}"] = tokens / seconds
+    metrics.update(utilisation(result, seconds))
     metrics.update({f"dropped/{k}": v for k, v in counters.items()})
     return metrics
+
+
+def utilisation(result: StepResult, seconds: float) -> dict[str, float]:
+    """`tflops_per_gpu` (this rank's model FLOP/s), `mfu` (against its peak, when known) and
+    `memory/peak_gib`, each where it was measured."""
+    found: dict[str, float] = {}
+    if result.model_flops is not None:
+        found["tflops_per_gpu"] = result.model_flops / seconds / 1e12
+        if result.peak_tflops is not None:
+            found["mfu"] = found["tflops_per_gpu"] / result.peak_tflops
+    if result.peak_memory_gib is not None:
+        found["memory/peak_gib"] = result.peak_memory_gib
+    return found
 
 
 def should_stop(flag: StopFlag, info: DistInfo) -> bool:

@@ -47,6 +47,7 @@ from flamingo_cli.train.checkpoint import (
     set_rng_state,
 )
 from flamingo_cli.train.export import export_weights
+from flamingo_cli.train.flops import peak_tflops
 from flamingo_cli.train.loop import (
     Batch,
     LoopConfig,
@@ -380,6 +381,7 @@ def _start(
         max_grad_norm=recipe.optim.max_grad_norm,
         precision=recipe.run.precision,
         grad_masks=grad_masks(session.model, session.wrapped),
+        peak_tflops=peak_tflops(session.info.device, recipe.run.peak_tflops),
     )
     scaler = torch.amp.GradScaler("cuda") if recipe.run.precision == "fp16" else None
     sinks: Sinks | None = None
