@@ -13,7 +13,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Protocol
 
@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flamingo_cli.data.eval_loader import DROP_KEYS, EvalLoader
+from flamingo_cli.data.eval_loader import DROP_KEYS, BlendedEvalLoader, EvalLoader
 from flamingo_cli.data.labels import IGNORE, content_length
 from flamingo_cli.data.pipeline import LoaderBatch, derive_seed
 from flamingo_cli.runtime.distributed import DistInfo, any_rank
@@ -37,7 +37,8 @@ class EvalEvents(Protocol):
 
     def dataset_started(self, name: str, expected_batches: int | None) -> None: ...
 
-    def batch_done(self, name: str, batches: int) -> None: ...
+    def batch_done(self, name: str, batches: int, samples: int, loss: float) -> None:
+        """After each batch: this rank's batches, samples and running loss so far."""
 
     def dataset_done(self, result: DatasetLoss) -> None: ...
 
@@ -50,6 +51,8 @@ class DatasetLoss:
     `ablated_loss` is the loss of the same batches without (or with shuffled) images and `gap`
     is `ablated_loss` minus the loss with images over the same samples (positive: images
     help). `batches` counts real batches over all ranks, `padding_batches` the masked ones.
+    A blended dataset's row is over all its sources' eval shards; `sources` holds a row per
+    source (named `DATASET/SOURCE`, `source` its name) whose sums add up to it.
     """
 
     dataset: str
@@ -67,6 +70,8 @@ class DatasetLoss:
     ablated_samples: int = 0
     note: str | None = None
     dropped: dict[str, int] = field(default_factory=dict)
+    source: str | None = None
+    sources: list[DatasetLoss] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,11 +90,14 @@ class DatasetLoss:
             "ablated_samples": self.ablated_samples,
             "note": self.note,
             "dropped": dict(self.dropped),
+            "source": self.source,
+            "sources": [s.to_dict() for s in self.sources],
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DatasetLoss:
-        return cls(**{**data, "dropped": dict(data.get("dropped") or {})})
+        sources = [cls.from_dict(s) for s in data.get("sources") or []]
+        return cls(**{**data, "dropped": dict(data.get("dropped") or {}), "sources": sources})
 
 
 def token_loss_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -169,6 +177,12 @@ class _Sums:
         self.paired_tokens += tokens
         self.ablated_loss += ablated
         self.ablated_samples += len(batch.keys)
+
+    def plus(self, other: _Sums) -> _Sums:
+        """Both sums added (a blend's sources into the dataset's)."""
+        totals = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        dropped = [a + b for a, b in zip(self.dropped, other.dropped, strict=True)]
+        return replace(self, **{**totals, "dropped": dropped})
 
     def across_ranks(self, info: DistInfo) -> _Sums:
         """These sums added over every rank (collective)."""
@@ -277,7 +291,9 @@ def _evaluate_batches(
                     sums.add_ablated(batch, loss, tokens, ablated)
             steps += 1
             if events is not None:
-                events.batch_done(loader.name, steps)
+                events.batch_done(
+                    loader.name, steps, int(sums.samples), _per_token(sums.loss, sums.tokens)
+                )
     finally:
         close = getattr(iterator, "close", None)
         if callable(close):

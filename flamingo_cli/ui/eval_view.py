@@ -7,7 +7,15 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from flamingo_cli.ui.console import console, err_console, settings
@@ -70,12 +78,14 @@ def render_eval_report(report: EvalReport) -> None:
 
 
 class EvalDisplay:
-    """Receives the evaluation's events (see `evaluate.loss.EvalEvents`): a bar per dataset on
-    a terminal, one line per dataset otherwise."""
+    """Receives the evaluation's events (see `evaluate.loss.EvalEvents`): on a terminal a bar
+    per dataset with its batches, samples and running loss (rank 0's); one line per dataset
+    otherwise. `console` is for tests (stderr's by default)."""
 
-    def __init__(self, *, enabled: bool = True) -> None:
+    def __init__(self, *, enabled: bool = True, console: Console | None = None) -> None:
         self.enabled = enabled and settings.verbosity >= 0
-        self.live = self.enabled and err_console.is_terminal
+        self._console = console or err_console
+        self.live = self.enabled and self._console.is_terminal
         self._progress: Progress | None = None
         self._tasks: dict[str, TaskID] = {}
 
@@ -85,8 +95,9 @@ class EvalDisplay:
                 TextColumn("eval {task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("batches"),
-                console=err_console,
+                TextColumn("batches  {task.fields[samples]} samples  loss {task.fields[loss]}"),
+                TimeElapsedColumn(),
+                console=self._console,
                 transient=True,
             )
             self._progress.start()
@@ -94,16 +105,20 @@ class EvalDisplay:
 
     def dataset_started(self, name: str, expected_batches: int | None) -> None:
         if self._progress is not None:
-            self._tasks[name] = self._progress.add_task(name, total=expected_batches)
+            self._tasks[name] = self._progress.add_task(
+                escape(name), total=expected_batches, samples="0", loss="-"
+            )
 
-    def batch_done(self, name: str, batches: int) -> None:
+    def batch_done(self, name: str, batches: int, samples: int, loss: float) -> None:
         if self._progress is not None and name in self._tasks:
-            self._progress.update(self._tasks[name], completed=batches)
+            self._progress.update(
+                self._tasks[name], completed=batches, samples=f"{samples:,}", loss=_number(loss)
+            )
 
     def dataset_done(self, result: DatasetLoss) -> None:
         if not self.enabled:
             return
-        err_console.print(
+        self._console.print(
             f"eval {result.dataset}: {result.samples:,} samples, {result.target_tokens:,} "
             f"tokens, loss {_number(result.loss)} in {result.seconds:.1f} s",
             highlight=False,
