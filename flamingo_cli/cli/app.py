@@ -7,7 +7,17 @@ from typing import Annotated
 import typer
 
 from flamingo_cli import __version__
-from flamingo_cli.cli import convert, eval_loss, inspect, quickstart, status, train, validate
+from flamingo_cli.cli import (
+    convert,
+    eval_fewshot,
+    eval_loss,
+    generate,
+    inspect,
+    quickstart,
+    status,
+    train,
+    validate,
+)
 
 app = typer.Typer(
     name="flamingo",
@@ -52,8 +62,10 @@ convert.register(app)
 inspect.register(app)
 train.register(app)
 eval_loss.register(app)
+eval_fewshot.register(app)
 quickstart.register(app)
 status.register(app)
+generate.register(app)
 
 
 def main() -> None:

@@ -76,7 +76,7 @@ def encode_prompts(
 def image_batch(
     images: Sequence[Sequence[Image.Image]],
     transform: ImageTransform,
-    image_shape: tuple[int, int, int] | None = None,
+    image_shape: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Row b's images transformed and stacked as `FlamingoModel` takes them: (B, N, C, H, W)
     for the most images N of any row, rows with fewer zero-padded at the end. With no image
