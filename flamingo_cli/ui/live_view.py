@@ -21,6 +21,7 @@ from flamingo_cli.monitor.live import DatasetWatch, RunWatch, ago, clock, number
 
 SPARKS = "▁▂▃▄▅▆▇█"
 MIN_SPARK = 8
+SPARK_HEADER = "recent"
 
 
 def sparkline(values: Sequence[float], width: int) -> str:
@@ -73,7 +74,7 @@ def _columns() -> Table:
     table.add_column("dataset", no_wrap=True, max_width=16, overflow="ellipsis")
     table.add_column("loss", justify="right", no_wrap=True)
     table.add_column("smoothed", justify="right", no_wrap=True)
-    table.add_column("recent", no_wrap=True, style="cyan")
+    table.add_column(SPARK_HEADER, no_wrap=True, style="cyan")
     table.add_column("samples/s", justify="right", no_wrap=True)
     table.add_column("tok/s", justify="right", no_wrap=True)
     table.add_column("dropped", justify="right", no_wrap=True)
@@ -108,8 +109,8 @@ def dataset_table(watch: RunWatch, console: Console, options: ConsoleOptions) ->
     probe = _columns()
     for row in _rows(watch, 1):
         probe.add_row(*row)
-    used = Measurement.get(console, options, probe).maximum
-    spark = max(width - used + 1, MIN_SPARK)
+    used = Measurement.get(console, options, probe).maximum  # with the header's width
+    spark = max(width - used + len(SPARK_HEADER), MIN_SPARK)
     table = _columns()
     rows = _rows(watch, spark)
     for index, row in enumerate(rows):
