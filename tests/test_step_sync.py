@@ -194,3 +194,22 @@ def test_the_tiny_recipe_trains_with_the_recorded_losses(tmp_path: Path) -> None
         assert total == pytest.approx(g["samples_per_s"])
         tokens = g["tokens_per_s/laion"] + g["tokens_per_s/mmc4"]
         assert tokens == pytest.approx(g["tokens_per_s"])
+
+
+def test_cross_attention_reads_nothing_from_the_device() -> None:
+    """The routing of tokens to images has no data-dependent shape: no host sync in forward or
+    backward, and the same shapes for every batch of one (B, T, N)."""
+    from flamingo_cli.model.layers import MaskedCrossAttention, TokenRouting
+
+    torch.manual_seed(0)
+    attention = MaskedCrossAttention(dim=8, dim_visual=6, heads=2, dim_head=4)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    media = torch.randn(2, 3, 4, 6)
+    index = torch.tensor([[0, 1, 1, 2, 2], [1, 1, 3, 3, 3]])
+    counter = CountReads()
+    with counter:
+        routing = TokenRouting.from_media_index(index, images=3)
+        attention(x, media, routing).sum().backward()
+    assert counter.reads == []
+    assert routing.image.shape == routing.valid.shape == (2, 5)
+    assert x.grad is not None and bool(x.grad.isfinite().all())

@@ -108,40 +108,33 @@ class PerceiverResampler(nn.Module):
 
 @dataclass(frozen=True)
 class TokenRouting:
-    """Which text tokens attend to which image, as gather/scatter indices.
+    """Which image each text token attends to: `image` (B, T), its 0-based number (any number
+    where the token has none), and `valid` (B, T), whether it has one.
 
-    Each image gets a bucket of `span` query slots (the most tokens any one image serves);
-    token `tokens[i]` (flattened b * T + t) sits in slot `slots[i]` (flattened
-    (b * N + image) * span + rank). Attention then runs densely per image over only that
-    image's latents: no mask, and none of the work on the other images' keys.
+    Attention then runs densely per image, every image's latents answering all the tokens,
+    and each token keeps its own image's answer (a gather). Every shape follows from (B, T, N)
+    alone: nothing is read back from the device (no host sync), compiled code sees one shape
+    per batch shape, and no mask stands in the way of the fused attention kernels.
     """
 
-    tokens: Tensor
-    slots: Tensor
-    span: int
+    image: Tensor
+    valid: Tensor
 
     @classmethod
     def from_media_index(cls, media_index: Tensor, images: int) -> TokenRouting:
         """Routing for `media_index` (B, T) of 1-based image numbers (0 or > images: none)."""
-        batch = media_index.shape[0]
         valid = (media_index > 0) & (media_index <= images)
-        image = (media_index - 1).clamp(0, max(images - 1, 0))
-        onehot = F.one_hot(image, max(images, 1)) * valid.unsqueeze(-1)
-        rank = (onehot.cumsum(dim=1) * onehot).sum(dim=-1) - 1
-        # at least one slot, so the key/value projection always takes part in the graph
-        span = max(int(onehot.sum(dim=1).max()), 1)
-        rows = torch.arange(batch, device=media_index.device).unsqueeze(1)
-        slots = ((rows * max(images, 1) + image) * span + rank).flatten()
-        tokens = valid.flatten().nonzero().squeeze(1)
-        return cls(tokens, slots.index_select(0, tokens), span)
+        return cls((media_index - 1).clamp(0, max(images - 1, 0)), valid)
 
 
 class MaskedCrossAttention(nn.Module):
     """Text attends to the latents of one image: the most recent `<image>` at or before it.
 
-    `media_index[b, t]` is the 1-based number of that image (0: no image yet). Tokens are
-    routed into one bucket per image (`TokenRouting`) and attend there to that image's latents
-    only; tokens without a valid image get an exact zero output.
+    `media_index[b, t]` is the 1-based number of that image (0: no image yet). Each image's
+    latents are attended to by all tokens in one dense, unmasked attention per image
+    (`TokenRouting`); each token takes the result of its own image, and tokens without a valid
+    image get an exact zero output. The softmax of a token runs over its image's latents only,
+    exactly as OpenFlamingo's masked attention over all images' latents computes it.
     """
 
     def __init__(self, dim: int, dim_visual: int, heads: int, dim_head: int) -> None:
@@ -164,24 +157,21 @@ class MaskedCrossAttention(nn.Module):
             if isinstance(media_index, TokenRouting)
             else TokenRouting.from_media_index(media_index, images)
         )
-        q = self.q_proj(self.norm(x)).flatten(0, 1)
-        width = q.shape[-1]
-        k, v = self.kv_proj(media).chunk(2, dim=-1)
+        q = _split_heads(self.q_proj(self.norm(x)), self.heads)  # (B, h, T, d)
+        width = self.q_proj.out_features
+        k, v = self.kv_proj(media).chunk(2, dim=-1)  # (B, N, n, h * d) each
         buckets = batch * images
-        queries = q.new_zeros(buckets * routing.span, width).index_copy(
-            0, routing.slots, q.index_select(0, routing.tokens)
-        )
 
-        def per_image(t: Tensor, rows: int) -> Tensor:
-            return _split_heads(t.reshape(buckets, rows, width), self.heads)
+        def per_image(t: Tensor) -> Tensor:  # (B, N, n, h * d) -> (B * N, h, n, d)
+            return _split_heads(t.reshape(buckets, latents, width), self.heads)
 
-        attended = F.scaled_dot_product_attention(
-            per_image(queries, routing.span), per_image(k, latents), per_image(v, latents)
-        )
-        out = q.new_zeros(batch * length, width).index_copy(
-            0, routing.tokens, _merge_heads(attended).flatten(0, 1).index_select(0, routing.slots)
-        )
-        result: Tensor = self.out_proj(out.view(batch, length, width))
+        queries = q.unsqueeze(1).expand(-1, images, -1, -1, -1).reshape(buckets, *q.shape[1:])
+        attended = F.scaled_dot_product_attention(queries, per_image(k), per_image(v))
+        answers = _merge_heads(attended).view(batch, images, length, width)
+        pick = routing.image.view(batch, 1, length, 1).expand(-1, -1, -1, width)
+        own = answers.gather(1, pick).squeeze(1)  # (B, T, h * d): each token's image
+        out = own.masked_fill(~routing.valid.unsqueeze(-1), 0.0)
+        result: Tensor = self.out_proj(out)
         return result
 
 
