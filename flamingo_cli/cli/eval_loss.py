@@ -20,11 +20,6 @@ if TYPE_CHECKING:
     from flamingo_cli.recipe.load import LoadedRecipe
 
 
-class Dataset(str, Enum):
-    laion = "laion"
-    mmc4 = "mmc4"
-
-
 class Ablate(str, Enum):
     none = "none"
     shuffle = "shuffle"
@@ -57,10 +52,20 @@ _ShardsOption = Annotated[
 ]
 
 _DatasetOption = Annotated[
-    Dataset | None,
+    str | None,
     typer.Option(
         "--dataset",
-        help="Only this dataset; with --shards, the kind of samples they hold.",
+        metavar="NAME",
+        help="Only this dataset of the recipe; with --shards, the dataset whose samples (and "
+        "preprocessing) they hold.",
+    ),
+]
+
+_BySourceOption = Annotated[
+    bool,
+    typer.Option(
+        "--by-source",
+        help="Also a row per source of each blended dataset (NAME/SOURCE), from its eval shards.",
     ),
 ]
 
@@ -105,6 +110,7 @@ def eval_loss(
     max_batches: _MaxBatchesOption = None,
     ablate_images: _AblateOption = None,
     batch_size: _BatchSizeOption = None,
+    by_source: _BySourceOption = False,
     set_: SetOption = None,
     allow_pipe: AllowPipeOption = False,
     json_: JsonOption = False,
@@ -123,12 +129,14 @@ def eval_loss(
         ask = _Asked(
             checkpoint,
             shards,
-            dataset.value if dataset else None,
+            dataset,
             max_batches,
             _ablation(ablate_images),
             batch_size,
+            by_source,
         )
-        eval_targets(loaded.recipe, ask.shards, ask.dataset)  # usage errors before torch loads
+        # usage errors before torch loads
+        eval_targets(loaded.recipe, ask.shards, ask.dataset, by_source=by_source)
         nproc = nproc_per_node or 1
         if started_by_launcher(nproc) or nproc == 1:
             report = ask.evaluate_here(loaded, display=not json_)
@@ -151,6 +159,7 @@ class _Asked:
     max_batches: int | None
     ablation: Ablation | None
     batch_size: int | None
+    by_source: bool = False
 
     def evaluate_here(self, loaded: LoadedRecipe, *, display: bool) -> EvalReport | None:
         """Evaluate as this process's rank; the report on rank 0, None on the others."""
@@ -168,6 +177,7 @@ class _Asked:
                 ablation=self.ablation,
                 batch_size=self.batch_size,
                 events=events,
+                by_source=self.by_source,
             )
         return report if world_from_env()[0] == 0 else None
 
@@ -180,6 +190,7 @@ class _Asked:
         args += ["--max-batches", str(self.max_batches)] if self.max_batches else []
         args += ["--ablate-images", self.ablation] if self.ablation else []
         args += ["--batch-size", str(self.batch_size)] if self.batch_size else []
+        args += ["--by-source"] if self.by_source else []
         return args
 
 

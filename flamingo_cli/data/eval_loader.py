@@ -274,6 +274,20 @@ class EvalLoader:
         )
 
 
+@dataclass(frozen=True)
+class BlendedEvalLoader:
+    """The evaluation loaders of a blended dataset: one per source that has eval shards, in
+    recipe order, by source name; each source loader is named `DATASET/SOURCE`. The dataset's
+    loss is over all of them (docs/formats.md §11)."""
+
+    name: str
+    sources: dict[str, EvalLoader]
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(url for loader in self.sources.values() for url in loader.urls)
+
+
 def make_eval_loader(
     name: str,
     config: DatasetConfig,

@@ -236,7 +236,7 @@ class _Forward:
 
 def evaluate_dataset(
     model: nn.Module,
-    loader: EvalLoader,
+    loader: EvalLoader | BlendedEvalLoader,
     info: DistInfo,
     *,
     ablation: Ablation | None = None,
@@ -247,58 +247,125 @@ def evaluate_dataset(
     expected_batches: int | None = None,
 ) -> DatasetLoss:
     """Evaluate every batch of `loader` (at most `max_batches` per rank); collective: every
-    rank calls it with its own loader and gets the same result. The model is put in eval mode
-    for the duration and gradients are off."""
+    rank calls it with its own loader and gets the same result. A blended dataset's sources
+    are read one after the other, each row in the result's `sources`. The model is put in eval
+    mode for the duration and gradients are off."""
     start = time.perf_counter()
     was_training = model.training
     model.eval()
     if events is not None:
         events.dataset_started(loader.name, expected_batches)
+    parts = loader.sources if isinstance(loader, BlendedEvalLoader) else {loader.name: loader}
     forward = _Forward(model, info, autocast, ablation, seed)
     try:
         with torch.no_grad():
-            sums = _evaluate_batches(forward, loader, max_batches, events)
+            done = _evaluate_batches(forward, loader.name, parts, max_batches, events)
     finally:
         model.train(was_training)
-    sums.dropped = [float(loader.dropped.get(key, 0)) for key in DROP_KEYS]
-    result = _result(loader, sums.across_ranks(info), ablation, time.perf_counter() - start)
+    result = _combined(loader, parts, done, info, ablation, time.perf_counter() - start)
     if events is not None:
         events.dataset_done(result)
     return result
 
 
+@dataclass
+class _Pass:
+    """This rank's sums by part (a source of a blend, or the dataset itself), those of its
+    padding batches, the seconds spent on each part, and the parts it started reading."""
+
+    sums: dict[str, _Sums]
+    padding: _Sums = field(default_factory=_Sums)
+    seconds: dict[str, float] = field(default_factory=dict)
+    started: set[str] = field(default_factory=set)
+
+    def so_far(self) -> tuple[int, float]:
+        """Samples and loss per token over every part read so far, for progress events."""
+        samples = sum(s.samples for s in self.sums.values())
+        loss = sum(s.loss for s in self.sums.values())
+        return int(samples), _per_token(loss, sum(s.tokens for s in self.sums.values()))
+
+
+def _tagged(
+    parts: Mapping[str, EvalLoader], started: set[str]
+) -> Generator[tuple[str, LoaderBatch], None, None]:
+    """Every part's batches, one part after the other, each with its part's name."""
+    for name, loader in parts.items():
+        started.add(name)
+        iterator = iter(loader)
+        try:
+            for batch in iterator:
+                yield name, batch
+        finally:
+            close = getattr(iterator, "close", None)
+            if callable(close):
+                close()
+
+
 def _evaluate_batches(
-    forward: _Forward, loader: EvalLoader, max_batches: int | None, events: EvalEvents | None
-) -> _Sums:
+    forward: _Forward,
+    name: str,
+    parts: Mapping[str, EvalLoader],
+    max_batches: int | None,
+    events: EvalEvents | None,
+) -> _Pass:
     """This rank's sums over its batches; a rank out of data runs padding batches until every
     rank is (so all make the same forward calls)."""
-    sums = _Sums()
+    done = _Pass({part: _Sums() for part in parts}, seconds=dict.fromkeys(parts, 0.0))
+    padding = next(iter(parts.values())).padding_batch
+    batches = _tagged(parts, done.started)
     steps = 0
-    iterator = iter(loader)
     try:
         while max_batches is None or steps < max_batches:
-            batch = next(iterator, None)
+            tick = time.perf_counter()
+            part, batch = next(batches, (None, None))
             if not any_rank(batch is not None, forward.info):
                 break
-            real = batch is not None
-            if batch is None:
-                batch = loader.padding_batch()
+            sums = done.padding if part is None else done.sums[part]
+            batch = padding() if batch is None else batch
             loss, tokens = forward.loss(batch, batch.images)
-            sums.add(batch, loss, tokens, real=real)
+            sums.add(batch, loss, tokens, real=part is not None)
             if forward.ablation is not None:
                 ablated = forward.ablated(batch)
-                if real:
+                if part is not None:
                     sums.add_ablated(batch, loss, tokens, ablated)
+            if part is not None:
+                done.seconds[part] += time.perf_counter() - tick
             steps += 1
             if events is not None:
-                events.batch_done(
-                    loader.name, steps, int(sums.samples), _per_token(sums.loss, sums.tokens)
-                )
+                events.batch_done(name, steps, *done.so_far())
     finally:
-        close = getattr(iterator, "close", None)
-        if callable(close):
-            close()
-    return sums
+        batches.close()
+    return done
+
+
+def _combined(
+    loader: EvalLoader | BlendedEvalLoader,
+    parts: Mapping[str, EvalLoader],
+    done: _Pass,
+    info: DistInfo,
+    ablation: Ablation | None,
+    seconds: float,
+) -> DatasetLoss:
+    """The dataset's result over all ranks, with a row per source of a blend (collective: one
+    all-reduce per part, in the same order on every rank)."""
+    rows: list[DatasetLoss] = []
+    total = done.padding.across_ranks(info)
+    damage: list[str] = []
+    for name, part in parts.items():
+        sums = done.sums[name]
+        if name in done.started:  # a part never reached keeps the counts of an older pass
+            sums.dropped = [float(part.dropped.get(key, 0)) for key in DROP_KEYS]
+        sums = sums.across_ranks(info)
+        total = total.plus(sums)
+        note = part.damage_note() if name in done.started else None  # this rank's, named
+        damage += [note] if note else []
+        source = name if isinstance(loader, BlendedEvalLoader) else None
+        rows.append(
+            _result(part.name, len(part.urls), sums, ablation, done.seconds[name], note, source)
+        )
+    note = "; ".join(damage) or None
+    result = _result(loader.name, len(loader.urls), total, ablation, seconds, note)
+    return replace(result, sources=rows) if isinstance(loader, BlendedEvalLoader) else result
 
 
 def _per_token(total: float, tokens: float) -> float:
@@ -312,8 +379,15 @@ def _perplexity(loss: float) -> float:
 
 
 def _result(
-    loader: EvalLoader, sums: _Sums, ablation: Ablation | None, seconds: float
+    name: str,
+    shards: int,
+    sums: _Sums,
+    ablation: Ablation | None,
+    seconds: float,
+    damage: str | None,
+    source: str | None = None,
 ) -> DatasetLoss:
+    """One row of the report from sums over all ranks; `damage` names damaged shards."""
     loss = _per_token(sums.loss, sums.tokens)
     dropped = {key: int(n) for key, n in zip(DROP_KEYS, sums.dropped, strict=True) if n}
     ablated = gap = None
@@ -326,11 +400,10 @@ def _result(
                 f"{int(sums.alone)} sample(s) were alone in their batch: with nobody to swap "
                 "images with, they are left out of the shuffle comparison"
             )
-    damage = loader.damage_note()  # this rank's damaged shards, named
     note = damage if note is None else note if damage is None else f"{note}; {damage}"
     return DatasetLoss(
-        dataset=loader.name,
-        shards=len(loader.urls),
+        dataset=name,
+        shards=shards,
         samples=int(sums.samples),
         target_tokens=int(sums.tokens),
         batches=int(sums.batches),
@@ -344,20 +417,22 @@ def _result(
         ablated_samples=int(sums.ablated_samples),
         note=note,
         dropped=dropped,
+        source=source,
     )
 
 
 def evaluate_during_training(
     model: nn.Module,
-    loaders: Mapping[str, EvalLoader],
+    loaders: Mapping[str, EvalLoader | BlendedEvalLoader],
     info: DistInfo,
     *,
     autocast: Autocast = _no_autocast,
     max_batches: int | None = None,
 ) -> dict[str, float]:
     """The held-out loss of each eval loader as metrics `eval/loss/<dataset>`, for the training
-    loop to log every `run.eval_every` steps. Collective: every rank calls it at the same step
-    with its (possibly FSDP- or DDP-wrapped) model; training mode is restored afterwards."""
+    loop to log every `run.eval_every` steps; a blended dataset's is over all its sources, with
+    no per-source metric (docs/formats.md §11). Collective: every rank calls it at the same
+    step with its (possibly FSDP- or DDP-wrapped) model; training mode is restored afterwards."""
     return {
         f"eval/loss/{name}": evaluate_dataset(
             model, loader, info, autocast=autocast, max_batches=max_batches

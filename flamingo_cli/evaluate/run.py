@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,26 +26,35 @@ from flamingo_cli.recipe.schema import (
     Strategy,
 )
 from flamingo_cli.shards.sizes import known_counts
+from flamingo_cli.shards.spec import split_spec
 
 if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
-    from flamingo_cli.data.eval_loader import EvalLoader
+    from flamingo_cli.data.eval_loader import BlendedEvalLoader, EvalLoader
     from flamingo_cli.model.factory import ImageTransform
     from flamingo_cli.model.tokenizer import SpecialTokens
     from flamingo_cli.runtime.distributed import DistInfo
 
-DATASETS = ("laion", "mmc4")
-
 
 @dataclass(frozen=True)
 class EvalTarget:
-    """One dataset to evaluate: its preprocessing settings and the shards to read."""
+    """One dataset to evaluate: its preprocessing settings and the shards to read. For a
+    blended dataset, `sources` holds each source that has eval shards with them (`shards` is
+    all of them) and `unevaluated` names the sources that have none."""
 
     name: str
     config: DatasetConfig
     shards: ShardSpec
+    sources: tuple[tuple[str, ShardSpec], ...] = ()
+    unevaluated: tuple[str, ...] = ()
+
+    def note(self) -> str | None:
+        """What the dataset's loss leaves out, for the report."""
+        if not self.sources or not self.unevaluated:
+            return None
+        return f"source(s) without eval_shards, not in this loss: {', '.join(self.unevaluated)}"
 
 
 @dataclass(frozen=True)
@@ -79,43 +88,73 @@ class EvalReport:
 
 
 def eval_targets(
-    recipe: Recipe, shards: str | None = None, dataset: str | None = None
+    recipe: Recipe,
+    shards: str | None = None,
+    dataset: str | None = None,
+    *,
+    by_source: bool = False,
 ) -> list[EvalTarget]:
-    """The datasets to evaluate: the recipe's `eval_shards`, or `shards` for one dataset."""
+    """The datasets to evaluate: the recipe's eval shards (a blend's by source), or `shards`
+    for one dataset."""
     configs = recipe.datasets()
-    if dataset is not None and dataset not in DATASETS:
-        raise UsageError(f"--dataset {dataset!r} is not a dataset", fix="use laion or mmc4")
+    known = " or ".join(configs) or "laion"
     if dataset is not None and dataset not in configs:
         raise UsageError(
             f"--dataset {dataset}: the recipe has no [data.{dataset}] section, whose "
             "preprocessing settings the evaluation uses",
-            fix=f"add [data.{dataset}] to the recipe, or choose --dataset "
-            f"{' or '.join(configs) or 'laion'}",
+            fix=f"choose --dataset {known}, or add [data.{dataset}] (with its kind) to the recipe",
         )
     if shards is not None:
+        if by_source:
+            raise UsageError(
+                "--by-source splits the recipe's eval shards by source; --shards belong to none",
+                fix="drop --shards to evaluate the recipe's eval shards, or drop --by-source",
+            )
         if dataset is None:
             if len(configs) != 1:
                 raise UsageError(
-                    "--shards needs --dataset laion|mmc4 when the recipe has both datasets",
-                    fix="say which kind of samples the shards hold, e.g. --dataset mmc4",
+                    "--shards needs --dataset NAME when the recipe has several datasets "
+                    f"({', '.join(configs)})",
+                    fix=f"say which dataset's samples the shards hold: --dataset {known}",
                 )
             dataset = next(iter(configs))
         return [EvalTarget(dataset, configs[dataset], shards)]
     chosen = {dataset: configs[dataset]} if dataset is not None else configs
     targets = _with_eval_shards(chosen)
     if not targets:
-        which = f"data.{dataset}.eval_shards" if dataset else "data.<dataset>.eval_shards"
+        which = _eval_key(dataset, configs[dataset]) if dataset else "data.<dataset>.eval_shards"
         raise UsageError(
             f"the recipe sets no eval shards ({which})",
             fix=f"set {which} in the recipe or with --set, or give --shards SPEC "
-            "(with --dataset when the recipe has both datasets)",
+            "(with --dataset when the recipe has several datasets)",
         )
     return targets
 
 
+def _eval_key(name: str, config: DatasetConfig) -> str:
+    """Where a dataset's eval shards are set: its table, or each of its sources'."""
+    if config.sources:
+        return f"data.{name}.sources[].eval_shards"
+    return f"data.{name}.eval_shards"
+
+
 def _with_eval_shards(configs: Mapping[str, DatasetConfig]) -> list[EvalTarget]:
-    """The datasets that set `eval_shards`, each with them."""
-    return [EvalTarget(n, c, c.eval_shards) for n, c in configs.items() if c.eval_shards]
+    """The datasets that have eval shards, each with them: a dataset's own `eval_shards`, or
+    those of the sources of a blend (docs/formats.md §7.2)."""
+    targets = []
+    for name, config in configs.items():
+        sources = config.source_list(name)
+        if not any(s.blended for s in sources):
+            if config.eval_shards:
+                targets.append(EvalTarget(name, config, config.eval_shards))
+            continue
+        given = tuple((s.name, s.eval_shards) for s in sources if s.eval_shards)
+        if not given:
+            continue
+        shards = [part for _, spec in given for part in split_spec(spec)]
+        missing = tuple(s.name for s in sources if not s.eval_shards)
+        targets.append(EvalTarget(name, config, shards, given, missing))
+    return targets
 
 
 def expected_batches(
@@ -129,6 +168,20 @@ def expected_batches(
     return batches if max_batches is None else min(batches, max_batches)
 
 
+def _expected(
+    loader: EvalLoader | BlendedEvalLoader, world_size: int, max_batches: int | None
+) -> int | None:
+    """Batches per rank of a dataset's loader, a blend's sources one after the other."""
+    from flamingo_cli.data.eval_loader import BlendedEvalLoader
+
+    parts = loader.sources.values() if isinstance(loader, BlendedEvalLoader) else [loader]
+    counts = [expected_batches(list(p.urls), p.batch_size, world_size, None) for p in parts]
+    if any(c is None for c in counts):
+        return max_batches
+    total = sum(c for c in counts if c is not None)
+    return total if max_batches is None else min(total, max_batches)
+
+
 def make_eval_loaders(
     targets: list[EvalTarget],
     tokenizer: PreTrainedTokenizerBase,
@@ -140,16 +193,16 @@ def make_eval_loaders(
     batch_size: int | None = None,
     no_single: bool = False,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-) -> dict[str, EvalLoader]:
-    """One evaluation loader per target, for this rank (images declaring more than
-    `max_image_pixels` count as corrupt)."""
-    from flamingo_cli.data.eval_loader import make_eval_loader
+) -> dict[str, EvalLoader | BlendedEvalLoader]:
+    """One evaluation loader per target for this rank, a blend's made of one loader per source
+    named `DATASET/SOURCE` (images declaring more than `max_image_pixels` count as corrupt)."""
+    from flamingo_cli.data.eval_loader import BlendedEvalLoader, make_eval_loader
 
-    return {
-        t.name: make_eval_loader(
-            t.name,
-            t.config,
-            t.shards,
+    def loader(name: str, target: EvalTarget, shards: ShardSpec) -> EvalLoader:
+        return make_eval_loader(
+            name,
+            target.config,
+            shards,
             tokenizer,
             tokens,
             transform,
@@ -160,8 +213,15 @@ def make_eval_loaders(
             no_single=no_single,
             max_image_pixels=max_image_pixels,
         )
-        for t in targets
-    }
+
+    loaders: dict[str, EvalLoader | BlendedEvalLoader] = {}
+    for t in targets:
+        if t.sources:
+            parts = {src: loader(f"{t.name}/{src}", t, spec) for src, spec in t.sources}
+            loaders[t.name] = BlendedEvalLoader(t.name, parts)
+        else:
+            loaders[t.name] = loader(t.name, t, t.shards)
+    return loaders
 
 
 def periodic_evaluation(
@@ -171,9 +231,10 @@ def periodic_evaluation(
     transform: ImageTransform,
     info: DistInfo,
 ) -> Callable[[nn.Module], dict[str, float]] | None:
-    """The evaluation training runs every `run.eval_every` steps: the held-out loss of the
-    recipe's `eval_shards` as metrics `eval/loss/<dataset>` (None when no dataset has any).
-    Collective: every rank calls the result at the same step with its wrapped model."""
+    """The evaluation training runs every `run.eval_every` steps: the held-out loss of every
+    dataset with eval shards (a blend's over all its sources) as metrics `eval/loss/<dataset>`
+    (None when no dataset has any). Collective: every rank calls the result at the same step
+    with its wrapped model."""
     from flamingo_cli.runtime.precision import autocast_for
 
     targets = _with_eval_shards(recipe.datasets())
@@ -207,8 +268,10 @@ def evaluate_loss(
     ablation: Ablation | None = None,
     batch_size: int | None = None,
     events: EvalEvents | None = None,
+    by_source: bool = False,
 ) -> EvalReport:
-    """Evaluate a checkpoint (`latest`, a directory or a file) on this process's rank.
+    """Evaluate a checkpoint (`latest`, a directory or a file) on this process's rank; with
+    `by_source`, each dataset row of a blend holds a row per source.
 
     Collective when launched with several processes: every rank evaluates its share and all
     get the same report. The model is built as training built it (same seed), then the
@@ -218,7 +281,7 @@ def evaluate_loss(
     from flamingo_cli.runtime.weights import resolve_checkpoint
 
     recipe = loaded.recipe
-    targets = eval_targets(recipe, shards, dataset)
+    targets = eval_targets(recipe, shards, dataset, by_source=by_source)
     if ablation == "shuffle":
         _check_shuffle_batches(targets, batch_size)
     source = resolve_checkpoint(loaded, checkpoint)
@@ -226,12 +289,23 @@ def evaluate_loss(
     try:
         model, kind, loaders = _set_up(recipe, source, targets, info, ablation, batch_size)
         results = [
-            _evaluate_one(recipe, model, loader, info, ablation, max_batches, events)
-            for loader in loaders.values()
+            _reported(
+                _evaluate_one(recipe, model, loader, info, ablation, max_batches, events),
+                target,
+                by_source=by_source,
+            )
+            for target, loader in zip(targets, loaders.values(), strict=True)
         ]
     finally:
         teardown()
     return EvalReport(str(loaded.path), str(source), kind, info.world_size, results)
+
+
+def _reported(result: DatasetLoss, target: EvalTarget, *, by_source: bool) -> DatasetLoss:
+    """A dataset's row as reported: its source rows only when asked, the sources left out
+    (no eval shards) in its note."""
+    note = "; ".join(n for n in (result.note, target.note()) if n) or None
+    return replace(result, note=note, sources=result.sources if by_source else [])
 
 
 def _check_shuffle_batches(targets: list[EvalTarget], batch_size: int | None) -> None:
@@ -257,7 +331,7 @@ def _set_up(
     info: DistInfo,
     ablation: Ablation | None,
     batch_size: int | None,
-) -> tuple[nn.Module, str, dict[str, EvalLoader]]:
+) -> tuple[nn.Module, str, dict[str, EvalLoader | BlendedEvalLoader]]:
     """The model built as training built it with the checkpoint loaded over it (and what kind
     of checkpoint it was), wrapped for this rank, and this rank's loaders."""
     from flamingo_cli.model.factory import build_model
@@ -294,7 +368,7 @@ def _set_up(
 def _evaluate_one(
     recipe: Recipe,
     model: nn.Module,
-    loader: EvalLoader,
+    loader: EvalLoader | BlendedEvalLoader,
     info: DistInfo,
     ablation: Ablation | None,
     max_batches: int | None,
@@ -313,9 +387,7 @@ def _evaluate_one(
         autocast=lambda: autocast_for(recipe.run.precision, info.device, strategy),
         seed=recipe.run.seed,
         events=events if info.is_main else None,
-        expected_batches=expected_batches(
-            list(loader.urls), loader.batch_size, info.world_size, max_batches
-        ),
+        expected_batches=_expected(loader, info.world_size, max_batches),
     )
     if result.target_tokens == 0:
         raise FlamingoError(

@@ -39,8 +39,14 @@ def _ppl(value: float) -> str:
     return "inf" if math.isinf(value) else f"{value:.2f}"
 
 
+def _rows(results: list[DatasetLoss]) -> list[DatasetLoss]:
+    """Each dataset's row followed by its sources' rows (`--by-source`)."""
+    return [row for r in results for row in (r, *r.sources)]
+
+
 def loss_table(results: list[DatasetLoss], title: str | None = None) -> Table:
-    """Dataset, samples, target tokens, loss, perplexity; with an ablation its loss and gap."""
+    """Dataset, samples, target tokens, loss, perplexity; with an ablation its loss and gap.
+    A blend's source rows (`NAME/SOURCE`) follow their dataset's, dimmed."""
     ablation = next((r.ablation for r in results if r.ablation), None)
     table = Table(title=title, title_justify="left")
     table.add_column("dataset")
@@ -51,7 +57,7 @@ def loss_table(results: list[DatasetLoss], title: str | None = None) -> Table:
             f"loss, images {'removed' if ablation == 'none' else 'shuffled'}", justify="right"
         )
         table.add_column("gap", justify="right")
-    for r in results:
+    for r in _rows(results):
         row = [
             r.dataset,
             f"{r.samples:,}",
@@ -61,7 +67,7 @@ def loss_table(results: list[DatasetLoss], title: str | None = None) -> Table:
         ]
         if ablation:
             row += [_number(r.ablated_loss), _number(r.gap)]
-        table.add_row(*row)
+        table.add_row(*row, style="dim" if r.source else None)
     return table
 
 
@@ -69,7 +75,7 @@ def render_eval_report(report: EvalReport) -> None:
     """The loss table on stdout; notes (drops, shuffle exclusions) on stderr."""
     title = f"Held-out loss of {report.checkpoint} ({report.weights}, {report.world_size} rank(s))"
     console.print(loss_table(report.datasets, escape(title)))
-    for r in report.datasets:
+    for r in _rows(report.datasets):
         if r.note:
             err_console.print(f"[yellow]note[/]: {r.dataset}: {escape(r.note)}")
         if r.dropped and settings.verbosity >= 0:
