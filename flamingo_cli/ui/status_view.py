@@ -92,8 +92,9 @@ def _chart(name: str, train: Curve, evals: Curve, width: int, height: int) -> Re
 
 
 def _headline(status: RunStatus) -> Group:
-    state = Text(status.state, style=_STATE_STYLE[status.state])
-    line = Text.assemble(f"{status.run_dir}: ", state, f" ({status.detail})")
+    line = Text.assemble(
+        (str(status.run_dir), "bold"), "\n", (status.detail, _STATE_STYLE[status.state])
+    )
     total = status.total_steps
     parts = [f"step {status.step if status.step is not None else '-'}/{total or '?'}"]
     if total and status.step is not None:
