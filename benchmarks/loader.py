@@ -4,7 +4,8 @@ Both run in this process on one thread, on the same generated documents (`synthe
 3-7 JPEG images of 256-512 px by default, about 400 tokens of text as in MMC4), the same
 tokenizer (the bundled tiny one) and the same 224 px open_clip validation transform; the
 contenders alternate and each keeps its best pass. Also times fast-forwarding a resumed loader
-against loading the same batches.
+against loading the same batches, and a 3-source blend (docs/formats.md §7.2) against one
+source on the same documents, through the training loader (target: >= 0.95x).
 
     PYTHONPATH=. python benchmarks/loader.py [--docs 120] [--repeat 3] [--sides 448,800]
 """
@@ -211,8 +212,51 @@ def main() -> None:
             f"fast-forward over {position} batches: {forward_s:.3f} s vs {load_s:.2f} s to load "
             f"them ({load_s / forward_s:.0f}x)"
         )
+        blend_ratio = time_blend(root, args, tokenizer, tokens, transform)
+        print(f"ratio (3-source blend / one source, samples/s per worker): {blend_ratio:.2f}x")
         headline = best[HEADLINE][0] / baseline[256]
         print(f"ratio (ours argmax, fast on / OpenFlamingo, 256 tokens): {headline:.2f}x")
+
+
+def time_blend(
+    root: Path, args: argparse.Namespace, tokenizer: Any, tokens: Any, transform: Any
+) -> float:
+    """Samples/s of one loader worker over 6 shards as one source, and as a blend of three
+    sources (weights 0.5, 0.3, 0.2) over the same shards, so both decode documents of one
+    distribution and the difference is the blend's own cost; alternated, best pass of each."""
+    low, high = (int(v) for v in args.sides.split(","))
+    paths = [root / "blend" / f"{shard:05d}.tar" for shard in range(6)]
+    paths[0].parent.mkdir()
+    for shard, path in enumerate(paths):
+        docs = web_samples(
+            shard, max(args.docs // 6, 2), seed=1, sides=(low, high), noise=args.noise
+        )
+        write_tar(path, docs)
+    common: dict[str, Any] = {
+        "batch_size": 4,
+        "train_num_samples": args.docs,
+        "workers": 0,
+        "resampled": True,
+        "shuffle_buffer": 16,
+        "shuffle_initial": 8,
+        "assignment": "argmax",
+    }
+    single = InterleavedConfig(shards=[str(p) for p in paths], **common)
+    sources = [
+        {"name": f"s{i}", "shards": [str(p) for p in paths], "weight": w}
+        for i, w in enumerate((0.5, 0.3, 0.2))
+    ]
+    blend = InterleavedConfig(sources=sources, **common)
+    best = {"one source": 0.0, "blend": 0.0}
+    for _ in range(args.repeat):
+        for label, config in (("one source", single), ("blend", blend)):
+            loader = make_loader(config, tokenizer, tokens, transform, seed=0, name="docs")
+            start = time.perf_counter()
+            samples = sum(len(batch.keys) for batch in loader)
+            best[label] = max(best[label], samples / (time.perf_counter() - start))
+    for label, rate in best.items():
+        print(f"{label:<42}: {rate:7.2f} samples/s (1 worker)")
+    return best["blend"] / best["one source"]
 
 
 if __name__ == "__main__":
