@@ -4,7 +4,9 @@ Generates a small raw MMC4 download (zipped jsonl + image folder) and a folder o
 images whose captions name what the image shows (colour and shape), converts both, inspects
 the shards, validates the bundled tiny recipe pointed at them, trains it in this process, and
 evaluates held-out samples with and without images. The caption loss with images must come out
-clearly below the loss without them: the model has learnt to look at the pictures.
+clearly below the loss without them: the model has learnt to look at the pictures. Last, it
+captions held-out images in the COCO Karpathy layout as `eval-fewshot` does, with the CIDEr
+with and without images.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from flamingo_cli.errors import FlamingoError, OutputError, UsageError
 from flamingo_cli.recipe.load import Override
 
 if TYPE_CHECKING:
+    from flamingo_cli.evaluate.fewshot.report import FewshotReport
+    from flamingo_cli.evaluate.fewshot.runner import FewshotRequest
     from flamingo_cli.evaluate.loss import EvalEvents
     from flamingo_cli.evaluate.run import EvalReport
     from flamingo_cli.train.run import TrainEvents
@@ -51,6 +55,8 @@ class QuickstartSettings:
     lr: float = 3e-3
     warmup_steps: int = 10
     min_gap: float = 0.3  # nats per caption token the images must be worth
+    caption_demo_images: int = 16  # train split of the captioning set (its demonstrations)
+    caption_test_images: int = 8  # held-out images the last stage captions
 
     @property
     def laion_per_epoch(self) -> int:
@@ -68,6 +74,17 @@ class StageResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Caption:
+    """One held-out image of the captioning stage: its true caption and the model's, with its
+    images and with them removed."""
+
+    image: str
+    reference: str
+    caption: str
+    without_images: str
+
+
 @dataclass
 class QuickstartResult:
     """What every stage did, the held-out losses, and whether images made the difference."""
@@ -78,6 +95,8 @@ class QuickstartResult:
     stages: list[StageResult] = field(default_factory=list)
     evaluation: EvalReport | None = None
     min_gap: float = 0.3
+    captioning: FewshotReport | None = None
+    captions: list[Caption] = field(default_factory=list)
 
     @property
     def caption_gap(self) -> float | None:
@@ -102,6 +121,8 @@ class QuickstartResult:
             "overrides": self.overrides,
             "stages": [vars(s) for s in self.stages],
             "evaluation": self.evaluation.to_dict() if self.evaluation else None,
+            "captioning": self.captioning.to_dict() if self.captioning else None,
+            "captions": [vars(c) for c in self.captions],
             "caption_gap": self.caption_gap,
             "min_gap": self.min_gap,
             "passed": self.passed,
@@ -207,6 +228,7 @@ _STAGE_WORK = {
     "validate": "flamingo validate-config recipes/tiny-cpu.toml",
     "train": "flamingo train (one process, CPU)",
     "evaluate": "flamingo eval-loss --ablate-images none",
+    "caption": "flamingo eval-fewshot --task coco --shots 0 --ablate-images none",
 }
 STAGES = tuple(_STAGE_WORK)
 
@@ -362,3 +384,61 @@ class _Stages:
         )
         gap = self.result.caption_gap
         return f"caption loss gap {gap:.3f} nats per token" if gap is not None else "no gap"
+
+    def caption(self) -> str:
+        from flamingo_cli.evaluate.fewshot.runner import evaluate_fewshot
+        from flamingo_cli.recipe.load import load_recipe
+        from flamingo_cli.synthetic import write_coco_karpathy
+
+        s = self.s
+        data = self.raw / "coco"
+        write_coco_karpathy(
+            data,
+            train=s.caption_demo_images,
+            test=s.caption_test_images,
+            seed=s.seed + 2,
+            size=s.image_size,
+            noise=s.image_noise,
+        )
+        report = evaluate_fewshot(
+            load_recipe(self.recipe, self.overrides),
+            "latest",
+            caption_request(data, self.directory / "runs" / "eval-fewshot"),
+        )
+        assert report is not None  # one process: rank 0
+        self.result.captioning = report
+        self.result.captions = read_captions(Path(str(report.predictions)))
+        shot = report.results[0]
+        return (
+            f"{shot.samples} held-out images, CIDEr {shot.mean:.1f} with images, "
+            f"{shot.ablated_mean or 0.0:.1f} without"
+        )
+
+
+def caption_request(data: Path, out: Path) -> FewshotRequest:
+    """How the last stage captions: 0 shots with no text-only demonstrations and LAION's
+    prompt `<image>`, the text the tiny model trained on (it never saw OpenFlamingo's
+    `Output:` prompts or demonstrations); beam search 3, as eval-fewshot decodes."""
+    from flamingo_cli.evaluate.fewshot.protocol import FewshotProtocol
+    from flamingo_cli.evaluate.fewshot.runner import FewshotRequest
+
+    protocol = FewshotProtocol(shots=(0,), zero_shot_demos=0, caption_template="laion")
+    return FewshotRequest("coco", data, protocol, ablation="none", out=out)
+
+
+def read_captions(predictions: Path) -> list[Caption]:
+    """Each captioned image with its reference, from eval-fewshot's predictions.jsonl."""
+    import json
+
+    lines = [json.loads(line) for line in predictions.read_text("utf-8").splitlines()]
+    without = {line["id"]: line["prediction"] for line in lines if line["images"] == "none"}
+    return [
+        Caption(
+            line["image"],
+            line["references"][0],
+            line["prediction"].strip(),
+            without.get(line["id"], "").strip(),
+        )
+        for line in lines
+        if line["images"] == "with"
+    ]

@@ -345,3 +345,105 @@ def _write_docs_zip(docs_dir: Path, shard: int, lines: list[str]) -> Path:
         info.compress_type = zipfile.ZIP_DEFLATED
         archive.writestr(info, "".join(line + "\n" for line in lines))
     return path
+
+
+# -- few-shot benchmark sets in the layouts the real datasets ship (eval-fewshot) -----------
+
+VQA_QUESTIONS = ("What colour is the shape?", "What shape is it?")
+
+
+@dataclass(frozen=True)
+class FewshotSet:
+    """A generated few-shot set: its folder, the annotation files, and samples per split."""
+
+    root: Path
+    files: list[Path]
+    train: int
+    test: int
+
+
+def _shape_jpeg(rng: random.Random, size: int, noise: int) -> tuple[str, str, bytes]:
+    color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
+    image = shape_image(color, shape, size, rng, noise=noise)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95)
+    return color, shape, buffer.getvalue()
+
+
+def write_coco_karpathy(
+    root: Path, *, train: int, test: int, seed: int = 0, size: int = 32, noise: int = 12
+) -> FewshotSet:
+    """A COCO captioning set in the Karpathy layout: `dataset_coco.json` and the images as
+    `train2014/COCO_train2014_<id:012d>.jpg` (train split) and `val2014/...` (test split);
+    each image has two reference captions naming its colour and shape ("a red circle")."""
+    rng = random.Random(f"coco-karpathy-{seed}")
+    entries: list[dict[str, Any]] = []
+    for n in range(train + test):
+        split, folder = ("train", "train2014") if n < train else ("test", "val2014")
+        cocoid = 100000 + n
+        color, shape, data = _shape_jpeg(rng, size, noise)
+        filename = f"COCO_{folder}_{cocoid:012d}.jpg"
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / filename).write_bytes(data)
+        raws = [f"a {color} {shape}", f"a {color} {shape} on a grey background"]
+        sentences = [
+            {"raw": raw, "tokens": raw.split(), "imgid": n, "sentid": 2 * n + k}
+            for k, raw in enumerate(raws)
+        ]
+        entries.append(
+            {
+                "filepath": folder,
+                "filename": filename,
+                "imgid": n,
+                "split": split,
+                "sentences": sentences,
+                "cocoid": cocoid,
+                "sentids": [2 * n, 2 * n + 1],
+            }
+        )
+    path = root / "dataset_coco.json"
+    path.write_text(json.dumps({"images": entries, "dataset": "coco"}), encoding="utf-8")
+    return FewshotSet(root, [path], train, test)
+
+
+def write_vqav2(
+    root: Path, *, train: int, test: int, seed: int = 0, size: int = 32, noise: int = 12
+) -> FewshotSet:
+    """A VQAv2-layout set: `v2_OpenEnded_mscoco_{train,val}2014_questions.json`, their
+    `v2_mscoco_*_annotations.json` and COCO-named images in `train2014/` and `val2014/`;
+    each image is asked both of VQA_QUESTIONS (its colour, its shape), ten answers each."""
+    rng = random.Random(f"vqav2-{seed}")
+    files: list[Path] = []
+    for split, count, offset in (("train2014", train, 0), ("val2014", test, train)):
+        questions: list[dict[str, Any]] = []
+        annotations: list[dict[str, Any]] = []
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for n in range(count):
+            image_id = 200000 + offset + n
+            color, shape, data = _shape_jpeg(rng, size, noise)
+            (root / split / f"COCO_{split}_{image_id:012d}.jpg").write_bytes(data)
+            for k, (question, answer) in enumerate(zip(VQA_QUESTIONS, (color, shape), strict=True)):
+                qid = image_id * 10 + k
+                questions.append({"image_id": image_id, "question": question, "question_id": qid})
+                annotations.append(_vqa_annotation(image_id, qid, answer))
+        q_path = root / f"v2_OpenEnded_mscoco_{split}_questions.json"
+        a_path = root / f"v2_mscoco_{split}_annotations.json"
+        head = {"task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": split}
+        q_path.write_text(json.dumps({**head, "questions": questions}), encoding="utf-8")
+        a_path.write_text(json.dumps({**head, "annotations": annotations}), encoding="utf-8")
+        files += [q_path, a_path]
+    return FewshotSet(root, files, 2 * train, 2 * test)
+
+
+def _vqa_annotation(image_id: int, question_id: int, answer: str) -> dict[str, Any]:
+    answers = [
+        {"answer": answer, "answer_confidence": "yes", "answer_id": k + 1} for k in range(10)
+    ]
+    return {
+        "question_id": question_id,
+        "image_id": image_id,
+        "question_type": "what",
+        "answer_type": "other",
+        "multiple_choice_answer": answer,
+        "answers": answers,
+    }

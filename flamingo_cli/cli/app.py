@@ -9,6 +9,7 @@ import typer
 from flamingo_cli import __version__
 from flamingo_cli.cli import (
     convert,
+    eval_fewshot,
     eval_loss,
     generate,
     inspect,
@@ -61,6 +62,7 @@ convert.register(app)
 inspect.register(app)
 train.register(app)
 eval_loss.register(app)
+eval_fewshot.register(app)
 quickstart.register(app)
 status.register(app)
 generate.register(app)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.markup import escape
+from rich.table import Table
 
 from flamingo_cli.ui.console import console, err_console, settings
 from flamingo_cli.ui.eval_view import loss_table
@@ -32,12 +34,38 @@ class StageLines:
             )
 
 
+def _render_captions(result: QuickstartResult) -> None:
+    """Each held-out image's caption beside the true one, then CIDEr with and without images."""
+    report = result.captioning
+    if report is None or not report.results:
+        return
+    table = Table(title="Held-out images captioned (eval-fewshot, 0 shots)", title_justify="left")
+    table.add_column("image", overflow="fold")
+    for name in ("true caption", "caption", "caption, images removed"):
+        table.add_column(name)
+    for c in result.captions:
+        table.add_row(
+            escape(Path(c.image).name),
+            escape(c.reference),
+            escape(c.caption),
+            escape(c.without_images),
+        )
+    console.print(table)
+    shot = report.results[0]
+    without = shot.ablated_mean or 0.0
+    ratio = f" ({shot.mean / without:.1f}x)" if without > 0 else ""
+    console.print(
+        f"CIDEr {shot.mean:.1f} with images, {without:.1f} without{ratio}.", highlight=False
+    )
+
+
 def render_quickstart(result: QuickstartResult) -> None:
     """Held-out losses with and without images, the gap against its threshold, what to try next."""
     if result.evaluation is not None:
         console.print(
             loss_table(result.evaluation.datasets, "Held-out loss, with and without images")
         )
+    _render_captions(result)
     gap = result.caption_gap
     shown = "-" if gap is None else f"{gap:.3f}"
     if result.passed:
