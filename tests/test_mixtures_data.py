@@ -199,3 +199,20 @@ def test_a_loader_state_from_before_blends_resumes(
     resumed.load_state_dict(state)
     assert head + _consume(resumed) == whole
     assert resumed.source_counts() == {}
+
+
+def test_a_blend_continues_on_another_worker_count(
+    blend_root: Path, tok: tuple[Any, SpecialTokens]
+) -> None:
+    """No saved position fits another worker count: the loader skips its share of draws and
+    yields the rest of the epoch (approximately the batches an unchanged run would see)."""
+    first = build(blended(blend_root, workers=0), tok)
+    _consume(first, 3)
+    other = build(blended(blend_root, workers=2), tok)
+    with pytest.raises(Exception, match="this run has 1 and 2"):
+        other.load_state_dict(first.state_dict())
+    other.skip_to(first.batches)
+    rest = _consume(other)
+    assert len(rest) == other.num_batches - 3 == 5
+    counts = other.source_counts()
+    assert sum(v for k, v in counts.items() if k.startswith("samples/")) == 5 * 3
