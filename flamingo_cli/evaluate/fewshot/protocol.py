@@ -89,7 +89,7 @@ def check_protocol(protocol: FewshotProtocol, train_size: int, train_file: str) 
         )
 
 
-def test_indices(test_size: int, num_samples: int | None, trial_seed: int) -> list[int]:
+def evaluated_indices(test_size: int, num_samples: int | None, trial_seed: int) -> list[int]:
     """The test samples of a trial, in order: all, or a random subset of `num_samples` drawn
     with the trial's seed (as OpenFlamingo, whose subset also changes with the trial)."""
     if num_samples is None or num_samples >= test_size:

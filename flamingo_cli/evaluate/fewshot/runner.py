@@ -20,11 +20,11 @@ from flamingo_cli.evaluate.fewshot.protocol import (
     FewshotProtocol,
     check_protocol,
     demonstrations,
+    evaluated_indices,
     postprocess,
     prompt_text,
     query_set,
     shuffled_images,
-    test_indices,
 )
 from flamingo_cli.evaluate.fewshot.report import FewshotReport, ShotResult
 from flamingo_cli.evaluate.fewshot.samples import FewshotSample, TaskData, check_images
@@ -93,7 +93,7 @@ def prepare(request: FewshotRequest) -> TaskData:
         )
     for trial in range(request.protocol.trials):
         seed = request.protocol.trial_seed(trial)
-        tests = test_indices(len(data.test), request.protocol.num_samples, seed)
+        tests = evaluated_indices(len(data.test), request.protocol.num_samples, seed)
         check_images([data.test[i] for i in tests], "test")
         pool = query_set(len(data.train), request.protocol.query_set_size, seed)
         check_images([data.train[i] for i in pool], "train")
@@ -105,7 +105,7 @@ def trial_rows(
 ) -> list[Row]:
     """Every test row of a trial, the same on every rank."""
     seed = protocol.trial_seed(trial)
-    tests = [data.test[i] for i in test_indices(len(data.test), protocol.num_samples, seed)]
+    tests = [data.test[i] for i in evaluated_indices(len(data.test), protocol.num_samples, seed)]
     pool = query_set(len(data.train), protocol.query_set_size, seed)
     count = protocol.demos_for(shots)
     order = shuffled_images(len(tests), seed) if shuffle else list(range(len(tests)))
