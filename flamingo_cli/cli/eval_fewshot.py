@@ -11,7 +11,6 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import click
 import typer
 
 from flamingo_cli.cli.common import GlobalOptionsCommand, JsonOption, SetOption, user_errors
@@ -52,7 +51,7 @@ class _ShotsCommand(GlobalOptionsCommand):
     """Also takes `--shots 0 4 8` (the counts after one `--shots`, as OpenFlamingo's
     `--shots` takes them), besides `--shots 0 --shots 4` and `--shots 0,4,8`."""
 
-    def make_parser(self, ctx: click.Context) -> Any:
+    def make_parser(self, ctx: Any) -> Any:
         parser = super().make_parser(ctx)
         option = parser._long_opt["--shots"]
         plain = option.process
