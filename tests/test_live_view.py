@@ -130,7 +130,9 @@ def test_plain_lines_off_a_terminal_are_byte_identical(capsys: pytest.CaptureFix
     assert out == (DATA / "train_plain_lines.txt").read_text(encoding="utf-8")
 
 
-def test_quiet_shows_nothing(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quiet_shows_nothing(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(console_module.settings, "verbosity", -1)
     play(TrainDisplay())
     assert capsys.readouterr().out == ""
@@ -165,7 +167,11 @@ def test_on_a_terminal_the_layout_runs_and_messages_scroll_above(
     last = text[text.rindex("tiny-cpu  step") :]  # the final frame stays on the screen
     assert last.startswith("tiny-cpu  step 8/10  epoch 1")
     assert [line.split()[0] for line in last.splitlines()[2:7]] == [
-        "dataset", "─" * 100, "laion", "mmc4", "all"
+        "dataset",
+        "─" * 100,
+        "laion",
+        "mmc4",
+        "all",
     ]
     assert "checkpoint step 8" in last
 
@@ -246,7 +252,16 @@ def on_tmux(args: list[str], timeout: float = 240) -> str:
     env.pop("TMUX", None)
     tmux = ["tmux", "-L", server, "-f", "/dev/null"]
     subprocess.run(
-        [*tmux, "new-session", "-d", "-x", "100", "-y", "40", f"{command}; echo {DONE}$?; sleep 600"],
+        [
+            *tmux,
+            "new-session",
+            "-d",
+            "-x",
+            "100",
+            "-y",
+            "40",
+            f"{command}; echo {DONE}$?; sleep 600",
+        ],
         env=env,
         check=True,
         cwd=TINY.parent.parent,

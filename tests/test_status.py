@@ -86,7 +86,10 @@ def test_json_has_the_same_as_data(tmp_path: Path) -> None:
     ]
     assert data["checkpoints"][0]["saved_at"] == "2026-01-01T00:00:24+00:00"
     assert [row["step"] for row in data["held_out"]] == [4, 8, 12, 16]
-    assert data["held_out"][1]["loss"] == {"laion": pytest.approx(5.74), "mmc4": pytest.approx(5.86)}
+    assert data["held_out"][1]["loss"] == {
+        "laion": pytest.approx(5.74),
+        "mmc4": pytest.approx(5.86),
+    }
     assert [p[0] for p in data["loss"]["mmc4"]] == list(range(1, 17))
     assert data["datasets"]["laion"]["dropped"] == 4  # dropped/laion/too_short at step 16
     assert data["datasets"]["mmc4"]["held_out_loss"] == pytest.approx(5.62)
@@ -104,8 +107,12 @@ def test_a_stopped_run(tmp_path: Path) -> None:
 
 
 def _gone_pid() -> int:
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return int(done.stdout)
 
 
@@ -150,7 +157,10 @@ def test_a_damaged_middle_line_is_skipped_and_counted(tmp_path: Path) -> None:
     (run_dir / METRICS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     data = status_json(run_dir)
     assert (data["step"], data["ignored_lines"]) == (4, 1)
-    assert data["detail"] == "stopped at step 4; no complete checkpoint: a rerun starts from the beginning"
+    assert (
+        data["detail"]
+        == "stopped at step 4; no complete checkpoint: a rerun starts from the beginning"
+    )
 
 
 def test_an_empty_directory_is_a_clear_error(tmp_path: Path) -> None:
@@ -173,7 +183,9 @@ def test_a_missing_path_is_a_clear_error(tmp_path: Path) -> None:
 def test_a_recipe_names_its_run_directory(
     tmp_path: Path, write_recipe: Callable[[str], Path]
 ) -> None:
-    text = TINY.read_text(encoding="utf-8").replace('output_dir = "runs"', f'output_dir = "{tmp_path}"')
+    text = TINY.read_text(encoding="utf-8").replace(
+        'output_dir = "runs"', f'output_dir = "{tmp_path}"'
+    )
     recipe = write_recipe(text.replace("tiny-data/", f"{RECIPES}/tiny-data/"))
     fake_run(tmp_path, last=6, checkpoints=(), finished=False)
     data = status_json(recipe)

@@ -190,13 +190,7 @@ class StatusReader:
         checkpoints = saved_checkpoints(run_dir)
         finished = _finished_step(run_dir)
         if not rows.rows and not checkpoints and holder is None and finished is None:
-            if not (run_dir / METRICS_FILE).exists() and not (run_dir / LOCK_FILE).exists():
-                raise NoRun(
-                    f"{run_dir} holds no flamingo run: no {METRICS_FILE}, complete checkpoint, "
-                    f"{LOCK_FILE} or {FINISHED}",
-                    fix="give the run directory (run.output_dir/run.name, e.g. runs/NAME) or "
-                    "the recipe that trained it; a run writes metrics from its first step",
-                )
+            _require_run(run_dir)
         watch, train, evals = _fold(rows.rows)
         recipe = self.recipe or self._kept_recipe(checkpoints)
         total = _total_steps(recipe) if recipe is not None else None
@@ -232,6 +226,17 @@ class StatusReader:
             return load_recipe(checkpoints[-1].path / RECIPE_FILE).recipe
         except FlamingoError:  # missing, or of another version of the schema
             return None
+
+
+def _require_run(run_dir: Path) -> None:
+    """Raise NoRun unless `run_dir` holds a metrics file or a lock (maybe still empty)."""
+    if not (run_dir / METRICS_FILE).exists() and not (run_dir / LOCK_FILE).exists():
+        raise NoRun(
+            f"{run_dir} holds no flamingo run: no {METRICS_FILE}, complete checkpoint, "
+            f"{LOCK_FILE} or {FINISHED}",
+            fix="give the run directory (run.output_dir/run.name, e.g. runs/NAME) or "
+            "the recipe that trained it; a run writes metrics from its first step",
+        )
 
 
 def read_status(target: Path, now: float) -> RunStatus:

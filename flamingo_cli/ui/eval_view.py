@@ -6,8 +6,8 @@ import math
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from rich.markup import escape
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,

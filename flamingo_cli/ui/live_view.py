@@ -157,9 +157,7 @@ def footer_items(watch: RunWatch, now: float) -> list[str]:
     return items
 
 
-def live_layout(
-    watch: RunWatch, now: float, console: Console, options: ConsoleOptions
-) -> Group:
+def live_layout(watch: RunWatch, now: float, console: Console, options: ConsoleOptions) -> Group:
     width = options.max_width
     return Group(
         header(watch, now, width),
@@ -181,17 +179,8 @@ class LiveLayout:
 
 def render_text(watch: RunWatch, now: float, width: int) -> str:
     """The layout as plain text at `width` columns (what the goldens hold)."""
-    console = Console(width=width, record=True, color_system=None, file=_Null(), legacy_windows=False)
+    from io import StringIO
+
+    console = Console(width=width, record=True, color_system=None, file=StringIO())
     console.print(LiveLayout(watch, lambda: now))
     return console.export_text()
-
-
-class _Null:
-    """A file that forgets what is written (the recording keeps it)."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        return None
-

@@ -5,6 +5,7 @@ line, held-out losses as dots) sized to the terminal."""
 from __future__ import annotations
 
 import datetime
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -34,11 +35,13 @@ def _scale(value: float, low: float, high: float, cells: int) -> int:
     return min(cells - 1, max(0, round((value - low) / (high - low) * (cells - 1))))
 
 
-def _line_dots(curve: Curve, x: tuple[float, float], y: tuple[float, float], w: int, h: int) -> set[tuple[int, int]]:
+def _line_dots(
+    curve: Curve, x: tuple[float, float], y: tuple[float, float], w: int, h: int
+) -> set[tuple[int, int]]:
     """Dots (column, row from the top) of `curve` joined point to point, on a w x h dot grid."""
     dots: set[tuple[int, int]] = set()
     points = [(_scale(s, *x, w), h - 1 - _scale(v, *y, h)) for s, v in curve]
-    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
         steps = max(abs(x1 - x0), abs(y1 - y0), 1)
         for i in range(steps + 1):
             dots.add((round(x0 + (x1 - x0) * i / steps), round(y0 + (y1 - y0) * i / steps)))
@@ -163,12 +166,19 @@ def _notes(status: RunStatus) -> list[RenderableType]:
     notes: list[RenderableType] = []
     if status.bad_lines:
         notes.append(
-            Text(f"note: {status.bad_lines} line(s) of metrics.jsonl are not metrics rows "
-                 "(a run killed mid-write); skipped", style="dim")
+            Text(
+                f"note: {status.bad_lines} line(s) of metrics.jsonl are not metrics rows "
+                "(a run killed mid-write); skipped",
+                style="dim",
+            )
         )
     if status.partial_line:
-        notes.append(Text("note: the last line of metrics.jsonl is still being written; "
-                          "not shown yet", style="dim"))
+        notes.append(
+            Text(
+                "note: the last line of metrics.jsonl is still being written; not shown yet",
+                style="dim",
+            )
+        )
     return notes
 
 
@@ -226,4 +236,3 @@ def status_text(status: RunStatus, width: int, height: int | None = None) -> str
     console = Console(width=width, record=True, color_system=None, file=StringIO())
     console.print(status_view(status, width, height))
     return console.export_text()
-
