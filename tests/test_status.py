@@ -243,3 +243,13 @@ def test_the_chart_spans_its_size_with_held_out_marks() -> None:
 
 def test_the_goldens_are_there() -> None:
     assert (DATA / "status_finished_80.txt").is_file()
+
+
+def test_the_charts_are_sized_to_the_terminal(tmp_path: Path) -> None:
+    status = read_status(fake_run(tmp_path), T0 + 100)
+    heights = {}
+    for rows in (40, 60):
+        lines = status_text(status, 100, rows).splitlines()
+        assert len(lines) <= rows
+        heights[rows] = len(lines)
+    assert heights[60] > heights[40] > 30

@@ -183,10 +183,9 @@ def _notes(status: RunStatus) -> list[RenderableType]:
 
 
 def status_view(status: RunStatus, width: int, height: int | None = None) -> Group:
-    """Everything `flamingo status` prints, at `width` columns; the charts share the rows of a
-    terminal `height` high (a fixed 8 rows each without one)."""
+    """Everything `flamingo status` prints, at `width` columns; the charts share the rows a
+    terminal `height` high leaves them (8 rows each without one, 4 to 14 with one)."""
     names = list(dict.fromkeys([*status.train_curves, *status.held_out_curves]))
-    rows = 8 if height is None else max(4, min(14, (height - 24) // max(len(names), 1) - 2))
     parts: list[RenderableType] = [_headline(status)]
     if status.watch.datasets:
         parts += [Text(), _datasets(status)]
@@ -198,13 +197,25 @@ def status_view(status: RunStatus, width: int, height: int | None = None) -> Gro
     held = _held_out(status)
     if held is not None:
         parts += [Text(), held]
+    notes = _notes(status)
+    if notes:
+        notes = [Text(), *notes]
+    rows = 8
+    if height is not None and names:
+        left = height - _lines(Group(*parts, *notes), width) - 1
+        rows = max(4, min(14, left // len(names) - 3))  # a chart: blank, title, rows, steps
     for name in names:
         train, evals = status.train_curves.get(name, []), status.held_out_curves.get(name, [])
         parts += [Text(), _chart(escape(name), train, evals, width, rows)]
-    notes = _notes(status)
-    if notes:
-        parts += [Text(), *notes]
-    return Group(*parts)
+    return Group(*parts, *notes)
+
+
+def _lines(renderable: RenderableType, width: int) -> int:
+    """How many lines `renderable` takes at `width` columns."""
+    from io import StringIO
+
+    measure = Console(width=width, file=StringIO(), color_system=None)
+    return len(measure.render_lines(renderable, measure.options, pad=False))
 
 
 def render_status(status: RunStatus, console: Console) -> None:
