@@ -1,5 +1,5 @@
 """The training events rank 0 sends the `flamingo train` that launched it through torchrun, so
-that the launcher shows the same live view as a one-process run (docs/formats.md §12.2).
+that the launcher shows the same live view as a one-process run (docs/formats.md §15.2).
 
 Rank 0 appends one JSON object per event to a file the launcher names (`--events PATH`):
 `{"event": "started", "total_steps": N, "start_step": K}`, `{"event": "step", "step": N,

@@ -3,7 +3,7 @@
 A line without its newline is the writer's half-written last line: it is left for the next read
 (a tail) or ignored (a one-off read), never an error. A line that is not a JSON object with an
 integer `step` (a run killed mid-write, then resumed, leaves one in the middle) is skipped and
-counted. See docs/formats.md §12.
+counted. See docs/formats.md §15.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Read only: `metrics.jsonl` (complete lines; a half-written last one is ignored),
 checkpoints (`checkpoints/step-N/` with `COMPLETE`), the recipe kept in the newest one (for the
 total number of steps), `FINISHED`, and the lock `run.lock` with its heartbeat (running: a lock
 whose holder is not stale, per runtime/run_lock.py). Works on a copied directory, an
-interrupted run and one being written. See docs/formats.md §12.
+interrupted run and one being written. See docs/formats.md §15.
 """
 
 from __future__ import annotations
