@@ -145,3 +145,38 @@ def test_two_ranks_predict_what_one_does(weights: Path, tmp_path: Path) -> None:
         return sorted((x["id"], x["prompt"]) for x in map(json.loads, text))
 
     assert predictions("two") == predictions("one")
+
+
+def test_shuffled_images_come_from_other_test_samples(weights: Path, tmp_path: Path) -> None:
+    write_coco_karpathy(tmp_path / "coco", train=4, test=3, size=16)
+    out = tmp_path / "out"
+    report = _run(
+        [
+            "eval-fewshot",
+            str(RECIPE),
+            "--checkpoint",
+            str(weights),
+            "--task",
+            "coco",
+            "--data",
+            str(tmp_path / "coco"),
+            "--shots",
+            "1",
+            "--num-beams",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "--ablate-images",
+            "shuffle",
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
+    assert report["ablation"] == "shuffle"
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    own = {x["id"]: x["image"] for x in lines if x["images"] == "with"}
+    shuffled = {x["id"]: x["image"] for x in lines if x["images"] == "shuffle"}
+    assert set(shuffled) == set(own)
+    assert sorted(shuffled.values()) == sorted(own.values())
+    assert all(shuffled[k] != own[k] for k in own)
