@@ -23,7 +23,7 @@ from flamingo_cli.monitor.status import FINISHED, METRICS_FILE, read_status
 from flamingo_cli.runtime.run_lock import LOCK_FILE, LockHolder, acquire_run_lock
 from flamingo_cli.ui.status_view import chart_lines, status_text
 
-from .conftest import RECIPES
+from .conftest import RECIPES, cli_in_fresh_interpreter
 from .test_live_view import DATA, T0, fixed_rows, golden
 
 TINY = RECIPES / "tiny-cpu.toml"  # 16 steps: the total the kept recipe gives
@@ -253,3 +253,10 @@ def test_the_charts_are_sized_to_the_terminal(tmp_path: Path) -> None:
         assert len(lines) <= rows
         heights[rows] = len(lines)
     assert heights[60] > heights[40] > 30
+
+
+def test_status_does_not_import_torch(tmp_path: Path) -> None:
+    """It runs on login nodes and laptops holding a copied run directory: no torch needed."""
+    output, loaded = cli_in_fresh_interpreter(["status", str(fake_run(tmp_path)), "--json"])
+    assert json.loads(output)["state"] == "finished"
+    assert "torch" not in loaded
