@@ -4,6 +4,7 @@ tolerant metrics tail underneath."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 
 from flamingo_cli.cli.app import app
 from flamingo_cli.monitor.metrics_file import MetricsTail
-from flamingo_cli.monitor.status import FINISHED, METRICS_FILE, read_status
+from flamingo_cli.monitor.status import FINISHED, METRICS_FILE, RunStatus, read_status
 from flamingo_cli.runtime.run_lock import LOCK_FILE, LockHolder, acquire_run_lock
 from flamingo_cli.ui.status_view import chart_lines, status_text
 
@@ -260,3 +261,38 @@ def test_status_does_not_import_torch(tmp_path: Path) -> None:
     output, loaded = cli_in_fresh_interpreter(["status", str(fake_run(tmp_path)), "--json"])
     assert json.loads(output)["state"] == "finished"
     assert "torch" not in loaded
+
+
+def test_an_unreadable_metrics_file_is_named(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / METRICS_FILE).mkdir(parents=True)  # a directory where the file goes
+    result = runner.invoke(app, ["status", str(run_dir)])
+    assert result.exit_code == 1
+    assert f"error: cannot read {run_dir / METRICS_FILE}: Is a directory" in result.output
+
+
+def test_follow_on_a_terminal_redraws_until_the_run_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rich.console import Console
+
+    from flamingo_cli.ui import console as console_module
+    from flamingo_cli.ui.status_view import follow_live
+
+    screen = Console(width=100, height=60, force_terminal=True, record=True, file=io.StringIO())
+    monkeypatch.setattr(console_module, "console", screen, raising=False)
+    run_dir = fake_run(tmp_path, last=10, checkpoints=(8,), finished=False)
+    lock = acquire_run_lock(run_dir)
+    first = read_status(run_dir, T0)
+    assert first.state == "running"
+    reads = []
+
+    def read() -> RunStatus:
+        lock.release()
+        reads.append(read_status(run_dir, T0 + len(reads)))
+        return reads[-1]
+
+    follow_live(read, first, 0.01)
+    text = screen.export_text()
+    assert "running: pid" in text and "stopped at step 10" in text
+    assert len(reads) == 1

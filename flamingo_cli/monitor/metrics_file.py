@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flamingo_cli.errors import FlamingoError
+
 
 @dataclass
 class MetricsRead:
@@ -63,6 +65,12 @@ class MetricsTail:
                 data = handle.read()
         except FileNotFoundError:
             return []
+        except OSError as error:  # a directory in its place, no permission
+            raise FlamingoError(
+                f"cannot read {self.path}: {error.strerror or error}",
+                fix=f"make {self.path} a readable file (it is the run's metrics, one JSON "
+                "object per line)",
+            ) from error
         self._offset += len(data)
         lines = (self._pending + data).split(b"\n")
         self._pending = lines.pop()  # b"" after a final newline, else the half-written line
