@@ -180,3 +180,48 @@ def test_shuffled_images_come_from_other_test_samples(weights: Path, tmp_path: P
     assert set(shuffled) == set(own)
     assert sorted(shuffled.values()) == sorted(own.values())
     assert all(shuffled[k] != own[k] for k in own)
+
+
+def test_rices_puts_the_most_similar_train_image_last(weights: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from flamingo_cli.evaluate.fewshot.tasks import load_task
+
+    root = tmp_path / "coco"
+    write_coco_karpathy(root, train=6, test=3, size=16)
+    data = load_task("coco", root)
+    shutil.copyfile(data.train[4].image, data.test[0].image)  # test 0 shows train 4's pixels
+    out = tmp_path / "out"
+    args = [
+        "eval-fewshot",
+        str(RECIPE),
+        "--checkpoint",
+        str(weights),
+        "--task",
+        "coco",
+        "--data",
+        str(root),
+        "--shots",
+        "2",
+        "--num-beams",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--rices",
+        "--rices-encoder",
+        "model",
+        "--out",
+        str(out),
+        "--json",
+    ]
+    report = _run(args)
+    assert report["protocol"]["demonstrations"] == "RICES (model)"
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    first = next(x for x in lines if x["id"] == data.test[0].id)
+    assert first["demonstrations"][-1] == data.train[4].id
+    cache = out / "rices-model.pt"
+    assert cache.is_file()
+    written = cache.stat().st_mtime_ns
+    again = _run(args)  # the cached train features are read, not written again
+    assert cache.stat().st_mtime_ns == written
+    assert again["results"] == report["results"]

@@ -165,6 +165,43 @@ _Out = Annotated[
         help="Where results.json and predictions.jsonl go (default <run>/eval-fewshot/TASK).",
     ),
 ]
+_Rices = Annotated[
+    bool,
+    typer.Option(
+        "--rices",
+        help="Demonstrations most similar to the test image (RICES) instead of drawn at random.",
+        rich_help_panel="RICES",
+    ),
+]
+_RicesEncoder = Annotated[
+    str,
+    typer.Option(
+        "--rices-encoder",
+        metavar="NAME|model",
+        help="open_clip model that embeds the images, or 'model': the evaluated model's own "
+        "vision encoder.",
+        rich_help_panel="RICES",
+    ),
+]
+_RicesPretrained = Annotated[
+    str | None,
+    typer.Option(
+        "--rices-pretrained",
+        metavar="TAG",
+        help="Its pretrained tag (default: the recipe's model.vision_pretrained).",
+        rich_help_panel="RICES",
+    ),
+]
+_RicesCache = Annotated[
+    Path | None,
+    typer.Option(
+        "--rices-cache",
+        metavar="FILE",
+        dir_okay=False,
+        help="Train image features cached here (default: rices-ENCODER.pt in --out).",
+        rich_help_panel="RICES",
+    ),
+]
 _Nproc = Annotated[
     int | None,
     typer.Option("--nproc-per-node", min=1, help="Evaluate with N processes (torchrun)."),
@@ -195,6 +232,10 @@ def eval_fewshot(
     vqa_metric: _Metric = VqaMetric.openflamingo,
     caption_template: _Template = CaptionTemplate.openflamingo,
     out: _Out = None,
+    rices: _Rices = False,
+    rices_encoder: _RicesEncoder = "ViT-L-14",
+    rices_pretrained: _RicesPretrained = None,
+    rices_cache: _RicesCache = None,
     set_: SetOption = None,
     json_: JsonOption = False,
     nproc_per_node: _Nproc = None,
@@ -207,6 +248,9 @@ def eval_fewshot(
     from flamingo_cli.runtime.launch import started_by_launcher
 
     with user_errors(json_):
+        loaded = _loaded(recipe, set_)
+        pretrained = rices_pretrained or loaded.recipe.model.vision_pretrained
+        cache = rices_cache.resolve() if rices_cache else None
         ask = _Asked(
             checkpoint,
             task.value,
@@ -219,8 +263,8 @@ def eval_fewshot(
             vqa_metric.value,
             caption_template.value,
             out.resolve() if out else None,
+            (rices_encoder, pretrained, cache) if rices else None,
         )
-        loaded = _loaded(recipe, set_)
         nproc = nproc_per_node or 1
         if started_by_launcher(nproc) or nproc == 1:
             report = ask.evaluate_here(loaded, display=not json_)
@@ -269,9 +313,11 @@ class _Asked:
     vqa_metric: str
     caption_template: str
     out: Path | None
+    rices: tuple[str, str | None, Path | None] | None
 
     def request(self) -> FewshotRequest:
         from flamingo_cli.evaluate.fewshot.protocol import FewshotProtocol
+        from flamingo_cli.evaluate.fewshot.rices import RicesConfig
         from flamingo_cli.evaluate.fewshot.runner import FewshotRequest
 
         trials, seed, num_samples, query_set, beams, max_new, zero_shot = self.numbers
@@ -295,6 +341,7 @@ class _Asked:
             batch_size=self.batch_size,
             out=self.out,
             vqa_metric=self.vqa_metric,  # type: ignore[arg-type]
+            rices=RicesConfig(*self.rices) if self.rices else None,
         )
 
     def evaluate_here(self, loaded: LoadedRecipe, *, display: bool) -> FewshotReport | None:
@@ -320,6 +367,11 @@ class _Asked:
         args += ["--ablate-images", self.ablation] if self.ablation else []
         args += ["--coco-annotations", str(self.coco_annotations)] if self.coco_annotations else []
         args += ["--vqa-metric", self.vqa_metric, "--caption-template", self.caption_template]
+        if self.rices:
+            encoder, pretrained, cache = self.rices
+            args += ["--rices", "--rices-encoder", encoder]
+            args += ["--rices-pretrained", pretrained] if pretrained else []
+            args += ["--rices-cache", str(cache)] if cache else []
         return args + (["--out", str(self.out)] if self.out else [])
 
 

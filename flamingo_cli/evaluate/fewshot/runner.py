@@ -27,6 +27,7 @@ from flamingo_cli.evaluate.fewshot.protocol import (
     shuffled_images,
 )
 from flamingo_cli.evaluate.fewshot.report import FewshotReport, ShotResult
+from flamingo_cli.evaluate.fewshot.rices import Rices, RicesConfig
 from flamingo_cli.evaluate.fewshot.samples import FewshotSample, TaskData, check_images
 from flamingo_cli.evaluate.fewshot.scoring import Score, score_answers, score_captions
 from flamingo_cli.evaluate.fewshot.tasks import load_task, task_named
@@ -68,6 +69,7 @@ class FewshotRequest:
     batch_size: int = 8
     out: Path | None = None  # results.json and predictions.jsonl; default <run>/eval-fewshot/T
     vqa_metric: VqaVariant = "openflamingo"
+    rices: RicesConfig | None = None  # demonstrations by image similarity instead of drawn
 
 
 @dataclass(frozen=True)
@@ -97,23 +99,34 @@ def prepare(request: FewshotRequest) -> TaskData:
         check_images([data.test[i] for i in tests], "test")
         pool = query_set(len(data.train), request.protocol.query_set_size, seed)
         check_images([data.train[i] for i in pool], "train")
+    if request.rices is not None:  # RICES looks at every train image
+        check_images(data.train, "train")
     return data
 
 
 def trial_rows(
-    data: TaskData, protocol: FewshotProtocol, shots: int, trial: int, shuffle: bool = False
+    data: TaskData,
+    protocol: FewshotProtocol,
+    shots: int,
+    trial: int,
+    shuffle: bool = False,
+    rices: Rices | None = None,
 ) -> list[Row]:
-    """Every test row of a trial, the same on every rank."""
+    """Every test row of a trial, the same on every rank (collective with `rices`)."""
     seed = protocol.trial_seed(trial)
     tests = [data.test[i] for i in evaluated_indices(len(data.test), protocol.num_samples, seed)]
-    pool = query_set(len(data.train), protocol.query_set_size, seed)
     count = protocol.demos_for(shots)
+    if rices is not None:
+        chosen = rices.nearest(tests, count)
+    else:
+        pool = query_set(len(data.train), protocol.query_set_size, seed)
+        chosen = [demonstrations(pool, count, seed, sample.id) for sample in tests]
     order = shuffled_images(len(tests), seed) if shuffle else list(range(len(tests)))
     return [
         Row(
             position,
             sample,
-            tuple(data.train[j] for j in demonstrations(pool, count, seed, sample.id)),
+            tuple(data.train[j] for j in chosen[position]),
             tests[order[position]].image,
         )
         for position, sample in enumerate(tests)
@@ -134,6 +147,7 @@ class _Session:
     kind: str
     template: CaptionTemplate
     events: FewshotEvents | None = None
+    rices: Rices | None = None
     lines: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -149,17 +163,19 @@ def evaluate_fewshot(
     from flamingo_cli.runtime.weights import resolve_checkpoint
 
     start = time.perf_counter()
+    out = request.out or _default_out(loaded, request.task)
     data = prepare(request)
     source = resolve_checkpoint(loaded, checkpoint)
     info = init_distributed(loaded.recipe.distributed.timeout_s)
     try:
         session = _set_up(loaded, source, request, info, events)
+        if request.rices is not None:
+            session.rices = _rices(session, request.rices, data, out)
         results = tuple(_shot_result(session, data, request, s) for s in request.protocol.shots)
     finally:
         teardown()
     if not info.is_main:
         return None
-    out = request.out or _default_out(loaded, request.task)
     report = FewshotReport(
         recipe=str(loaded.path),
         checkpoint=str(source),
@@ -170,7 +186,10 @@ def evaluate_fewshot(
         metric=task_named(request.task).metric,
         scorer=_scorer(session),
         world_size=info.world_size,
-        protocol=request.protocol.to_dict(),
+        protocol={
+            **request.protocol.to_dict(),
+            "demonstrations": f"RICES ({request.rices.name})" if request.rices else "random",
+        },
         ablation=request.ablation,
         results=results,
         predictions=str(out / PREDICTIONS),
@@ -178,6 +197,18 @@ def evaluate_fewshot(
     )
     write_results(out, report, session.lines)
     return report
+
+
+def _rices(session: _Session, config: RicesConfig, data: TaskData, out: Path) -> Rices:
+    """RICES over the train split; features cached in `out` unless a cache file is given."""
+    from dataclasses import replace
+
+    from flamingo_cli.evaluate.fewshot.rices import build_rices
+
+    if config.cache is None:
+        config = replace(config, cache=out / f"rices-{config.name.replace('/', '-')}.pt")
+    own = (session.model.vision_encoder, session.transform)
+    return build_rices(config, own, data.train, session.info, session.max_pixels)
 
 
 def _default_out(loaded: LoadedRecipe, task: str) -> Path:
@@ -261,7 +292,7 @@ def _shot_result(
     ablated: list[float] = []
     samples = 0
     for trial in range(request.protocol.trials):
-        rows = trial_rows(data, request.protocol, shots, trial)
+        rows = trial_rows(data, request.protocol, shots, trial, rices=session.rices)
         samples = len(rows)
         batches = -(-len(rows[session.info.rank :: session.info.world_size]) // request.batch_size)
         if session.events:
@@ -271,7 +302,9 @@ def _shot_result(
         other = None
         if request.ablation is not None:
             shuffle = request.ablation == "shuffle"
-            ablated_rows = trial_rows(data, request.protocol, shots, trial, shuffle)
+            ablated_rows = trial_rows(
+                data, request.protocol, shots, trial, shuffle, rices=session.rices
+            )
             other = _run_trial(session, data, request, ablated_rows, shots, trial, request.ablation)
             ablated.append(other)
         if session.events:
