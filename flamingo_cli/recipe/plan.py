@@ -9,7 +9,13 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from flamingo_cli.recipe.schema import DatasetConfig, InterleavedConfig, ModelConfig, Recipe
+from flamingo_cli.recipe.schema import (
+    DatasetConfig,
+    InterleavedConfig,
+    ModelConfig,
+    Recipe,
+    Source,
+)
 from flamingo_cli.shards.spec import expand_spec
 
 # Raw bytes a sample occupies in a shuffle buffer when the shards cannot tell us:
@@ -62,6 +68,26 @@ def batches_per_epoch(num_samples: int, batch_size: int, world_size: int, worker
 
 
 @dataclass(frozen=True)
+class SourcePlan:
+    """What one source of a dataset contributes to an epoch (docs/formats.md §7.3).
+
+    A dataset given by `shards` has one source, named after the dataset (`blended` false)."""
+
+    name: str
+    weight: float
+    share: float  # p = weight / sum of the dataset's weights
+    shards: int
+    eval_shards: int
+    shards_per_worker: float
+    resampled: bool
+    samples_drawn_per_epoch: int  # about p x S (more when samples are dropped)
+    blended: bool
+    total_samples: int | None = None
+    # samples drawn per epoch over the samples its shards hold
+    passes_per_epoch: float | None = None
+
+
+@dataclass(frozen=True)
 class DatasetPlan:
     """What one dataset contributes to an epoch."""
 
@@ -79,6 +105,8 @@ class DatasetPlan:
     shuffle_buffer_bytes_per_node: int
     batch_pixel_bytes: int
     total_samples: int | None = None
+    kind: str = "pairs"
+    sources: tuple[SourcePlan, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,6 +133,41 @@ class Plan:
         return asdict(self)
 
 
+def source_plans(
+    sources: list[Source],
+    *,
+    drawn: int,
+    slots: int,
+    totals: dict[str, int] | None = None,
+) -> tuple[SourcePlan, ...]:
+    """Plan a dataset's sources: `drawn` samples per epoch shared by weight over `slots`
+    (workers x ranks) readers; `totals` holds the sample counts of the sources that have one."""
+    totals = totals or {}
+    weights = sum(s.weight for s in sources)
+    plans = []
+    for source in sources:
+        share = source.weight / weights
+        shards = len(expand_spec(source.shards))
+        total = totals.get(source.name)
+        source_drawn = round(share * drawn)
+        plans.append(
+            SourcePlan(
+                name=source.name,
+                weight=source.weight,
+                share=share,
+                shards=shards,
+                eval_shards=len(expand_spec(source.eval_shards)) if source.eval_shards else 0,
+                shards_per_worker=shards / slots,
+                resampled=source.resampled,
+                samples_drawn_per_epoch=source_drawn,
+                blended=source.blended,
+                total_samples=total,
+                passes_per_epoch=source_drawn / total if total else None,
+            )
+        )
+    return tuple(plans)
+
+
 def dataset_plan(
     name: str,
     config: DatasetConfig,
@@ -112,25 +175,32 @@ def dataset_plan(
     *,
     total_samples: int | None = None,
     sample_bytes: int | None = None,
+    source_totals: dict[str, int] | None = None,
 ) -> DatasetPlan:
-    """Plan one dataset; `total_samples` and `sample_bytes` come from the shards when known."""
+    """Plan one dataset; `total_samples`, `sample_bytes` and the sources' sample counts
+    (`source_totals`, by source name) come from the shards when known."""
     dist = recipe.distributed
     world = dist.world_size
-    sources = config.source_list(name)
-    shards = sum(len(expand_spec(s.shards)) for s in sources)
-    eval_shards = sum(len(expand_spec(s.eval_shards)) for s in sources if s.eval_shards)
     batches = batches_per_epoch(config.train_num_samples, config.batch_size, world, config.workers)
     workers = max(config.workers, 1)
+    drawn = batches * config.batch_size * world
+    listed = config.source_list(name)
+    if source_totals is None and total_samples is not None and len(listed) == 1:
+        source_totals = {listed[0].name: total_samples}  # a dataset's count is its source's
+    sources = source_plans(listed, drawn=drawn, slots=workers * world, totals=source_totals)
+    if total_samples is None and sources and all(s.total_samples is not None for s in sources):
+        total_samples = sum(s.total_samples or 0 for s in sources)
+    shards = sum(s.shards for s in sources)
     per_sample = sample_bytes or DEFAULT_SAMPLE_BYTES[config.kind]
     return DatasetPlan(
         name=name,
         shards=shards,
-        eval_shards=eval_shards,
+        eval_shards=sum(s.eval_shards for s in sources),
         samples_per_epoch=config.train_num_samples,
         batch_size=config.batch_size,
         global_batch=config.batch_size * world * recipe.optim.gradient_accumulation_steps,
         batches_per_rank=batches,
-        samples_drawn_per_epoch=batches * config.batch_size * world,
+        samples_drawn_per_epoch=drawn,
         workers=config.workers,
         shards_per_worker=shards / (workers * world),
         resampled=config.resampled,
@@ -140,6 +210,8 @@ def dataset_plan(
         * dist.nproc_per_node,
         batch_pixel_bytes=batch_pixel_bytes(config, image_size(recipe.model)),
         total_samples=total_samples,
+        kind=config.kind,
+        sources=sources,
     )
 
 
@@ -148,10 +220,13 @@ def make_plan(
     *,
     totals: dict[str, int] | None = None,
     sample_bytes: dict[str, int] | None = None,
+    source_totals: dict[str, dict[str, int]] | None = None,
 ) -> Plan:
-    """Resolve the recipe into per-dataset and whole-run numbers."""
+    """Resolve the recipe into per-dataset and whole-run numbers; `totals` and
+    `sample_bytes` by dataset, `source_totals` by dataset and source, when counted."""
     totals = totals or {}
     sample_bytes = sample_bytes or {}
+    source_totals = source_totals or {}
     datasets = tuple(
         dataset_plan(
             name,
@@ -159,10 +234,11 @@ def make_plan(
             recipe,
             total_samples=totals.get(name),
             sample_bytes=sample_bytes.get(name),
+            source_totals=source_totals.get(name),
         )
         for name, config in recipe.datasets().items()
     )
-    # The trainer steps both loaders together, so the shorter one bounds the epoch.
+    # The trainer steps every loader together, so the shortest one bounds the epoch.
     batches = min((d.batches_per_rank for d in datasets), default=0)
     accum = recipe.optim.gradient_accumulation_steps
     steps = math.ceil(batches / accum)

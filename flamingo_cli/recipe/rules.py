@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from pathlib import Path
 
 from flamingo_cli.errors import Problem
 from flamingo_cli.recipe.load import SHARD_KEYS, LoadedRecipe, UntypedRecipe
-from flamingo_cli.recipe.plan import Plan, batches_per_epoch
-from flamingo_cli.recipe.schema import DatasetConfig
+from flamingo_cli.recipe.plan import Plan, SourcePlan, batches_per_epoch
+from flamingo_cli.recipe.schema import (
+    KINDS,
+    NAME_PATTERN,
+    DatasetConfig,
+    InterleavedConfig,
+    Source,
+)
 from flamingo_cli.shards.spec import expand_spec, missing_local, url_kind
 from flamingo_cli.units import format_bytes
 
 MAX_LISTED = 5
 SHUFFLE_MEMORY_WARNING_BYTES = 64 * 2**30
+MAX_PASSES_PER_EPOCH = 10  # more passes over a source per epoch: warn (docs/formats.md §7.3)
 
 
 def check_recipe(
@@ -25,9 +33,10 @@ def check_recipe(
     problems = [
         *_model_source(loaded),
         *_datasets_present(loaded),
+        *_dataset_structure(loaded),
         *_equal_batches(loaded),
         *_shard_rules(loaded, check_files=check_files),
-        *_mmc4_rules(loaded),
+        *_interleaved_rules(loaded),
         *_distributed_rules(loaded),
         *_logging_rules(loaded),
         *_warnings(loaded, plan),
@@ -61,42 +70,140 @@ def _model_source(loaded: LoadedRecipe) -> list[Problem]:
 def _datasets_present(loaded: LoadedRecipe) -> list[Problem]:
     if loaded.recipe.datasets():
         return []
+    kinds = " or ".join(f'"{k}"' for k in KINDS)
     return [
         loaded.problem(
             "data",
-            "no training data: neither [data.laion] nor [data.mmc4] is set",
-            fix="add a [data.laion] and/or [data.mmc4] table with shards",
+            "no training data: the recipe has no [data.NAME] table",
+            fix=f"add [data.laion] (pairs), [data.mmc4] (interleaved) or a [data.NAME] with "
+            f"kind = {kinds}, each with shards or [[data.NAME.sources]] (docs/formats.md §7)",
         )
     ]
 
 
+def source_key(dataset: str, index: int, blended: bool, field: str) -> str:
+    """The recipe key of a source's `field`: `data.NAME.sources.N.FIELD` in a blend, else
+    the dataset's own `data.NAME.FIELD`."""
+    if blended:
+        return f"data.{dataset}.sources.{index}.{field}"
+    return f"data.{dataset}.{field}"
+
+
+def _dataset_structure(loaded: LoadedRecipe) -> list[Problem]:
+    """Names, and shards given once per dataset: either `shards` or a blend (§7.1, §7.2)."""
+    problems: list[Problem] = []
+    for name, config in loaded.recipe.datasets().items():
+        if not NAME_PATTERN.fullmatch(name):
+            problems.append(
+                loaded.problem(
+                    f"data.{name}",
+                    f"dataset name {name!r} must start with a letter and hold only letters, "
+                    "digits, _ and - (at most 64): it becomes part of metric names",
+                    fix=f"rename [data.{name}], e.g. to [data.{_suggested_name(name)}]",
+                )
+            )
+        problems += _shards_or_sources(loaded, name, config)
+    return problems
+
+
+def _suggested_name(name: str) -> str:
+    cleaned = "".join(c if c.isascii() and (c.isalnum() or c in "_-") else "_" for c in name)
+    cleaned = cleaned if cleaned[:1].isalpha() else f"d{cleaned}"
+    return cleaned[:64]
+
+
+def _shards_or_sources(loaded: LoadedRecipe, name: str, config: DatasetConfig) -> list[Problem]:
+    if config.sources is not None and config.shards is not None:
+        return [
+            _sources_problem(
+                loaded,
+                name,
+                f"[data.{name}] gives both shards and [[data.{name}.sources]]",
+                fix=f"remove data.{name}.shards (or make it a source of the blend), or "
+                f"remove the [[data.{name}.sources]] tables",
+            )
+        ]
+    if not config.sources:
+        if config.shards is not None:
+            return []
+        fix = (
+            f'set data.{name}.shards = "path/{{00000..00099}}.tar", or add '
+            f"[[data.{name}.sources]] tables with name, shards and weight"
+        )
+        if config.sources is not None:
+            return [_sources_problem(loaded, name, f"[data.{name}] has no sources", fix=fix)]
+        return [loaded.problem(f"data.{name}.shards", f"[data.{name}] has no shards", fix=fix)]
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    for index, source in enumerate(config.sources):
+        if source.name in seen:
+            problems.append(
+                loaded.problem(
+                    f"data.{name}.sources.{index}.name",
+                    f"sources {seen[source.name]} and {index} of [data.{name}] (counted from 0) "
+                    f"are both named {source.name!r}",
+                    fix="give each source of the dataset its own name: metrics and the plan "
+                    "name sources by it",
+                )
+            )
+        seen.setdefault(source.name, index)
+    if config.eval_shards is not None:
+        problems.append(
+            loaded.problem(
+                f"data.{name}.eval_shards",
+                f"[data.{name}] is a blend of sources, so its eval shards are given per source",
+                fix=f"move data.{name}.eval_shards into the [[data.{name}.sources]] table(s) "
+                "the shards belong to",
+            )
+        )
+    return problems
+
+
+def _sources_problem(loaded: LoadedRecipe, name: str, message: str, *, fix: str) -> Problem:
+    """A problem at `data.NAME.sources`, on the line of its first `[[data.NAME.sources]]`
+    (the line map records array tables by index only)."""
+    key = f"data.{name}.sources"
+    problem = loaded.problem(key, message, fix=fix)
+    line = loaded.lines.get(key) or loaded.lines.get(f"{key}.0")
+    return dataclasses.replace(problem, line=line) if problem.file and line else problem
+
+
 def _equal_batches(loaded: LoadedRecipe) -> list[Problem]:
-    """Both loaders must give every rank the same number of batches per epoch (docs/formats.md §5.8)."""
+    """Every loader must give each rank the same number of batches per epoch
+    (docs/formats.md §5.8, §7.1); each fix proposed aligns all datasets to one count."""
     recipe = loaded.recipe
-    laion, mmc4 = recipe.data.laion, recipe.data.mmc4
-    if laion is None or mmc4 is None:
-        return []
+    datasets = recipe.datasets()
     world = recipe.distributed.world_size
     counts = {
         name: batches_per_epoch(c.train_num_samples, c.batch_size, world, c.workers)
-        for name, c in (("laion", laion), ("mmc4", mmc4))
+        for name, c in datasets.items()
     }
-    if counts["laion"] == counts["mmc4"]:
+    names = list(counts)
+    differing = [n for n in names[1:] if counts[n] != counts[names[0]]]
+    if not differing:
         return []
     fixes = []
-    for name, config, other in (("mmc4", mmc4, "laion"), ("laion", laion, "mmc4")):
-        target = counts[other]
-        if target % max(config.workers, 1) == 0:
-            samples = target * config.batch_size * world
-            fixes.append(f"data.{name}.train_num_samples = {samples}")
-    fix = " or ".join(fixes) if fixes else "give both datasets the same number of workers"
+    for target in dict.fromkeys(counts.values()):  # the first dataset's count first
+        changes = [
+            f"data.{n}.train_num_samples = {target * c.batch_size * world}"
+            for n, c in datasets.items()
+            if counts[n] != target
+        ]
+        if all(target % max(c.workers, 1) == 0 for n, c in datasets.items() if counts[n] != target):
+            fixes.append(" and ".join(changes))
+    # "A = x or B = y" for two datasets; alternatives of several changes: "...; or set ..."
+    joined = "; or set ".join(fixes) if any(" and " in f for f in fixes) else " or ".join(fixes)
+    fix = joined or "give every dataset the same number of workers"
+    described = [
+        f"{n} {counts[n]} (n={datasets[n].train_num_samples}, batch {datasets[n].batch_size}, "
+        f"{datasets[n].workers} workers)"
+        for n in (names[0], *differing)
+    ]
     return [
         loaded.problem(
-            "data.mmc4.train_num_samples",
-            f"the two loaders give different batches per rank per epoch: laion "
-            f"{counts['laion']} (n={laion.train_num_samples}, batch {laion.batch_size}, "
-            f"{laion.workers} workers) vs mmc4 {counts['mmc4']} (n={mmc4.train_num_samples}, "
-            f"batch {mmc4.batch_size}, {mmc4.workers} workers) at world size {world}; "
+            f"data.{differing[0]}.train_num_samples",
+            f"the loaders give different batches per rank per epoch: {described[0]} vs "
+            f"{', '.join(described[1:])} at world size {world}; "
             "ceil(ceil(n / (batch * world)) / workers) * workers must match",
             fix=f"set {fix}",
         )
@@ -109,34 +216,40 @@ def _listed(items: list[str]) -> str:
 
 
 def _shard_rules(loaded: LoadedRecipe, *, check_files: bool) -> list[Problem]:
+    """Each source's shard specs on their own, and enough shards for every worker of every
+    rank unless the source is resampled (docs/formats.md §5.8, §7.3)."""
     recipe = loaded.recipe
     world = recipe.distributed.world_size
     problems: list[Problem] = []
     for name, config in recipe.datasets().items():
-        for field in SHARD_KEYS:
-            spec = getattr(config, field)
-            if spec is None:
-                continue
-            key = f"data.{name}.{field}"
-            urls = expand_spec(spec)
-            problems += _spec_problems(
-                loaded, key, urls, allow_pipe=recipe.data.allow_pipe, check_files=check_files
-            )
-            if not urls:
-                continue
-            needed = max(config.workers, 1) * world
-            if field == "shards" and not config.resampled and len(urls) < needed:
-                problems.append(
-                    loaded.problem(
-                        key,
-                        f"{len(urls)} shard(s) for {config.workers} worker(s) x world size "
-                        f"{world}: without resampling every worker needs at least one shard "
-                        f"({needed})",
-                        fix=f"set data.{name}.resampled = true, give at least {needed} shards, "
-                        f"or lower data.{name}.workers",
-                    )
+        for index, source in enumerate(config.source_list(name)):
+            for field in SHARD_KEYS:
+                spec = getattr(source, field)
+                if spec is None:
+                    continue
+                key = source_key(name, index, source.blended, field)
+                urls = expand_spec(spec)
+                problems += _spec_problems(
+                    loaded, key, urls, allow_pipe=recipe.data.allow_pipe, check_files=check_files
                 )
+                needed = max(config.workers, 1) * world
+                if field == "shards" and urls and not source.resampled and len(urls) < needed:
+                    problems.append(_too_few_shards(loaded, name, index, source, len(urls), world))
     return problems
+
+
+def _too_few_shards(
+    loaded: LoadedRecipe, name: str, index: int, source: Source, shards: int, world: int
+) -> Problem:
+    workers = loaded.recipe.datasets()[name].workers
+    needed = max(workers, 1) * world
+    resampled = source_key(name, index, source.blended, "resampled")
+    return loaded.problem(
+        source_key(name, index, source.blended, "shards"),
+        f"{shards} shard(s) for {workers} worker(s) x world size {world}: without "
+        f"resampling every worker needs at least one shard ({needed})",
+        fix=f"set {resampled} = true, give at least {needed} shards, or lower data.{name}.workers",
+    )
 
 
 def _spec_problems(
@@ -180,45 +293,56 @@ def untyped_shard_problems(untyped: UntypedRecipe) -> list[Problem]:
     for name, section in data.items():
         if not isinstance(section, dict):
             continue
-        for field in SHARD_KEYS:
-            spec = section.get(field)
-            if isinstance(spec, str) or (
-                isinstance(spec, list) and all(isinstance(s, str) for s in spec)
-            ):
-                problems += _spec_problems(
-                    untyped.where,
-                    f"data.{name}.{field}",
-                    expand_spec(spec),
-                    allow_pipe=allow_pipe,
-                    check_files=True,
-                )
+        sources = section.get("sources")
+        tables = [(f"data.{name}", section)]
+        if isinstance(sources, list):
+            tables += [
+                (f"data.{name}.sources.{i}", s)
+                for i, s in enumerate(sources)
+                if isinstance(s, dict)
+            ]
+        for prefix, table in tables:
+            for field in SHARD_KEYS:
+                spec = table.get(field)
+                if isinstance(spec, str) or (
+                    isinstance(spec, list) and all(isinstance(s, str) for s in spec)
+                ):
+                    problems += _spec_problems(
+                        untyped.where,
+                        f"{prefix}.{field}",
+                        expand_spec(spec),
+                        allow_pipe=allow_pipe,
+                        check_files=True,
+                    )
     return problems
 
 
-def _mmc4_rules(loaded: LoadedRecipe) -> list[Problem]:
-    mmc4 = loaded.recipe.data.mmc4
-    if mmc4 is None:
-        return []
+def _interleaved_rules(loaded: LoadedRecipe) -> list[Problem]:
+    """Image limits of every interleaved dataset (mmc4, and any kind = "interleaved")."""
     problems: list[Problem] = []
-    if mmc4.min_num_images > mmc4.max_num_images:
-        problems.append(
-            loaded.problem(
-                "data.mmc4.min_num_images",
-                f"min_num_images ({mmc4.min_num_images}) is above max_num_images "
-                f"({mmc4.max_num_images}): every document would be rejected",
-                fix=f"set data.mmc4.min_num_images <= {mmc4.max_num_images}",
+    for name, config in loaded.recipe.datasets().items():
+        if not isinstance(config, InterleavedConfig):
+            continue
+        key = f"data.{name}"
+        if config.min_num_images > config.max_num_images:
+            problems.append(
+                loaded.problem(
+                    f"{key}.min_num_images",
+                    f"min_num_images ({config.min_num_images}) is above max_num_images "
+                    f"({config.max_num_images}): every document would be rejected",
+                    fix=f"set {key}.min_num_images <= {config.max_num_images}",
+                )
             )
-        )
-    if mmc4.textsim_threshold > 1:
-        problems.append(
-            loaded.problem(
-                "data.mmc4.textsim_threshold",
-                f"textsim_threshold {mmc4.textsim_threshold} is above 1, the largest CLIP "
-                "similarity: every image would be dropped (OpenFlamingo's argparse default of "
-                "30 does this)",
-                fix="set data.mmc4.textsim_threshold = 0.24 (OpenFlamingo's published value)",
+        if config.textsim_threshold > 1:
+            problems.append(
+                loaded.problem(
+                    f"{key}.textsim_threshold",
+                    f"textsim_threshold {config.textsim_threshold} is above 1, the largest CLIP "
+                    "similarity: every image would be dropped (OpenFlamingo's argparse default "
+                    "of 30 does this)",
+                    fix=f"set {key}.textsim_threshold = 0.24 (OpenFlamingo's published value)",
+                )
             )
-        )
     return problems
 
 
@@ -329,18 +453,8 @@ def _warnings(loaded: LoadedRecipe, plan: Plan) -> list[Problem]:
         )
     for dataset in plan.datasets:
         config: DatasetConfig = loaded.recipe.datasets()[dataset.name]
-        total = dataset.total_samples
-        if total is not None and not dataset.resampled and dataset.samples_drawn_per_epoch > total:
-            problems.append(
-                loaded.problem(
-                    f"data.{dataset.name}.train_num_samples",
-                    f"an epoch draws {dataset.samples_drawn_per_epoch} samples but the shards "
-                    f"hold {total}: without resampling each loader worker goes over its shards "
-                    "again, so samples repeat within the epoch (docs/formats.md §5.8)",
-                    fix=f"set data.{dataset.name}.resampled = true or lower train_num_samples",
-                    severity="warning",
-                )
-            )
+        for index, source in enumerate(dataset.sources):
+            problems += _source_warnings(loaded, dataset.name, index, source)
         if dataset.shuffle_buffer_bytes_per_node > SHUFFLE_MEMORY_WARNING_BYTES:
             gib = dataset.shuffle_buffer_bytes_per_node / 2**30
             problems.append(
@@ -354,3 +468,50 @@ def _warnings(loaded: LoadedRecipe, plan: Plan) -> list[Problem]:
                 )
             )
     return problems
+
+
+def _source_warnings(
+    loaded: LoadedRecipe, name: str, index: int, source: SourcePlan
+) -> list[Problem]:
+    """A source read too often or too little in an epoch, once its samples are counted
+    (docs/formats.md §7.3); a dataset given by `shards` is its one source."""
+    total, drawn, passes = (
+        source.total_samples,
+        source.samples_drawn_per_epoch,
+        source.passes_per_epoch,
+    )
+    if not total or passes is None:
+        return []
+    blended = source.blended
+    key = source_key(name, index, blended, "weight" if blended else "train_num_samples")
+    what = f"source {source.name!r} of [data.{name}]" if blended else f"[data.{name}]"
+    if passes > MAX_PASSES_PER_EPOCH:
+        message = (
+            f"{what} is drawn about {drawn:,} samples per epoch, {passes:.1f} passes over the "
+            f"{total:,} samples its shards hold: each sample is seen about {passes:.0f} times "
+            "per epoch"
+        )
+        fix = f"lower {key}, or give {'the source' if blended else 'it'} more shards"
+    elif not source.resampled and drawn > total:
+        message = (
+            f"{what} is drawn about {drawn:,} samples per epoch but its shards hold {total:,}"
+            if blended  # below: the message of recipes before mixtures
+            else f"an epoch draws {drawn} samples but the shards hold {total}"
+        ) + (
+            ": without resampling each loader worker goes over its shards again, so samples "
+            "repeat within the epoch (docs/formats.md §5.8)"
+        )
+        resampled = source_key(name, index, blended, "resampled")
+        fix = f"set {resampled} = true or lower " + (
+            "its weight" if blended else "train_num_samples"
+        )
+    elif drawn * source.shards < total:
+        message = (
+            f"{what} is drawn about {drawn:,} samples per epoch, fewer than one of its shards "
+            f"holds on average ({total / source.shards:,.0f}): an epoch reads a small part of "
+            "its data"
+        )
+        fix = f"raise {key}" + (" or leave the source out" if blended else "")
+    else:
+        return []
+    return [loaded.problem(key, message, fix=fix, severity="warning")]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flamingo_cli.errors import Problem, ProblemsFound
 from flamingo_cli.recipe.load import LoadedRecipe, Override, RecipeProblems, load_recipe
 from flamingo_cli.recipe.plan import Plan, make_plan
 from flamingo_cli.recipe.rules import check_recipe, untyped_shard_problems
-from flamingo_cli.recipe.schema import Recipe
+from flamingo_cli.recipe.schema import DatasetConfig, Recipe
 from flamingo_cli.shards.sizes import known_counts
 from flamingo_cli.shards.spec import expand_spec, local_path, url_kind
 from flamingo_cli.shards.tar import count_samples
@@ -19,12 +19,14 @@ from flamingo_cli.shards.tar import count_samples
 
 @dataclass(frozen=True)
 class ShardCount:
-    """Samples in one dataset's training shards and where the numbers came from."""
+    """Samples in one dataset's (or source's) training shards and where the numbers came
+    from; a dataset's count holds its sources' by name (one named after it without a blend)."""
 
     total: int
     from_sizes_json: int
     scanned: int
     mean_sample_bytes: int | None
+    sources: dict[str, ShardCount] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class ValidationReport:
             "recipe": str(self.loaded.path),
             "ok": self.ok,
             "plan": self.plan.to_dict(),
-            "counts": {k: vars(v) for k, v in self.counts.items()},
+            "counts": {k: asdict(v) for k, v in self.counts.items()},
             "problems": [p.to_dict() for p in self.problems],
         }
 
@@ -64,6 +66,29 @@ def count_dataset(urls: Sequence[str], *, allow_pipe: bool, workers: int = 8) ->
     if total and len(local) == len(urls):
         mean_bytes = sum(local_path(u).stat().st_size for u in local) // total
     return ShardCount(total, sum(listed.values()), sum(scanned), mean_bytes)
+
+
+def count_sources(config: DatasetConfig, name: str, *, allow_pipe: bool) -> ShardCount:
+    """Count each source's training shards; the dataset's count is their sum."""
+    sources = {
+        s.name: count_dataset(expand_spec(s.shards), allow_pipe=allow_pipe)
+        for s in config.source_list(name)
+    }
+    counts = list(sources.values())
+    total = sum(c.total for c in counts)
+    mean_bytes = None
+    if total and all(c.mean_sample_bytes is not None for c in counts):
+        if len(counts) == 1:
+            mean_bytes = counts[0].mean_sample_bytes
+        else:  # weighted by samples; per source it was shard bytes over samples
+            mean_bytes = sum((c.mean_sample_bytes or 0) * c.total for c in counts) // total
+    return ShardCount(
+        total,
+        sum(c.from_sizes_json for c in counts),
+        sum(c.scanned for c in counts),
+        mean_bytes,
+        sources,
+    )
 
 
 def validate_recipe(
@@ -89,11 +114,11 @@ def validate_recipe(
         pre = check_recipe(loaded, make_plan(recipe))
         if not any(p.severity == "error" for p in pre):
             for name, config in recipe.datasets().items():
-                urls = [u for s in config.source_list(name) for u in expand_spec(s.shards)]
-                counts[name] = count_dataset(urls, allow_pipe=recipe.data.allow_pipe)
+                counts[name] = count_sources(config, name, allow_pipe=recipe.data.allow_pipe)
     plan = make_plan(
         recipe,
         totals={k: v.total for k, v in counts.items()},
         sample_bytes={k: v.mean_sample_bytes for k, v in counts.items() if v.mean_sample_bytes},
+        source_totals={k: {s: c.total for s, c in v.sources.items()} for k, v in counts.items()},
     )
     return ValidationReport(loaded, plan, check_recipe(loaded, plan, training=training), counts)
