@@ -259,3 +259,16 @@ def test_postprocessing_as_openflamingo() -> None:
     assert postprocess("vqa", "red Question: what") == "red "
     assert postprocess("vqa", "two, three Answer:") == "two"
     assert postprocess("vqa", "yes Short answer:no") == "yes "
+
+
+def test_okvqa_predictions_are_stemmed_before_scoring() -> None:
+    from flamingo_cli.evaluate.fewshot.scoring import score_answers
+    from flamingo_cli.evaluate.metrics.okvqa import okvqa_stemmer
+
+    answers = {"1": [{"answer": "circle", "answer_id": k} for k in range(1, 11)]}
+    stemmed = score_answers("okvqa", {"1": "circles"}, answers, "openflamingo")
+    assert (stemmed.value, stemmed.scored) == (100.0, {"1": "circle"})
+    assert f"OK-VQA answers stemmed ({okvqa_stemmer().backend})" in stemmed.scorer
+    plain = score_answers("vqav2", {"1": "circles"}, answers, "openflamingo")
+    assert (plain.value, plain.scored) == (0.0, {"1": "circles"})
+    assert "stemmed" not in plain.scorer

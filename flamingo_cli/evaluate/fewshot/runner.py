@@ -339,7 +339,8 @@ def _run_trial(
     predictions = {rows[p].sample.id: by_position[p][1] for p in sorted(by_position)}
     score = _score(data, request, predictions)
     for row in rows:
-        raw, text = by_position[row.position]
+        raw, _ = by_position[row.position]
+        text = score.scored.get(row.sample.id, by_position[row.position][1])
         prompt = prompt_text(data.kind, row.demos, row.sample, shots, session.template)
         session.lines.append(_line(data, row, shots, trial, seed, images, prompt, (raw, text)))
     session.lines.append({"scorer": score.scorer})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flamingo_cli.evaluate.metrics.vqa import VqaVariant, vqa_accuracy
@@ -15,6 +15,7 @@ class Score:
 
     value: float
     scorer: str
+    scored: dict[str, str] = field(default_factory=dict)  # the predictions as scored
 
 
 def score_captions(
@@ -24,7 +25,8 @@ def score_captions(
     from flamingo_cli.evaluate.metrics.captioning import cider
 
     result = cider(dict(predictions), {k: list(v) for k, v in references.items()})
-    return Score(result.score_x100, f"CIDEr x 100, PTB tokenizer ({result.tokenizer})")
+    scorer = f"CIDEr x 100, PTB tokenizer ({result.tokenizer})"
+    return Score(result.score_x100, scorer, dict(predictions))
 
 
 def score_answers(
@@ -33,13 +35,14 @@ def score_answers(
     annotations: Mapping[str, Sequence[Any]],
     variant: VqaVariant,
 ) -> Score:
-    """VQA accuracy x 100 (OK-VQA answers stemmed first, as OpenFlamingo does)."""
+    """VQA accuracy x 100; OK-VQA predictions are stemmed first, as OpenFlamingo's
+    `postprocess_ok_vqa_generation` does (the human answers are not)."""
     scorer = f"VQA accuracy x 100, {variant} rules"
     if task == "okvqa":
-        from flamingo_cli.evaluate.metrics.okvqa import stem_answers
+        from flamingo_cli.evaluate.metrics.okvqa import okvqa_stemmer
 
-        stemmed = stem_answers(list(predictions.values()))
-        predictions = dict(zip(predictions, stemmed.answers, strict=True))
-        scorer += f", answers stemmed ({stemmed.stemmer})"
+        stemmer = okvqa_stemmer()
+        predictions = {k: stemmer.stem(v) for k, v in predictions.items()}
+        scorer += f", OK-VQA answers stemmed ({stemmer.backend})"
     result = vqa_accuracy(predictions, annotations, variant)
-    return Score(result.accuracy_x100, scorer)
+    return Score(result.accuracy_x100, scorer, dict(predictions))
