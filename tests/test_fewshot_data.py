@@ -272,3 +272,27 @@ def test_okvqa_predictions_are_stemmed_before_scoring() -> None:
     plain = score_answers("vqav2", {"1": "circles"}, answers, "openflamingo")
     assert (plain.value, plain.scored) == (0.0, {"1": "circles"})
     assert "stemmed" not in plain.scorer
+
+
+def test_openflamingo_converted_vizwiz_and_textvqa(tmp_path: Path) -> None:
+    """OpenFlamingo's converted files: `{split}_questions_vqa_format.json` and
+    `{split}_annotations_vqa_format.json` with string image ids."""
+    for task, image_of, folder in (
+        ("vizwiz", lambda s: f"VizWiz_{s}_00000001.jpg", lambda s: s),
+        ("textvqa", lambda s: f"{s}0f3", lambda s: "train_images"),
+    ):
+        root = tmp_path / task
+        for qid, split in enumerate(("train", "val")):
+            image = image_of(split)
+            name = image if image.endswith(".jpg") else f"{image}.jpg"
+            (root / folder(split)).mkdir(parents=True, exist_ok=True)
+            (root / folder(split) / name).write_bytes(b"x")
+            questions = {"questions": [{"question_id": qid, "image_id": image, "question": "Q?"}]}
+            answers = {"annotations": [{"question_id": qid, "answers": [{"answer": "a"}] * 10}]}
+            (root / f"{split}_questions_vqa_format.json").write_text(json.dumps(questions))
+            (root / f"{split}_annotations_vqa_format.json").write_text(json.dumps(answers))
+        data = load_task(task, root)
+        assert data.layout == "VQAv2 questions + annotations"
+        expected = root / folder("val") / (image_of("val") + ("" if task == "vizwiz" else ".jpg"))
+        assert (data.test[0].id, data.test[0].image) == ("1", expected)
+        assert data.train[0].image.is_file()
