@@ -225,3 +225,47 @@ def test_rices_puts_the_most_similar_train_image_last(weights: Path, tmp_path: P
     again = _run(args)  # the cached train features are read, not written again
     assert cache.stat().st_mtime_ns == written
     assert again["results"] == report["results"]
+
+
+def test_the_table_names_layout_scorer_and_predictions(weights: Path, tmp_path: Path) -> None:
+    write_coco_karpathy(tmp_path / "coco", train=4, test=2, size=16)
+    result = runner.invoke(
+        app,
+        [
+            "eval-fewshot",
+            str(RECIPE),
+            "--checkpoint",
+            str(weights),
+            "--task",
+            "coco",
+            "--data",
+            str(tmp_path / "coco"),
+            "--shots",
+            "0",
+            "1",
+            "--trials",
+            "2",
+            "--num-beams",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "--ablate-images",
+            "none",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    for text in (
+        "CIDEr (mean of 2)",
+        "std",
+        "images removed",
+        "gap",
+        "read Karpathy dataset_coco.json",
+        "PTB tokenizer",
+        "0-shot trial 2",
+        "1-shot trial 1",
+        "predictions.jsonl",
+    ):
+        assert text in out, text
