@@ -149,7 +149,8 @@ class _Session:
     template: CaptionTemplate
     events: FewshotEvents | None = None
     rices: Rices | None = None
-    lines: list[dict[str, Any]] = field(default_factory=list)
+    lines: list[dict[str, Any]] = field(default_factory=list)  # predictions.jsonl, rank 0
+    scorers: set[str] = field(default_factory=set)  # how each trial was scored
 
 
 def evaluate_fewshot(
@@ -185,7 +186,7 @@ def evaluate_fewshot(
         layout=data.layout,
         files=tuple(str(f) for f in data.files),
         metric=task_named(request.task).metric,
-        scorer=_scorer(session),
+        scorer="; ".join(sorted(session.scorers)),
         world_size=info.world_size,
         protocol={
             **request.protocol.to_dict(),
@@ -218,11 +219,6 @@ def _default_out(loaded: LoadedRecipe, task: str) -> Path:
     return run_dir_of(loaded) / "eval-fewshot" / task
 
 
-def _scorer(session: _Session) -> str:
-    scorers = {line["scorer"] for line in session.lines if "scorer" in line}
-    return "; ".join(sorted(scorers))
-
-
 def write_results(out: Path, report: FewshotReport, lines: Sequence[dict[str, Any]]) -> None:
     """`results.json` (the report) and `predictions.jsonl` (one prediction per line)."""
     from flamingo_cli.errors import OutputError
@@ -231,8 +227,7 @@ def write_results(out: Path, report: FewshotReport, lines: Sequence[dict[str, An
         out.mkdir(parents=True, exist_ok=True)
         with (out / PREDICTIONS).open("w", encoding="utf-8") as f:
             for line in lines:
-                if "prediction" in line:
-                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
         (out / RESULTS).write_text(json.dumps(report.to_dict(), indent=2) + "\n", "utf-8")
     except OSError as exc:
         raise OutputError(
@@ -343,7 +338,7 @@ def _run_trial(
         text = score.scored.get(row.sample.id, by_position[row.position][1])
         prompt = prompt_text(data.kind, row.demos, row.sample, shots, session.template)
         session.lines.append(_line(data, row, shots, trial, seed, images, prompt, (raw, text)))
-    session.lines.append({"scorer": score.scorer})
+    session.scorers.add(score.scorer)
     return score.value
 
 
