@@ -234,6 +234,18 @@ def _render_shard(
     return out
 
 
+def _blend_heading(dataset: str, kind: str | None, groups: Sequence[ShardGroup]) -> str:
+    """The heading of a blended dataset: its kind and each source's share of its samples; the
+    sources' sections follow it."""
+    shares = {g.source: g.share for g in groups if g.dataset == dataset and g.source is not None}
+    parts = ", ".join(f"{_e(name)} {share or 0:.0%}" for name, share in shares.items())
+    return (
+        f'<h2 class="dataset">{_e(dataset)} ({_e(kind or "unknown kind")}): a blend of '
+        f'{len(shares)} sources</h2><p class="meta">samples drawn per source: {parts}; '
+        "each source's shards are shown below</p>"
+    )
+
+
 def write_preview(
     report: InspectReport,
     groups: Sequence[ShardGroup],
@@ -246,11 +258,16 @@ def write_preview(
     path = Path(path)
     sections = []
     seen: set[tuple[str, ...]] = set()
+    blends: set[str] = set()
     for group, shard_group in zip(report.groups, groups, strict=True):
         urls = tuple(sorted(shard_group.urls))
         if any(set(urls) <= set(other) for other in seen):
             continue  # eval shards already shown with the training shards
         seen.add(urls)
+        blend = shard_group.dataset if shard_group.source is not None else None
+        if blend is not None and blend not in blends:
+            blends.add(blend)
+            sections.append(_blend_heading(blend, group.kind, groups))
         sections.append(_section(group, shard_group, samples, seed))
     page = (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'

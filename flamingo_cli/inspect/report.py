@@ -222,12 +222,16 @@ class ShardReport:
 
 @dataclass
 class GroupReport:
-    """A set of shards inspected with the same settings: the SPECs, or one recipe dataset."""
+    """A set of shards inspected with the same settings: the SPECs, or one recipe dataset's
+    (or one source's of a blend, with its share of the dataset's draws)."""
 
     name: str
     shards: list[ShardReport]
     expected_kind: Kind | None = None
     planned: list[str] | None = None  # on one node of several: every shard of the group
+    dataset: str | None = None
+    source: str | None = None
+    share: float | None = None
 
     @property
     def kind(self) -> Kind | None:
@@ -259,6 +263,9 @@ class GroupReport:
         return {
             "name": self.name,
             "kind": self.kind,
+            "dataset": self.dataset,
+            "source": self.source,
+            "share": self.share,
             "totals": {
                 name: self.total(name)
                 for name in (

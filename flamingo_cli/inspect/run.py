@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flamingo_cli.errors import OpenerError, OutputError, UsageError
 from flamingo_cli.inspect.document import Filters
@@ -25,6 +25,9 @@ from flamingo_cli.shards.opener import open_url
 from flamingo_cli.shards.sizes import SIZES_FILE, read_sizes
 from flamingo_cli.shards.spec import expand_spec, local_path, url_kind
 from flamingo_cli.shards.write import write_sizes
+
+if TYPE_CHECKING:
+    from flamingo_cli.recipe.schema import DatasetConfig, Source
 
 Progress = Callable[[ShardReport], None]
 
@@ -47,11 +50,19 @@ class InspectOptions:
 
 @dataclass(frozen=True)
 class ShardGroup:
-    """Shards to inspect with the same settings, under one name in the report."""
+    """Shards to inspect with the same settings, under one name in the report. From a recipe:
+    the dataset, and for a blend's source its name and its share of the dataset's draws."""
 
     name: str
     urls: list[str]
     settings: ScanSettings
+    dataset: str | None = None
+    source: str | None = None
+    share: float | None = None
+
+    def origin(self) -> dict[str, Any]:
+        """Where the group comes from, for the report."""
+        return {"dataset": self.dataset, "source": self.source, "share": self.share}
 
 
 def _base_settings(options: InspectOptions) -> ScanSettings:
@@ -80,9 +91,9 @@ def groups_from_specs(specs: Sequence[str], options: InspectOptions) -> list[Sha
 
 
 def groups_from_recipe(path: str | Path, options: InspectOptions) -> list[ShardGroup]:
-    """The training and eval shards of each dataset of a recipe, with its filters."""
+    """The training and eval shards of each dataset of a recipe, with its filters: one group
+    each for a dataset given by `shards`, one each per source of a blend (`NAME/SOURCE`)."""
     from flamingo_cli.recipe.load import load_recipe
-    from flamingo_cli.recipe.schema import InterleavedConfig
 
     recipe = load_recipe(path).recipe
     pixels = options.max_image_pixels or recipe.data.max_image_pixels
@@ -94,30 +105,57 @@ def groups_from_recipe(path: str | Path, options: InspectOptions) -> list[ShardG
     )
     groups = []
     for name, config in recipe.datasets().items():
-        settings = replace(
-            base,
-            max_tokens=config.max_tokens,
-            expected_kind="interleaved" if isinstance(config, InterleavedConfig) else "pairs",
-            dataset=f"data.{name}",
-        )
-        if isinstance(config, InterleavedConfig):
-            threshold = options.sim_threshold
-            settings = replace(
-                settings,
-                filters=Filters(
-                    threshold=config.textsim_threshold if threshold is None else threshold,
-                    assignment=config.assignment,
-                    max_num_images=config.max_num_images,
-                    min_num_images=config.min_num_images,
-                    max_image_pixels=pixels,
-                ),
-            )
-        groups.append(ShardGroup(f"{name} training", expand_spec(config.shards), settings))
-        if config.eval_shards:
-            groups.append(ShardGroup(f"{name} eval", expand_spec(config.eval_shards), settings))
+        settings = _dataset_settings(base, name, config, options.sim_threshold)
+        sources = config.source_list(name)
+        total = sum(s.weight for s in sources)
+        for source in sources:
+            groups += _source_groups(name, source, settings, source.weight / total)
     if not groups:
-        raise UsageError(f"recipe {path} has no [data.laion] or [data.mmc4] section")
+        raise UsageError(
+            f"recipe {path} has no dataset with shards",
+            fix="give a [data.NAME] table `shards` or [[data.NAME.sources]] tables",
+        )
     return groups
+
+
+def _source_groups(
+    dataset: str, source: Source, settings: ScanSettings, share: float
+) -> list[ShardGroup]:
+    """A source's training and eval groups: `NAME` for a dataset's own shards, `NAME/SOURCE`
+    (its kind findings naming the source) for a blend's."""
+    where: dict[str, Any] = {"dataset": dataset}
+    label = dataset
+    if source.blended:
+        label = f"{dataset}/{source.name}"
+        where.update(source=source.name, share=share)
+        settings = replace(settings, dataset=f"data.{dataset} (source {source.name})")
+    groups = [ShardGroup(f"{label} training", expand_spec(source.shards), settings, **where)]
+    if source.eval_shards:
+        urls = expand_spec(source.eval_shards)
+        groups.append(ShardGroup(f"{label} eval", urls, settings, **where))
+    return groups
+
+
+def _dataset_settings(
+    base: ScanSettings, name: str, config: DatasetConfig, sim_threshold: float | None
+) -> ScanSettings:
+    """The scan settings of one recipe dataset: its kind, token limit and filters."""
+    from flamingo_cli.recipe.schema import InterleavedConfig
+
+    settings = replace(
+        base, max_tokens=config.max_tokens, expected_kind=config.kind, dataset=f"data.{name}"
+    )
+    if not isinstance(config, InterleavedConfig):
+        return settings
+    threshold = config.textsim_threshold if sim_threshold is None else sim_threshold
+    filters = Filters(
+        threshold=threshold,
+        assignment=config.assignment,
+        max_num_images=config.max_num_images,
+        min_num_images=config.min_num_images,
+        max_image_pixels=base.filters.max_image_pixels,
+    )
+    return replace(settings, filters=filters)
 
 
 def inspect_shards(
@@ -145,6 +183,7 @@ def inspect_shards(
                 [reports[(u, g.settings)] for u in g.urls if (u, g.settings) in reports],
                 g.settings.expected_kind,
                 planned=list(g.urls) if node.split else None,
+                **g.origin(),
             )
             for g in groups
         ],
@@ -362,6 +401,8 @@ def merge_reports(sources: Sequence[str], options: InspectOptions) -> InspectRep
                 f"({', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''})",
                 fix="pass the report of every node",
             )
-        groups.append(GroupReport(name, [found[u] for u in urls], plan.get("expected_kind")))
+        origin = {k: reports[0]["groups"][index].get(k) for k in ("dataset", "source", "share")}
+        shards = [found[u] for u in urls]
+        groups.append(GroupReport(name, shards, plan.get("expected_kind"), **origin))
     merged = InspectReport(groups, max_errors=options.max_errors)
     return _finish_sizes(merged, options)
