@@ -1,16 +1,28 @@
 """VQA accuracy: each normalisation rule, both leave-one-out variants by hand, and the default
-variant against OpenFlamingo 2.0.1's own `vqa_metric.py` on files the test writes."""
+variant against OpenFlamingo 2.0.1's own `vqa_metric.py` on files the test writes; OK-VQA
+stemming against its `ok_vqa_utils`, and the fallback without NLTK data."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from flamingo_cli.errors import FlamingoError
+from flamingo_cli.evaluate.metrics.okvqa import (
+    MANUAL_MATCHES,
+    _fallback_stem,
+    okvqa_stemmer,
+    porter_ing,
+    singularize,
+    stem_answer,
+)
 from flamingo_cli.evaluate.metrics.vqa import (
     normalize_answer,
     normalize_digits_articles,
@@ -225,3 +237,104 @@ def test_default_variant_equals_openflamingo_vqa_metric(
     # The fixed set is not degenerate, and the variants disagree on it.
     assert 20 < theirs < 80
     assert vqa_accuracy(predictions, annotations, "official").accuracy_x100 != ours.accuracy_x100
+
+
+# OK-VQA stemming ---------------------------------------------------------------------------
+
+
+def _openflamingo_ok_vqa_utils() -> Any:
+    """OpenFlamingo's ok_vqa_utils loaded from its file (its package __init__ imports torch)."""
+    spec = importlib.util.find_spec("open_flamingo")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("open_flamingo is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "eval" / "ok_vqa_utils.py"
+    pytest.importorskip("nltk")
+    pytest.importorskip("inflection")
+    module_spec = importlib.util.spec_from_file_location("_of_ok_vqa_utils", path)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+OKVQA_ANSWERS = [
+    "riding bikes", "skiing", "surfing", "two horses", "the dogs", "tennis rackets",
+    "christmas", "leaves", "jeans", "running shoes", "umbrellas", "baking cookies",
+    "police", "yes", "fire hydrant", "sitting", "hell's kitchen", "glasses",
+]  # fmt: skip
+
+
+@pytest.fixture
+def fresh_stemmer() -> Iterator[None]:
+    okvqa_stemmer.cache_clear()
+    yield
+    okvqa_stemmer.cache_clear()
+
+
+def test_manual_table_is_openflamingos() -> None:
+    assert _openflamingo_ok_vqa_utils()._MANUAL_MATCHES == MANUAL_MATCHES
+
+
+def test_nltk_backend_follows_openflamingos_procedure(
+    monkeypatch: pytest.MonkeyPatch, fresh_stemmer: None
+) -> None:
+    # NLTK's data is not installed here: stand-ins for its tokenizer, tagger and WordNet show
+    # that our procedure calls them, and the manual table and inflection, as OpenFlamingo does.
+    import nltk
+
+    utils = _openflamingo_ok_vqa_utils()
+    monkeypatch.setattr(nltk.tokenize, "word_tokenize", lambda text: text.split())
+    monkeypatch.setattr(
+        nltk, "pos_tag", lambda words: [(w, "NNS" if w.endswith("s") else "NN") for w in words]
+    )
+    monkeypatch.setattr(nltk.stem.WordNetLemmatizer, "lemmatize", lambda self, w, pos: w[:-3])
+    assert okvqa_stemmer().backend == "nltk"
+    for answer in OKVQA_ANSWERS:
+        assert stem_answer(answer) == utils.stemmer.stem(answer), answer
+
+
+def test_real_nltk_backend_equals_openflamingo(fresh_stemmer: None) -> None:
+    if okvqa_stemmer().backend != "nltk":
+        pytest.skip("NLTK's data (punkt_tab, averaged_perceptron_tagger_eng, wordnet) absent")
+    utils = _openflamingo_ok_vqa_utils()
+    for answer in OKVQA_ANSWERS:
+        assert stem_answer(answer) == utils.stemmer.stem(answer), answer
+
+
+def test_fallback_without_nltk_data(fresh_stemmer: None) -> None:
+    if okvqa_stemmer().backend != "fallback":
+        pytest.skip("NLTK's data is installed: the NLTK backend runs")
+    expected = [
+        "ride bike", "ski", "surf", "two horse", "the dog", "tennis racket", "christmas",
+        "leaf", "jean", "run shoe", "umbrella", "bake cooky", "police", "yes", "fire hydrant",
+        "sit", "hell 's kitchen", "glass",
+    ]  # fmt: skip
+    assert [stem_answer(answer) for answer in OKVQA_ANSWERS] == expected
+
+
+@pytest.mark.parametrize(
+    ("word", "expected"),
+    [
+        ("running", "run"),  # doubled consonant undoubled
+        ("hiking", "hike"),  # short consonant-vowel-consonant stem gets an e
+        ("eating", "eat"),  # "at" but one short syllable: no e
+        ("rotating", "rotate"),  # "at" in a longer stem: e
+        ("dancing", "dance"),  # consonant + c
+        ("juggling", "juggle"),
+        ("skiing", "ski"),
+        ("surfing", "surf"),
+        ("falling", "fall"),  # "ll" stays
+        ("sing", "sing"),  # no vowel before "ing"
+        ("something", "something"),  # WordNet has no verb for it
+    ],
+)
+def test_fallback_ing_rules(word: str, expected: str) -> None:
+    assert porter_ing(word) == expected
+
+
+def test_fallback_without_inflection_or_nltk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "inflection", None)
+    words = ["cherries", "wolves", "boxes", "churches", "dishes", "dogs"]
+    assert [singularize(w) for w in words] == ["cherry", "wolf", "box", "church", "dish", "dog"]
+    monkeypatch.setitem(sys.modules, "nltk.tokenize", None)
+    assert _fallback_stem("surfing dogs, yes") == "surf dog , yes"
