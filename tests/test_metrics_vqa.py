@@ -280,7 +280,7 @@ def test_nltk_backend_follows_openflamingos_procedure(
 ) -> None:
     # NLTK's data is not installed here: stand-ins for its tokenizer, tagger and WordNet show
     # that our procedure calls them, and the manual table and inflection, as OpenFlamingo does.
-    import nltk
+    import nltk  # type: ignore[import-untyped]
 
     utils = _openflamingo_ok_vqa_utils()
     monkeypatch.setattr(nltk.tokenize, "word_tokenize", lambda text: text.split())
