@@ -110,7 +110,7 @@ def _fitting(cells: list[dict[str, str]], width: int) -> list[str]:
 
 
 def _shard_table(group: GroupReport, width: int) -> Table:
-    kind = group.kind or "unknown kind"
+    kind: str = group.kind or "unknown kind"
     if group.share is not None and group.dataset is not None:  # a source of a blend
         kind = f"{kind}, {group.share:.0%} of {escape(group.dataset)}'s samples"
     table = Table(title=f"{escape(group.name)} ({kind})", title_justify="left", show_footer=True)
