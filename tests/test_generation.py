@@ -317,3 +317,21 @@ def test_decode_config_rejects_what_cannot_run() -> None:
         DecodeConfig(top_p=0.0)
     with pytest.raises(UsageError, match="max_new_tokens must be at least 1"):
         DecodeConfig(max_new_tokens=0)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_images_and_their_keys_and_values_are_computed_once(
+    model: FlamingoModel, beams: int
+) -> None:
+    images, ids, mask = _inputs()
+    calls: list[str] = []
+    hooks = [model.vision_encoder.register_forward_hook(lambda *_: calls.append("vision"))]
+    for block in model.cross_attention_blocks():
+        hooks.append(block.attn.kv_proj.register_forward_hook(lambda *_: calls.append("kv")))
+    try:
+        out = generate(model, images, ids, mask, DecodeConfig(max_new_tokens=5, num_beams=beams))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert max(len(row) for row in out) == 5  # five steps ran
+    assert calls == ["vision"] + ["kv"] * len(model.cross_attention_blocks())

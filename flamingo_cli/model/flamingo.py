@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -165,15 +166,22 @@ class FlamingoModel(nn.Module):
         return index if start is None else index + start.unsqueeze(1)
 
     @contextmanager
-    def _conditioned(self, latents: Tensor | None, media_index: Tensor) -> Iterator[None]:
+    def _conditioned(
+        self,
+        latents: Tensor | None,
+        media_index: Tensor,
+        keys_values: dict[nn.Module, tuple[Tensor, Tensor]] | None = None,
+    ) -> Iterator[None]:
         state = self._media
         state.latents, state.media_index, state.active = latents, media_index, True
+        state.keys_values = keys_values
         if latents is not None:  # routed once here, used by every cross-attention layer
             state.routing = TokenRouting.from_media_index(media_index, latents.shape[1])
         try:
             yield
         finally:
             state.latents, state.media_index, state.routing, state.active = None, None, None, False
+            state.keys_values = None
 
     def forward(
         self,
@@ -194,7 +202,13 @@ class FlamingoModel(nn.Module):
         else:
             latents = None
         with self._conditioned(latents, self.media_index(input_ids)):
-            return self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            # no key/value cache: a whole sequence needs none, and filling one per layer
+            # made each compiled decoder layer recompile (docs/formats.md §12)
+            takes = inspect.signature(self.lm.forward).parameters
+            no_cache = {"use_cache": False} if "use_cache" in takes else {}
+            return self.lm(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, **no_cache
+            )
 
     # -- generation ----------------------------------------------------------------------
 

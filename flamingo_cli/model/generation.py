@@ -1,8 +1,9 @@
 """Decoding a Flamingo model: greedy, sampling and beam search, batched with left padding,
 with the LM's key/value cache in every mode (docs/formats.md §12).
 
-Images are encoded once per row (only those an `<image>` refers to) and the prompt runs once
-per row; for beam search both are then repeated for the row's beams, and each step reorders
+Images are encoded once per row (only those an `<image>` refers to), each cross-attention
+block's keys and values of them computed once for all steps, and the prompt runs once per
+row; for beam search all of it is then repeated for the row's beams, and each step reorders
 the cache and the cross-attention media state (images seen so far) to follow the beams.
 Beam search is Hugging Face's (transformers 5, `early_stopping=False`) step for step, so
 it returns what `generate(num_beams=K)` returns for the same logits.
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from flamingo_cli.errors import UsageError
 
@@ -116,6 +117,12 @@ class _Decoder:
         self.keep_last = "logits_to_keep" in params
         self.cache: Any = None
         self.seen = torch.zeros_like(input_ids[:, 0])
+        self.keys_values = self._keys_values()
+
+    def _keys_values(self) -> dict[nn.Module, tuple[Tensor, Tensor]]:
+        """Every cross-attention block's keys and values of the latents, once for all steps."""
+        blocks = self.model.cross_attention_blocks()
+        return {block: block.attn.keys_values(self.latents) for block in blocks}
 
     def step(self, ids: Tensor) -> Tensor:
         """Logits (rows, V), float32, after `ids` (rows, T): the prompt, then one token."""
@@ -129,7 +136,7 @@ class _Decoder:
         if self.keep_last:
             kwargs["logits_to_keep"] = 1
         index = model.media_index(ids, self.seen)
-        with model._conditioned(self.latents, index):
+        with model._conditioned(self.latents, index, self.keys_values):
             out = model.lm(input_ids=ids, attention_mask=self.mask, use_cache=True, **kwargs)
         self.cache = getattr(out, "cache", None) or out.past_key_values
         self.seen = index[:, -1]
@@ -139,6 +146,10 @@ class _Decoder:
     def repeat(self, times: int) -> None:
         """Each row `times` times in a row (its beams), after the prompt ran once per row."""
         self.latents = self.latents.repeat_interleave(times, dim=0)
+        self.keys_values = {
+            block: (k.repeat_interleave(times, dim=0), v.repeat_interleave(times, dim=0))
+            for block, (k, v) in self.keys_values.items()
+        }
         self.mask = self.mask.repeat_interleave(times, dim=0)
         self.seen = self.seen.repeat_interleave(times, dim=0)
         if self.positions is not None:

@@ -145,8 +145,21 @@ class MaskedCrossAttention(nn.Module):
         self.kv_proj = nn.Linear(dim_visual, 2 * heads * dim_head, bias=False)
         self.out_proj = nn.Linear(heads * dim_head, dim, bias=False)
 
-    def forward(self, x: Tensor, media: Tensor, media_index: Tensor | TokenRouting) -> Tensor:
-        """x (B, T, D), media (B, N, n, Dv), media_index (B, T) or its routing -> (B, T, D)."""
+    def keys_values(self, media: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of `media` (B, N, n, Dv), (B, N, n, h * d) each; decoding computes
+        them once for all its steps (`keys_values` of `forward`), as the latents stay put."""
+        k, v = self.kv_proj(media).chunk(2, dim=-1)
+        return k, v
+
+    def forward(
+        self,
+        x: Tensor,
+        media: Tensor,
+        media_index: Tensor | TokenRouting,
+        keys_values: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """x (B, T, D), media (B, N, n, Dv), media_index (B, T) or its routing -> (B, T, D);
+        `keys_values`: `self.keys_values(media)` computed before."""
         batch, length = x.shape[:2]
         images, latents = media.shape[1:3]
         if images == 0:
@@ -159,7 +172,7 @@ class MaskedCrossAttention(nn.Module):
         )
         q = _split_heads(self.q_proj(self.norm(x)), self.heads)  # (B, h, T, d)
         width = self.q_proj.out_features
-        k, v = self.kv_proj(media).chunk(2, dim=-1)  # (B, N, n, h * d) each
+        k, v = self.keys_values(media) if keys_values is None else keys_values
         buckets = batch * images
 
         def per_image(t: Tensor) -> Tensor:  # (B, N, n, h * d) -> (B * N, h, n, d)
@@ -186,10 +199,15 @@ class GatedCrossAttention(nn.Module):
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
     def forward(
-        self, x: Tensor, media: Tensor | None, media_index: Tensor | TokenRouting
+        self,
+        x: Tensor,
+        media: Tensor | None,
+        media_index: Tensor | TokenRouting,
+        keys_values: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """With `media=None` (media switched off) the attention branch contributes nothing."""
+        """With `media=None` (media switched off) the attention branch contributes nothing;
+        `keys_values` as `MaskedCrossAttention.forward` takes them."""
         if media is not None:
-            x = x + self.attn(x, media, media_index) * self.attn_gate.tanh()
+            x = x + self.attn(x, media, media_index, keys_values) * self.attn_gate.tanh()
         out: Tensor = x + self.ff(x) * self.ff_gate.tanh()
         return out

@@ -33,6 +33,8 @@ class MediaState:
     media_index: Tensor | None = None
     routing: TokenRouting | None = None
     active: bool = False
+    # per cross-attention block, its keys and values of `latents` (decoding: computed once)
+    keys_values: dict[nn.Module, tuple[Tensor, Tensor]] | None = None
 
 
 class FlamingoDecoderLayer(nn.Module):
@@ -80,7 +82,8 @@ class FlamingoDecoderLayer(nn.Module):
                 self.gated_cross_attn, hidden, media.latents, index, use_reentrant=False
             )
             return out
-        result: Tensor = self.gated_cross_attn(hidden, media.latents, index)
+        cached = media.keys_values.get(self.gated_cross_attn) if media.keys_values else None
+        result: Tensor = self.gated_cross_attn(hidden, media.latents, index, cached)
         return result
 
 
