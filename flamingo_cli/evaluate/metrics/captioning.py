@@ -1,5 +1,5 @@
 """Captioning CIDEr as OpenFlamingo reports it: pycocoevalcap's `Cider` x 100 on PTB-tokenized
-captions (docs/formats.md, metrics).
+captions (docs/formats.md §13).
 
 OpenFlamingo scores through `COCOEvalCap.evaluate()`, whose SPICE step downloads Stanford models;
 we run its tokenization and its `Cider` scorer only. Tokenization is the Stanford PTB tokenizer

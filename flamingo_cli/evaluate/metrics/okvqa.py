@@ -1,6 +1,6 @@
 """OK-VQA answer stemming, as OpenFlamingo 2.0.1's `open_flamingo/eval/ok_vqa_utils.py` does it
 (OK-VQA v1.1's procedure), so predictions compare with the stemmed answers its annotation files
-hold (docs/formats.md, metrics).
+hold (docs/formats.md §13).
 
 The `nltk` backend is that procedure: NLTK's `word_tokenize` and `pos_tag`, then per word a
 manual table, else WordNet's verb lemma for words ending in "ing", else `inflection`'s

@@ -1,7 +1,7 @@
 """A Python stand-in for the Stanford PTB tokenizer that pycocoevalcap runs through Java
 (`stanford-corenlp-3.4.1.jar`, `-preserveLines -lowerCase`), for machines without Java.
 
-It follows the jar's rules where captions exercise them (docs/formats.md, metrics): PTB
+It follows the jar's rules where captions exercise them (docs/formats.md §13): PTB
 normalisation of quotes, dashes, ellipses, brackets, a few currency signs and fractions;
 contractions split off ("do n't", "it 's", "can not", "gon na"); abbreviations and acronyms
 keep their period ("mr.", "u.s.", "e.g."), a sentence period is its own token; runs of "?" and

@@ -1,4 +1,4 @@
-"""VQA accuracy: answer normalisation and the leave-one-out average (docs/formats.md, metrics).
+"""VQA accuracy: answer normalisation and the leave-one-out average (docs/formats.md §13).
 
 A question scores min(matches / 3, 1) averaged over the leave-one-out subsets of its human
 answers, where matches counts the remaining human answers equal to the prediction after both
