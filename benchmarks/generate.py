@@ -95,10 +95,10 @@ def run_openflamingo(model: Any, inputs: Inputs, beams: int, special: Any) -> li
             attention_mask=inputs.attention_mask,
             max_new_tokens=MAX_NEW,
             num_beams=beams,
-            length_penalty=0.0,
             eos_token_id=special.endofchunk,
             pad_token_id=special.pad,
             do_sample=False,
+            **({"length_penalty": 0.0} if beams > 1 else {}),  # greedy has none
         )
     rows = out[:, inputs.input_ids.shape[1] :].tolist()
     return [_until_stop(row, special.endofchunk) for row in rows]

@@ -1,4 +1,4 @@
-"""`flamingo generate`: a trained model continues a prompt about images (docs/formats.md §12).
+"""`flamingo generate`: a trained model continues a prompt about images (docs/formats.md §16).
 
 The prompt is the user's own text with an `<image>` per image, or OpenFlamingo's captioning
 or VQA template with in-context examples (shots) first. The checkpoint is anything

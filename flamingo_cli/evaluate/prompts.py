@@ -1,5 +1,5 @@
 """Prompts as OpenFlamingo's evaluation writes them, tokenized and batched for generation
-(docs/formats.md §12).
+(docs/formats.md §16).
 
 A prompt is text with one `<image>` per image; the k-th `<image>` of a row uses that row's
 k-th image. In-context examples come first, each a complete prompt ending in

@@ -1,5 +1,5 @@
 """Decoding a Flamingo model: greedy, sampling and beam search, batched with left padding,
-with the LM's key/value cache in every mode (docs/formats.md §12).
+with the LM's key/value cache in every mode (docs/formats.md §16).
 
 Images are encoded once per row (only those an `<image>` refers to), each cross-attention
 block's keys and values of them computed once for all steps, and the prompt runs once per
