@@ -506,3 +506,18 @@ def test_from_openflamingo_still_gives_the_two_datasets(tmp_path: Path) -> None:
         ("mmc4", ["mmc4"]),
     ]
     assert not any(s.blended for d in plan.datasets for s in d.sources)
+
+
+def test_each_source_of_a_blend_has_its_own_shuffle_buffer(write_recipe: WriteRecipe) -> None:
+    # pairs: 25,000 bytes a sample when not counted; 5000 samples x 2 workers x 2 processes
+    laion, _, cc12m = validate_recipe(write_recipe(BLEND)).plan.datasets
+    assert cc12m.shuffle_buffer_bytes_per_node == 5000 * 25_000 * 2 * 2
+    assert laion.shuffle_buffer_bytes_per_node == 2 * 5000 * 25_000 * 2 * 2
+    text = BLEND.replace(
+        "workers = 2\n\n[[data.laion", "workers = 2\nshuffle_buffer = 500000\n\n[[data.laion", 1
+    )
+    problem = only(problems_of(write_recipe(text)), "data.laion.shuffle_buffer")
+    assert problem.message == (
+        "shuffle buffers hold about 93 GiB per node (500000 samples x 2 sources x 2 workers x "
+        "2 processes)"
+    )

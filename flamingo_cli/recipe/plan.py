@@ -204,8 +204,10 @@ def dataset_plan(
         workers=config.workers,
         shards_per_worker=shards / (workers * world),
         resampled=config.resampled,
+        # every source has its own stream, and so its own shuffle buffer (§7.2)
         shuffle_buffer_bytes_per_node=config.shuffle_buffer
         * per_sample
+        * max(len(sources), 1)
         * workers
         * dist.nproc_per_node,
         batch_pixel_bytes=batch_pixel_bytes(config, image_size(recipe.model)),

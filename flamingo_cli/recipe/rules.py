@@ -9,7 +9,7 @@ from pathlib import Path
 
 from flamingo_cli.errors import Problem
 from flamingo_cli.recipe.load import SHARD_KEYS, LoadedRecipe, UntypedRecipe
-from flamingo_cli.recipe.plan import Plan, SourcePlan, batches_per_epoch
+from flamingo_cli.recipe.plan import DatasetPlan, Plan, SourcePlan, batches_per_epoch
 from flamingo_cli.recipe.schema import (
     KINDS,
     NAME_PATTERN,
@@ -461,13 +461,18 @@ def _warnings(loaded: LoadedRecipe, plan: Plan) -> list[Problem]:
                 loaded.problem(
                     f"data.{dataset.name}.shuffle_buffer",
                     f"shuffle buffers hold about {gib:.0f} GiB per node ({config.shuffle_buffer} "
-                    f"samples x {max(config.workers, 1)} workers x "
+                    f"samples x {_streams(dataset)}{max(config.workers, 1)} workers x "
                     f"{loaded.recipe.distributed.nproc_per_node} processes)",
                     fix=f"lower data.{dataset.name}.shuffle_buffer or workers",
                     severity="warning",
                 )
             )
     return problems
+
+
+def _streams(dataset: DatasetPlan) -> str:
+    """`N sources x ` for a blend, whose every source has a shuffle buffer; else nothing."""
+    return f"{len(dataset.sources)} sources x " if len(dataset.sources) > 1 else ""
 
 
 def _source_warnings(

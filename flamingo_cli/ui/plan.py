@@ -98,7 +98,7 @@ def _source_row(source: SourcePlan) -> list[str]:
     return [
         f"  {source.name}",
         f"{source.weight:g}",
-        f"{source.share:.0%}",
+        f"{source.share:.0%}" if source.share >= 0.01 else f"{source.share:.2%}",
         f"{source.shards}" + ("*" if source.resampled else ""),
         f"{source.shards_per_worker:.2f}",
         f"~{source.samples_drawn_per_epoch:,}",
