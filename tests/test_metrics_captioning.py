@@ -129,6 +129,8 @@ TRICKY = [
     "plan b. Then we go",
     "A.",
     "A man riding a wave on top of a surfboard.",
+    "plan b. York then plan c. The end, I. Smith",  # only some words end the sentence
+    "the '10 season, '10! and the '90s; o'neil it'sa ma'am C# B#",
     "",
     "line\nbreak and line\u2028separator",
 ]
@@ -138,6 +140,7 @@ TRICKY = [
 def test_java_and_python_tokenizers_agree_on_a_tricky_set() -> None:
     assert java_tokenize(TRICKY) == ptb_tokenize_lines(TRICKY)
     assert ptb_tokenize_lines(TRICKY)[22] == "a"  # "A." before "A man": the period goes
+    assert ptb_tokenize_lines(TRICKY)[24] == "plan b. york then plan c the end i. smith"
 
 
 @needs_java
