@@ -95,7 +95,7 @@ def okvqa_stemmer() -> OkvqaStemmer:
         return OkvqaStemmer("fallback", _fallback_stem)
     try:
         _nltk_stem("riding bikes")  # loads the tokenizer, tagger and WordNet data
-    except LookupError:
+    except (LookupError, OSError):  # data missing, or unreadable
         return OkvqaStemmer("fallback", _fallback_stem)
     return OkvqaStemmer("nltk", _nltk_stem)
 

@@ -20,6 +20,7 @@ The prediction gets both rule sets in both variants.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ def clean_whitespace(text: str) -> str:
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
+@functools.lru_cache(maxsize=1 << 16)  # answers repeat ("yes", "2"): normalise each once
 def normalize_punctuation(text: str) -> str:
     """The punctuation rules: each listed mark is deleted where it touches a space somewhere
     in the text (or when the text has a digit-comma-digit), else it becomes a space; then
@@ -125,6 +127,7 @@ def normalize_digits_articles(text: str) -> str:
     return " ".join(CONTRACTIONS.get(word, word) for word in words if word not in ARTICLES)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def normalize_answer(text: str) -> str:
     """What a prediction goes through in both variants (and a human answer in OpenFlamingo's)."""
     return normalize_digits_articles(normalize_punctuation(clean_whitespace(text)))
