@@ -54,6 +54,7 @@ def bench(session: nox.Session) -> None:
         "inspect": ["--gb", "0.5"],
         "loader": ["--docs", "60"],
         "train_step": ["--steps", "6"],
+        "generate": ["--repeats", "2"],
     }
     for name, args in runs.items():
         if session.posargs and name not in session.posargs:
