@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -201,7 +202,13 @@ class FlamingoModel(nn.Module):
         else:
             latents = None
         with self._conditioned(latents, self.media_index(input_ids)):
-            return self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            # no key/value cache: a whole sequence needs none, and filling one per layer
+            # made each compiled decoder layer recompile (docs/formats.md §12)
+            takes = inspect.signature(self.lm.forward).parameters
+            no_cache = {"use_cache": False} if "use_cache" in takes else {}
+            return self.lm(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, **no_cache
+            )
 
     # -- generation ----------------------------------------------------------------------
 
