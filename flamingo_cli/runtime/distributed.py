@@ -7,6 +7,7 @@ import datetime
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,9 @@ from torch import nn
 
 from flamingo_cli.errors import FlamingoError
 from flamingo_cli.recipe.schema import Precision, Sharding, Strategy
+
+if TYPE_CHECKING:
+    from flamingo_cli.model.flamingo import FlamingoModel
 
 
 @dataclass(frozen=True)
@@ -101,8 +105,13 @@ def apply_parallelism(
     sharding: Sharding,
     precision: Precision,
     info: DistInfo,
+    compiled: Sequence[nn.Module] = (),
 ) -> nn.Module:
-    """Wrap `model` for its strategy: FSDP2 per unit then the root, DDP, or nothing."""
+    """Wrap `model` for its strategy: FSDP2 per unit then the root, DDP, or nothing. The
+    `compiled` blocks are compiled first, each in place (regional compilation: one compiled
+    block serves all its copies; the parameter names do not change)."""
+    for block in compiled:
+        block.compile()
     if strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -130,6 +139,18 @@ def apply_parallelism(
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     return model
+
+
+def repeated_blocks(model: FlamingoModel) -> list[nn.Module]:
+    """The blocks `run.compile` compiles: the vision tower's blocks, the perceiver's layers and
+    the decoder layers, each with its gated cross-attention (docs/formats.md §12)."""
+    blocks: list[nn.Module] = []
+    for unit in model.shard_units():
+        if unit is model.perceiver:
+            blocks.extend(model.perceiver.layers)
+        else:
+            blocks.append(unit)
+    return blocks
 
 
 @contextlib.contextmanager

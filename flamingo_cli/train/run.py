@@ -33,6 +33,7 @@ from flamingo_cli.runtime.distributed import (
     apply_parallelism,
     init_distributed,
     mean_across_ranks,
+    repeated_blocks,
     teardown,
 )
 from flamingo_cli.runtime.precision import require_gpu_for_fp16
@@ -281,6 +282,7 @@ def _set_up(loaded: LoadedRecipe, info: DistInfo, events: TrainEvents) -> TrainS
         sharding=recipe.distributed.sharding,
         precision=recipe.run.precision,
         info=info,
+        compiled=repeated_blocks(model) if recipe.run.compile else (),
     )
     optim = recipe.optim
     optimizer = build_optimizer(wrapped, lr=optim.lr, weight_decay=optim.weight_decay)
