@@ -1,4 +1,4 @@
-"""Precision on this device: which autocast a forward runs under, and what needs a GPU."""
+"""Precision on this device: which autocast a forward runs under, TF32, and what needs a GPU."""
 
 from __future__ import annotations
 
@@ -29,3 +29,14 @@ def require_gpu_for_fp16(precision: Precision) -> None:
             'run.precision = "fp16" needs a GPU (it trains with a gradient scaler)',
             fix='use "bf16" or "amp_bf16" on CPUs, or "fp32"',
         )
+
+
+def use_tf32(precision: Precision, device: torch.device) -> bool:
+    """TF32 for the float32 matrix products left on a GPU (frozen float32 parts, the loss's
+    upcast logits) when the run trains in a reduced precision, whose own products round
+    coarser than TF32; a "fp32" run keeps full float32. True when TF32 is now on."""
+    if device.type != "cuda" or precision == "fp32":
+        return False
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    return True

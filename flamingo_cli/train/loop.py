@@ -207,10 +207,10 @@ def _backward_window(
                 with config.flops.counting(name, rows):  # the first batch of each dataset
                     with autocast_for(config.precision, info.device, strategy):
                         out = model(
-                            batch.images.to(info.device, non_blocking=True),
-                            batch.input_ids[:, :length].to(info.device, non_blocking=True),
-                            batch.attention_mask[:, :length].to(info.device, non_blocking=True),
-                            labels=batch.labels[:, :length].to(info.device, non_blocking=True),
+                            _to(batch.images, info.device),
+                            _to(batch.input_ids, info.device)[:, :length],
+                            _to(batch.attention_mask, info.device)[:, :length],
+                            labels=_to(batch.labels, info.device)[:, :length],
                         )
                     loss = out.loss * config.loss_multipliers[name] / accum
                     (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -221,6 +221,12 @@ def _backward_window(
                     rows,
                 )
     return seen
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy without waiting: whole (a column slice would be copied through pageable memory
+    first), from the loaders' page-locked memory on a GPU machine."""
+    return tensor.to(device, non_blocking=True)
 
 
 def _update(

@@ -36,7 +36,7 @@ from flamingo_cli.runtime.distributed import (
     repeated_blocks,
     teardown,
 )
-from flamingo_cli.runtime.precision import require_gpu_for_fp16
+from flamingo_cli.runtime.precision import require_gpu_for_fp16, use_tf32
 from flamingo_cli.runtime.run_dir import resolve_resume, run_dir_of
 from flamingo_cli.runtime.run_lock import RunDirLocked, RunLock, claim_for_rank
 from flamingo_cli.runtime.weights import load_weights
@@ -138,6 +138,7 @@ def train_rank(
     recipe = loaded.recipe
     require_gpu_for_fp16(recipe.run.precision)
     info = init_distributed(recipe.distributed.timeout_s)
+    use_tf32(recipe.run.precision, info.device)
     shown = events if info.is_main and events else _Silent()
     stop = StopFlag(on_request=shown.message)
     stop.install()  # from here a stop signal means: checkpoint at the next step boundary
