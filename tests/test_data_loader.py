@@ -65,9 +65,7 @@ def mmc4(root: Path, **kw: Any) -> InterleavedConfig:
     return InterleavedConfig(**(base | kw))
 
 
-def build(
-    config: DatasetConfig, tok: tuple[Any, SpecialTokens], **kw: Any
-) -> TrainLoader:
+def build(config: DatasetConfig, tok: tuple[Any, SpecialTokens], **kw: Any) -> TrainLoader:
     transform = kw.pop("transform", image_transform(32, is_train=False))
     return make_loader(config, tok[0], tok[1], transform, seed=kw.pop("seed", 5), **kw)
 
@@ -208,7 +206,9 @@ def test_fast_forward_decodes_no_skipped_image(
     assert resuming.calls - probe == decoded_total - decoded_head
 
 
-def build_state(config: InterleavedConfig, tok: tuple[Any, SpecialTokens], n: int) -> dict[str, Any]:
+def build_state(
+    config: InterleavedConfig, tok: tuple[Any, SpecialTokens], n: int
+) -> dict[str, Any]:
     loader = build(config, tok)
     take(loader, n)
     return loader.state_dict()

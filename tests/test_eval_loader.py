@@ -60,7 +60,9 @@ def _loader(
     if kind == "laion":
         config = PairsConfig(shards="unused.tar", batch_size=4, workers=workers)
     else:
-        config = InterleavedConfig(shards="unused.tar", batch_size=2, workers=workers, max_tokens=64)
+        config = InterleavedConfig(
+            shards="unused.tar", batch_size=2, workers=workers, max_tokens=64
+        )
     return make_eval_loader(kind, config, shards, tokenizer, special, TRANSFORM, **kwargs)
 
 

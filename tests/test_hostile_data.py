@@ -124,9 +124,7 @@ def laion_config(shards: str | list[str], **kw: Any) -> PairsConfig:
     return PairsConfig(**(base | kw))
 
 
-def train_loader(
-    config: DatasetConfig, tok: tuple[Any, SpecialTokens], **kw: Any
-) -> TrainLoader:
+def train_loader(config: DatasetConfig, tok: tuple[Any, SpecialTokens], **kw: Any) -> TrainLoader:
     return make_loader(config, tok[0], tok[1], TRANSFORM, seed=3, **kw)
 
 
