@@ -316,6 +316,8 @@ def test_a_weight_must_be_positive(write_recipe: WriteRecipe) -> None:
     )
     assert problem.line == LAION2B_LINE + 3
     assert "greater than 0" in problem.message
+    assert problem.fix is not None and problem.fix.startswith("give a number > 0")
+    assert "[[data.laion.sources]]" in problem.fix
 
 
 @pytest.mark.parametrize(

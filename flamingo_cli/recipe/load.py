@@ -116,7 +116,7 @@ def load_recipe(path: str | Path, overrides: Sequence[Override] = ()) -> LoadedR
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         for key, message in _validation_messages(exc):
-            report(key, message)
+            report(key, message, fix=_fix_for(key))
     else:
         if not problems:
             return LoadedRecipe(recipe, path, lines, sources)
@@ -320,6 +320,21 @@ def _kind_message(key: str, error: Any) -> str:
         f"[data.{name}] does not say its kind: only laion and mmc4 have theirs implied; "
         f"set kind = {kinds}{hint}"
     )
+
+
+_SOURCE_WEIGHT = re.compile(r"data\.([^.]+)\.sources\.\d+\.weight")
+
+
+def _fix_for(key: str) -> str | None:
+    """The fix of a typing problem, where the key alone says what to do."""
+    match = _SOURCE_WEIGHT.fullmatch(key)
+    if match:
+        return (
+            "give a number > 0: a source's weight is its share of the dataset's samples "
+            f"relative to the other sources; to leave it out, remove its [[data.{match.group(1)}"
+            ".sources]] table"
+        )
+    return None
 
 
 def _validation_messages(exc: ValidationError) -> list[tuple[str, str]]:
