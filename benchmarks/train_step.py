@@ -89,8 +89,9 @@ def make_batches(
     return out
 
 
-def build(lm_dir: Path, tokenizer_dir: Path) -> tuple[Any, Any, Any]:
-    """OpenFlamingo's model and ours with the same weights, and the tokenizer."""
+def build(lm_dir: Path, tokenizer_dir: Path, vision: str = VISION) -> tuple[Any, Any, Any]:
+    """OpenFlamingo's model and ours with the same weights, and the tokenizer (also used by
+    benchmarks/fsdp_step.py --openflamingo, with another vision tower)."""
     from open_flamingo.src.factory import create_model_and_transforms
 
     from flamingo_cli.model.factory import assemble, build_lm, build_vision_encoder
@@ -102,23 +103,30 @@ def build(lm_dir: Path, tokenizer_dir: Path) -> tuple[Any, Any, Any]:
     torch.manual_seed(0)
     with contextlib.redirect_stdout(io.StringIO()):
         theirs, _, _ = create_model_and_transforms(
-            VISION,
+            vision,
             None,
             str(lm_dir),
             str(tokenizer_dir),
             cross_attn_every_n_layers=1,
             use_local_files=True,
         )
-    vision, _, width = build_vision_encoder(VISION, None)
+    encoder, _, width = build_vision_encoder(vision, None)
     tokenizer, special = load_tokenizer(tokenizer_dir)
-    ours = assemble(vision, width, build_lm(lm_dir), tokenizer, special, FlamingoConfig())
+    ours = assemble(encoder, width, build_lm(lm_dir), tokenizer, special, FlamingoConfig())
     load_openflamingo_state_dict(ours, theirs.state_dict())
     set_trainable(ours)
     return theirs, ours, tokenizer
 
 
-def time_openflamingo(model: Any, tokenizer: Any, batches: list[dict[str, Any]]) -> float:
-    """Seconds per optimizer step of OpenFlamingo's own `train_one_epoch`."""
+def time_openflamingo(
+    model: Any,
+    tokenizer: Any,
+    batches: list[dict[str, Any]],
+    device: Any = "cpu",
+    precision: str = "fp32",
+) -> float:
+    """Seconds per optimizer step of OpenFlamingo's own `train_one_epoch` (on `device` in its
+    `precision`, e.g. "amp_bf16" on a GPU)."""
     from open_flamingo.train.train_utils import train_one_epoch
 
     object.__setattr__(tokenizer, "additional_special_tokens", ["<|endofchunk|>", "<image>"])
@@ -172,7 +180,7 @@ def time_openflamingo(model: Any, tokenizer: Any, batches: list[dict[str, Any]])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     args = SimpleNamespace(
         num_epochs=1,
-        precision="fp32",
+        precision=precision,
         fsdp=False,
         rank=1,
         gradient_accumulation_steps=1,
@@ -181,15 +189,17 @@ def time_openflamingo(model: Any, tokenizer: Any, batches: list[dict[str, Any]])
         freeze_lm_embeddings=False,
         fsdp_use_orig_params=False,
         report_to_wandb=False,
-        batch_size_laion=4,
-        batch_size_mmc4=4,
+        batch_size_laion=len(batches[0]["laion"][0]),
+        batch_size_mmc4=len(batches[0]["mmc4"][0]),
         world_size=1,
         logging_steps=10**9,
         delete_previous_checkpoint=False,
         run_name="bench",
     )
     start = time.perf_counter()
-    train_one_epoch(args, wrapped, 0, laion, mmc4, tokenizer, optimizer, scheduler, "cpu", None)
+    train_one_epoch(args, wrapped, 0, laion, mmc4, tokenizer, optimizer, scheduler, device, None)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / len(batches)
 
 

@@ -131,3 +131,39 @@ def test_training_logs_utilisation(tmp_path: Path) -> None:
         assert row["tflops_per_gpu"] > 0
         assert row["mfu"] == pytest.approx(row["tflops_per_gpu"] / 0.5)
         assert row["memory/peak_gib"] > 0
+
+
+@pytest.mark.slow
+def test_the_step_benchmark_runs_at_a_tiny_shape_on_a_cpu(tmp_path: Path) -> None:
+    """benchmarks/fsdp_step.py --smoke: our FSDP2 step and OpenFlamingo's on the same weights."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "results.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/fsdp_step.py",
+            "--smoke",
+            "--openflamingo",
+            "--json",
+            str(out),
+        ],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["device"] == "CPU" and row["compile"] is False
+    assert row["samples_per_s"] > 0 and row["tokens_per_s"] > 0 and row["tflops_per_gpu"] > 0
+    assert row["mfu"] is None  # no peak known for a CPU
+    assert row["openflamingo_step_ms"] > 0
+    assert row["ratio"] == pytest.approx(row["openflamingo_step_ms"] / row["step_ms"])
+    assert "ours / OpenFlamingo" in done.stdout
