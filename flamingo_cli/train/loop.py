@@ -4,6 +4,7 @@ Per micro-step: LAION forward/backward, then MMC4 forward/backward, each loss ti
 multiplier over the accumulation steps; gradients are reduced once per optimizer step. Then the
 embedding-row gradient mask, one clip on the global norm, and AdamW (skipped on every rank when
 the norm is not finite). Distributed set-up, precision and logging happen before the loop.
+The step reads the device once, at its end (docs/formats.md §12).
 """
 
 from __future__ import annotations
@@ -120,8 +121,9 @@ def global_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tenso
 
 @dataclass
 class _Window:
-    """What the backward window measured, per dataset: loss sums and token counts as device
-    tensors (float64: the sums Python floats would make), samples from the batch shapes."""
+    """What the backward window measured, per dataset: loss sums as device tensors (float64:
+    the sums Python floats would make), token counts as tensors where the batches are (moved
+    with the one read), samples from the batch shapes."""
 
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)
