@@ -34,6 +34,7 @@ import os  # noqa: E402
 import socket  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 import types  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -207,8 +208,13 @@ def sync_check(step: Callable[[], Any]) -> str:
     torch.cuda.set_sync_debug_mode("error")
     try:
         step()
-    except RuntimeError as error:
-        return f"synced: {str(error).splitlines()[0]}"
+    except RuntimeError as error:  # where: the innermost frames outside torch
+        frames = [
+            f"{Path(f.filename).name}:{f.lineno} {f.name}"
+            for f in traceback.extract_tb(error.__traceback__)
+            if "/torch/" not in f.filename
+        ]
+        return f"synced: {str(error).splitlines()[0]} at {' < '.join(reversed(frames[-3:]))}"
     finally:
         torch.cuda.set_sync_debug_mode(0)
         loop._read_once = read  # type: ignore[assignment]
