@@ -59,3 +59,22 @@ def test_compiled_blocks_give_the_eager_losses(tmp_path: Path) -> None:
     for g, w in zip(got, want, strict=True):
         for key in ("loss/laion", "loss/mmc4"):
             assert g[key] == pytest.approx(w[key], abs=1e-4), (g["step"], key)
+
+
+def test_validate_names_a_missing_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from flamingo_cli.cli.app import app
+
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    tiny = str(RECIPES / "tiny-cpu.toml")
+    result = CliRunner().invoke(app, ["validate-config", tiny, "--set", "run.compile=true"])
+    assert result.exit_code == 1
+    text = " ".join(result.stderr.split())
+    assert "run.compile (from --set): run.compile = true needs a C or C++ compiler" in text
+    assert "fix: install one (e.g. apt-get install g++) or set run.compile = false" in text
+    assert CliRunner().invoke(app, ["validate-config", tiny]).exit_code == 0

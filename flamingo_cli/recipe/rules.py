@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 from flamingo_cli.errors import Problem
@@ -39,6 +40,7 @@ def check_recipe(
         *_interleaved_rules(loaded),
         *_distributed_rules(loaded),
         *_logging_rules(loaded),
+        *_compile_rules(loaded),
         *_warnings(loaded, plan),
         *_memory_rules(loaded, plan, machine_memory_bytes(), training=training),
     ]
@@ -398,6 +400,26 @@ def _logging_rules(loaded: LoadedRecipe) -> list[Problem]:
             )
         )
     return problems
+
+
+COMPILERS = ("g++", "clang++", "c++", "gcc", "clang", "cc")
+
+
+def _compile_rules(loaded: LoadedRecipe) -> list[Problem]:
+    """torch.compile builds its kernels (C++ on CPUs, Triton's launchers on GPUs) with a C or C++
+    compiler: without one the run would fail at its first step, deep inside torch."""
+    if not loaded.recipe.run.compile:
+        return []
+    if os.environ.get("CXX") or os.environ.get("CC") or any(map(shutil.which, COMPILERS)):
+        return []
+    return [
+        loaded.problem(
+            "run.compile",
+            "run.compile = true needs a C or C++ compiler (torch.compile builds its kernels "
+            "with one), and none is on PATH",
+            fix="install one (e.g. apt-get install g++) or set run.compile = false",
+        )
+    ]
 
 
 def machine_memory_bytes() -> int | None:
