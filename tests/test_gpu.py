@@ -119,8 +119,9 @@ def test_the_step_syncs_only_in_its_one_read(request: pytest.FixtureRequest) -> 
 @gpu
 @pytest.mark.xfail(
     strict=False,
-    reason="the Flamingo forward may still read the device: encode_referenced skips padded "
-    "images by a data-dependent count (model/flamingo.py), transformers may check its mask",
+    reason="the Flamingo forward still reads the device: encode_referenced picks the images to "
+    "encode by a data-dependent count (model/flamingo.py) and transformers' SDPA mask building "
+    "asks whether the padding mask is all ones (masking_utils.fast_all)",
 )
 def test_the_flamingo_step_syncs_only_in_its_one_read(request: pytest.FixtureRequest) -> None:
     from flamingo_cli.model.factory import tiny_lm
