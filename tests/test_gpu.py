@@ -204,3 +204,26 @@ def test_loaders_page_lock_their_batches_on_a_gpu_machine_only() -> None:
     loader = worker_loader(Stream(), workers=0, prefetch_factor=2)
     assert loader.pin_memory is CUDA
     assert next(iter(loader)).is_pinned() is CUDA
+
+
+def test_attention_hands_sdpa_no_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What keeps the fused kernels open on a GPU, checked on any machine: the cross-attention
+    and the perceiver call SDPA with 4-D inputs and no mask (flash attention takes none)."""
+    import torch.nn.functional as F
+
+    from flamingo_cli.model import layers
+    from flamingo_cli.model.layers import MaskedCrossAttention, PerceiverAttention
+
+    calls: list[tuple[int, bool]] = []
+    real = F.scaled_dot_product_attention
+
+    def recorded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> Any:
+        calls.append((q.ndim, kwargs.get("attn_mask") is not None))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", recorded)
+    cross = MaskedCrossAttention(dim=16, dim_visual=8, heads=2, dim_head=4)
+    index = torch.tensor([[0, 1, 1, 2], [2, 2, 1, 0]])
+    cross(torch.randn(2, 4, 16), torch.randn(2, 2, 3, 8), index)
+    PerceiverAttention(dim=8, heads=2, dim_head=4)(torch.randn(4, 5, 8), torch.randn(4, 3, 8))
+    assert calls == [(4, False), (4, False)]
