@@ -13,7 +13,7 @@ from flamingo_cli.model.factory import tiny_lm
 from flamingo_cli.recipe.load import load_recipe, parse_override
 from flamingo_cli.runtime.distributed import DistInfo, apply_parallelism, repeated_blocks
 
-from .conftest import RECIPES
+from .conftest import RECIPES, REPO
 from .model_util import wrap
 
 GOLDEN = Path(__file__).parent / "data" / "tiny_cpu_losses.jsonl"
@@ -78,3 +78,48 @@ def test_validate_names_a_missing_compiler(monkeypatch: pytest.MonkeyPatch) -> N
     assert "run.compile (from --set): run.compile = true needs a C or C++ compiler" in text
     assert "fix: install one (e.g. apt-get install g++) or set run.compile = false" in text
     assert CliRunner().invoke(app, ["validate-config", tiny]).exit_code == 0
+
+
+# the eager steps of the tiny recipe on two ranks (FSDP2 and DDP agree to 1e-6)
+TWO_RANK_EAGER = [
+    (6.1604413986206055, 6.282376766204834),
+    (6.161433458328247, 6.281023979187012),
+    (6.097361087799072, 6.278399705886841),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_compiled_ranks_give_the_eager_losses(tmp_path: Path, strategy: str) -> None:
+    """Two ranks, blocks compiled before FSDP2 (with activation checkpointing) or DDP wrap them."""
+    import os
+    import subprocess
+    import sys
+
+    args = [
+        *("train", str(RECIPES / "tiny-cpu.toml"), "--nproc-per-node", "2", "--max-steps", "3"),
+        *("--set", f"run.output_dir={tmp_path}", "--set", f"distributed.strategy={strategy}"),
+        *("--set", "run.compile=true", "--set", "model.gradient_checkpointing=true"),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "flamingo_cli", "-q", *args],
+        capture_output=True,
+        text=True,
+        timeout=500,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = (tmp_path / "tiny-cpu" / "metrics.jsonl").read_text().splitlines()
+    got = [(row["loss/laion"], row["loss/mmc4"]) for row in map(json.loads, lines)]
+    assert len(got) == 3
+    for pair, want in zip(got, TWO_RANK_EAGER, strict=True):
+        assert pair == pytest.approx(want, abs=1e-4)
