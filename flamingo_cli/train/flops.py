@@ -1,10 +1,10 @@
 """Utilisation of the training step: model FLOPs per sample, the device's peak, peak memory
 (docs/formats.md §12).
 
-FLOPs are counted once, by torch's FlopCounterMode on the first batch the step runs of each
-dataset (forward and backward, as that step runs them: frozen towers have no weight gradient,
-right padding is cut off; with gradient checkpointing the recomputed forward counts too). A
-logged step's model FLOPs are then each dataset's FLOPs per sample times the samples it took.
+FLOPs are counted once, by torch's FlopCounterMode on an extra forward and backward of the
+first batch of each dataset (train/loop.py `_count_flops`), as the step runs them: frozen
+towers have no weight gradient, right padding is cut off; with gradient checkpointing the
+recomputed forward counts too. A logged step's model FLOPs are then each dataset's FLOPs per sample times the samples it took.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 
 
 class StepFlops:
-    """FLOPs per sample of each dataset, counted on the first batch the step runs of it."""
+    """FLOPs per sample of each dataset, counted on a pass over its first batch."""
 
     def __init__(self) -> None:
         self.per_sample: dict[str, float] = {}

@@ -151,10 +151,11 @@ def optimizer_step(
     The step reads the device once, at its end (docs/formats.md §12): losses and the gradient
     norm stay tensors until then, and the skip of a non-finite step is decided on the device
     (train/optim.py `step_if_finite`)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    _count_flops(model, params, batches[0], config, info, strategy)
     start = time.perf_counter()
     reset_peak_memory(info.device)
     lr = float(optimizer.param_groups[0]["lr"])
-    params = [p for p in model.parameters() if p.requires_grad]
     window = _backward_window(model, batches, config, info, strategy, scaler)
     norm = _update(params, optimizer, scheduler, config, scaler)
     grad_norm, losses, tokens = _read_once(norm, window)
@@ -203,19 +204,10 @@ def _backward_window(
     for micro, named in enumerate(batches):
         with gradient_sync(model, enabled=micro == len(batches) - 1):
             for name, batch in named.items():
-                # right padding is cut off: same loss, less work (OF pads MMC4 to 256 tokens)
-                length = content_length(batch.attention_mask, batch.labels)
+                out = _forward(model, batch, config, info, strategy)
+                loss = out.loss * config.loss_multipliers[name] / accum
+                (scaler.scale(loss) if scaler is not None else loss).backward()
                 rows = int(batch.input_ids.shape[0])
-                with config.flops.counting(name, rows):  # the first batch of each dataset
-                    with autocast_for(config.precision, info.device, strategy):
-                        out = model(
-                            _to(batch.images, info.device),
-                            _to(batch.input_ids, info.device)[:, :length],
-                            _to(batch.attention_mask, info.device)[:, :length],
-                            labels=_to(batch.labels, info.device)[:, :length],
-                        )
-                    loss = out.loss * config.loss_multipliers[name] / accum
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
                 seen.add(
                     name,
                     out.loss.detach().double() / len(batches),
@@ -223,6 +215,46 @@ def _backward_window(
                     rows,
                 )
     return seen
+
+
+def _forward(
+    model: nn.Module, batch: Batch, config: LoopConfig, info: DistInfo, strategy: Strategy
+) -> Any:
+    """The model's output on one batch; right padding is cut off: same loss, less work (OF
+    pads MMC4 to 256 tokens)."""
+    length = content_length(batch.attention_mask, batch.labels)
+    with autocast_for(config.precision, info.device, strategy):
+        return model(
+            _to(batch.images, info.device),
+            _to(batch.input_ids, info.device)[:, :length],
+            _to(batch.attention_mask, info.device)[:, :length],
+            labels=_to(batch.labels, info.device)[:, :length],
+        )
+
+
+def _count_flops(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    named: Mapping[str, Batch],
+    config: LoopConfig,
+    info: DistInfo,
+    strategy: Strategy,
+) -> None:
+    """Count the FLOPs of the datasets not counted yet on a forward and backward of their first
+    batch of its own, before the step (docs/formats.md §12): the counter changes the kernels'
+    sums in the last bits, so counting on a training batch would make a resumed run differ
+    from an uninterrupted one. Gradients and random state are left as they were."""
+    todo = [name for name in named if name not in config.flops.per_sample]
+    if not todo:
+        return
+    devices = [info.device] if info.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for name in todo:
+            batch = named[name]
+            with config.flops.counting(name, int(batch.input_ids.shape[0])):
+                _forward(model, batch, config, info, strategy).loss.backward()
+    for param in params:
+        param.grad = None
 
 
 def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
