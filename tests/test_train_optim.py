@@ -102,6 +102,7 @@ def test_non_finite_gradient_norm_skips_the_step() -> None:
     optimizer = build_optimizer(model, lr=0.1, weight_decay=0.0)
     scheduler = build_scheduler(optimizer, kind="constant", warmup_steps=0, total_steps=2)
     config = LoopConfig(1, {"laion": 1.0}, 1.0, "fp32")
+    config.flops.per_sample["laion"] = 4.0  # counted: the first call is the step's own
     info = DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo")
     batch = B(torch.ones(1, 1, 2), torch.ones(1, 1), torch.ones(1, 1), torch.ones(1, 1))
     before = [p.detach().clone() for p in model.parameters()]
