@@ -85,9 +85,11 @@ def setup(model: nn.Module) -> tuple[torch.optim.Optimizer, Any, LoopConfig]:
 
 @pytest.fixture
 def full_length(monkeypatch: pytest.MonkeyPatch) -> None:
-    """content_length reads the host batch (free: it is not on a device); take it out of the
+    """host_view reads the host batch (free: it is not on a device); take it out of the
     count so that what is left is the step's own reads."""
-    monkeypatch.setattr(loop, "content_length", lambda mask, labels: mask.shape[1])
+    monkeypatch.setattr(
+        loop, "host_view", lambda batch, config: loop.HostView(batch.input_ids.shape[1], False, {})
+    )
 
 
 @pytest.mark.usefixtures("full_length")
@@ -213,3 +215,32 @@ def test_cross_attention_reads_nothing_from_the_device() -> None:
     assert counter.reads == []
     assert routing.image.shape == routing.valid.shape == (2, 5)
     assert x.grad is not None and bool(x.grad.isfinite().all())
+
+
+def test_host_decisions_give_the_losses_the_device_would() -> None:
+    """The images to encode chosen on the host, and no mask for an unpadded batch, change
+    nothing: same loss, same gradients, as the model deciding on its own."""
+    from flamingo_cli.model.factory import tiny_lm
+    from tests.model_util import open_gates, tokenizer_and_ids, wrap
+
+    torch.manual_seed(0)
+    model = wrap(tiny_lm())
+    open_gates(model, 0.5)
+    tokenizer, _ = tokenizer_and_ids()
+    texts = ["<image>a red cat<|endofchunk|>", "<image>a dog<|endofchunk|><image>"]
+    encoded = tokenizer(texts, padding="longest", return_tensors="pt")
+    assert bool(encoded.attention_mask.all())
+    ids = encoded.input_ids
+    images = torch.randn(2, 3, 3, 32, 32)  # a third, unused slot in both rows
+
+    def loss_and_grads(**kwargs: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = model(images, ids, labels=ids, **kwargs).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    mine = loss_and_grads(images_used=model.images_used(ids, 3))
+    theirs = loss_and_grads(attention_mask=encoded.attention_mask)
+    assert torch.equal(mine[0], theirs[0])
+    assert all(torch.equal(a, b) for a, b in zip(mine[1], theirs[1], strict=True))
+    assert model.images_used(ids, 3).tolist() == [[True, False, False], [True, True, False]]

@@ -144,20 +144,33 @@ class FlamingoModel(nn.Module):
         latents: Tensor = self.perceiver(tokens.unflatten(0, (batch, count)))
         return latents
 
-    def encode_referenced(self, images: Tensor, input_ids: Tensor) -> Tensor:
+    def images_used(self, input_ids: Tensor, count: int) -> Tensor:
+        """(B, N) bool: the image slots some `<image>` token of the row refers to, computed
+        where `input_ids` lies (on the host, the training step's choice costs the device no
+        read; docs/formats.md §12)."""
+        referenced = (input_ids == self.special_tokens.image).sum(dim=1).clamp(max=count)
+        return torch.arange(count, device=input_ids.device) < referenced.unsqueeze(1)
+
+    def encode_referenced(
+        self, images: Tensor, input_ids: Tensor, used: Tensor | None = None
+    ) -> Tensor:
         """`encode_images` for the images some `<image>` token refers to; the others (zero
         padding, images cut off with their text) get zero latents that nothing attends to.
-        Same result, less work: documents often hold fewer images than the padded count."""
+        Same result, less work: documents often hold fewer images than the padded count.
+        `used` (from `images_used`) may be given, on the host, to decide without a read."""
         batch, count = images.shape[:2]
-        referenced = (input_ids == self.special_tokens.image).sum(dim=1).clamp(max=count)
-        used = torch.arange(count, device=images.device) < referenced.unsqueeze(1)
+        if used is None:
+            used = self.images_used(input_ids, count)
         if count == 0 or bool(used.all()):
             return self.encode_images(images)
         if not bool(used.any()):
+            used = used.clone()
             used[0, 0] = True  # encode one image: sharded layers run the same calls on every rank
-        encoded = self.encode_images(images[used].unsqueeze(0)).squeeze(0)
-        latents = encoded.new_zeros(batch, count, *encoded.shape[1:])
-        return latents.index_put((used,), encoded)
+        rows = used.flatten().nonzero().squeeze(1).to(images.device, non_blocking=True)
+        picked = images.flatten(0, 1).index_select(0, rows)
+        encoded = self.encode_images(picked.unsqueeze(0)).squeeze(0)
+        latents = encoded.new_zeros(batch * count, *encoded.shape[1:])
+        return latents.index_copy(0, rows, encoded).unflatten(0, (batch, count))
 
     def media_index(self, input_ids: Tensor, start: Tensor | None = None) -> Tensor:
         """Per token, the 1-based number of the most recent `<image>` at or before it (0: none);
@@ -191,14 +204,16 @@ class FlamingoModel(nn.Module):
         labels: Tensor | None = None,
         *,
         use_media: bool = True,
+        images_used: Tensor | None = None,
     ) -> Any:
         """Returns the LM's output (`.logits`; `.loss` when labels are given: shifted
         cross-entropy, -100 ignored). `use_media=False` removes the media: cross-attention
-        outputs zero everywhere (images may be None), as for text before the first image."""
+        outputs zero everywhere (images may be None), as for text before the first image.
+        `images_used`: `images_used(input_ids, N)` computed on the host (no device read)."""
         if use_media:
             if images is None:
                 raise ValueError("images are required unless use_media=False")
-            latents: Tensor | None = self.encode_referenced(images, input_ids)
+            latents: Tensor | None = self.encode_referenced(images, input_ids, images_used)
         else:
             latents = None
         with self._conditioned(latents, self.media_index(input_ids)):

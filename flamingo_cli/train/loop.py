@@ -109,6 +109,8 @@ class LoopConfig:
     grad_masks: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
     peak_tflops: float | None = None
     flops: StepFlops = field(default_factory=StepFlops)
+    # FlamingoModel.images_used, run on the host copies of a batch (None: a model without it)
+    images_used: Callable[[torch.Tensor, int], torch.Tensor] | None = None
 
 
 def global_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -221,15 +223,39 @@ def _forward(
     model: nn.Module, batch: Batch, config: LoopConfig, info: DistInfo, strategy: Strategy
 ) -> Any:
     """The model's output on one batch; right padding is cut off: same loss, less work (OF
-    pads MMC4 to 256 tokens)."""
-    length = content_length(batch.attention_mask, batch.labels)
+    pads MMC4 to 256 tokens), and what needs the data decided on the host (`host_view`)."""
+    host = host_view(batch, config)
+    length = host.length
+    mask = None if host.dense else _to(batch.attention_mask, info.device)[:, :length]
     with autocast_for(config.precision, info.device, strategy):
         return model(
             _to(batch.images, info.device),
             _to(batch.input_ids, info.device)[:, :length],
-            _to(batch.attention_mask, info.device)[:, :length],
+            mask,
             labels=_to(batch.labels, info.device)[:, :length],
+            **host.media,
         )
+
+
+@dataclass(frozen=True)
+class HostView:
+    """What the step decides from a batch's host copies (docs/formats.md §12): asked of the
+    device, each would be a read. `length`: columns kept (right padding cut off); `dense`: no
+    padding left, so the LM gets no mask (its fused causal path, same loss); `media`: the
+    model's `images_used`."""
+
+    length: int
+    dense: bool
+    media: dict[str, Any]
+
+
+def host_view(batch: Batch, config: LoopConfig) -> HostView:
+    length = content_length(batch.attention_mask, batch.labels)
+    dense = bool(batch.attention_mask[:, :length].all())
+    media: dict[str, Any] = {}
+    if config.images_used is not None:
+        media["images_used"] = config.images_used(batch.input_ids, batch.images.shape[1])
+    return HostView(length, dense, media)
 
 
 def _count_flops(

@@ -385,6 +385,7 @@ def _start(
         precision=recipe.run.precision,
         grad_masks=grad_masks(session.model, session.wrapped),
         peak_tflops=peak_tflops(session.info.device, recipe.run.peak_tflops),
+        images_used=session.model.images_used,
     )
     scaler = torch.amp.GradScaler("cuda") if recipe.run.precision == "fp16" else None
     sinks: Sinks | None = None
