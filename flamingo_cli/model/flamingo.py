@@ -170,7 +170,8 @@ class FlamingoModel(nn.Module):
         picked = images.flatten(0, 1).index_select(0, rows)
         encoded = self.encode_images(picked.unsqueeze(0)).squeeze(0)
         latents = encoded.new_zeros(batch * count, *encoded.shape[1:])
-        return latents.index_copy(0, rows, encoded).unflatten(0, (batch, count))
+        filled: Tensor = latents.index_copy(0, rows, encoded)
+        return filled.view(batch, count, *encoded.shape[1:])
 
     def media_index(self, input_ids: Tensor, start: Tensor | None = None) -> Tensor:
         """Per token, the 1-based number of the most recent `<image>` at or before it (0: none);
