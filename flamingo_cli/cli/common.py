@@ -187,3 +187,35 @@ def user_errors(json_: bool = False) -> Iterator[None]:
 
             print_json(error_json(error))
         raise typer.Exit(error.exit_code) from None
+
+
+def report_of_ranks(kind: str, run_name: str, nproc: int, rank_args: list[str]) -> dict[str, Any]:
+    """Start `nproc` ranks of an evaluating command (`kind`: eval, fewshot) through torchrun
+    and return the report rank 0 wrote, as JSON data. A failure is a FlamingoError (so `--json` prints it too)
+    pointing at rank 0's error and the logs, which are kept; after a success the working
+    folder is removed."""
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from flamingo_cli.runtime.launch import Rendezvous, run_torchrun, torchrun_command
+    from flamingo_cli.ui import console as ui
+
+    work = Path(tempfile.mkdtemp(prefix=f"flamingo-{kind}-"))
+    report_path = work / "report.json"
+    cmd = torchrun_command(
+        Rendezvous(nproc, 1, run_id=f"{run_name}-{kind}"),
+        [*rank_args, "--report", str(report_path)],
+        work / "logs",
+    )
+    ui.detail(" ".join(cmd))
+    code = run_torchrun(cmd)
+    if code != 0 or not report_path.is_file():
+        raise FlamingoError(
+            f"evaluation failed (exit {code})",
+            fix=f"see rank 0's error above; every rank's log is under {work / 'logs'}",
+        )
+    data: dict[str, Any] = json.loads(report_path.read_text(encoding="utf-8"))
+    shutil.rmtree(work, ignore_errors=True)
+    return data

@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from flamingo_cli.cli.common import GlobalOptionsCommand, JsonOption, SetOption, user_errors
+from flamingo_cli.cli.common import (
+    GlobalOptionsCommand,
+    JsonOption,
+    SetOption,
+    report_of_ranks,
+    user_errors,
+)
 
 if TYPE_CHECKING:
     from flamingo_cli.evaluate.fewshot.report import FewshotReport
@@ -399,31 +405,7 @@ def _show(report: FewshotReport, json_: bool) -> None:
 
 
 def _through_torchrun(run_name: str, nproc: int, rank_args: list[str]) -> FewshotReport:
-    """Start `nproc` ranks of this command; the report rank 0 wrote (a failure names rank 0's
-    error and keeps the logs; after a success the working folder is removed)."""
-    import json
-    import shutil
-    import tempfile
-
-    from flamingo_cli.errors import FlamingoError
+    """The report of `nproc` ranks of this command (cli/common.py `report_of_ranks`)."""
     from flamingo_cli.evaluate.fewshot.report import FewshotReport
-    from flamingo_cli.runtime.launch import Rendezvous, run_torchrun, torchrun_command
-    from flamingo_cli.ui import console as ui
 
-    work = Path(tempfile.mkdtemp(prefix="flamingo-fewshot-"))
-    report_path = work / "report.json"
-    cmd = torchrun_command(
-        Rendezvous(nproc, 1, run_id=f"{run_name}-fewshot"),
-        [*rank_args, "--report", str(report_path)],
-        work / "logs",
-    )
-    ui.detail(" ".join(cmd))
-    code = run_torchrun(cmd)
-    if code != 0 or not report_path.is_file():
-        raise FlamingoError(
-            f"evaluation failed (exit {code})",
-            fix=f"see rank 0's error above; every rank's log is under {work / 'logs'}",
-        )
-    report = FewshotReport.from_dict(json.loads(report_path.read_text(encoding="utf-8")))
-    shutil.rmtree(work, ignore_errors=True)
-    return report
+    return FewshotReport.from_dict(report_of_ranks("fewshot", run_name, nproc, rank_args))

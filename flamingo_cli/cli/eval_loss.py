@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from flamingo_cli.cli.common import AllowPipeOption, JsonOption, SetOption, command, user_errors
+from flamingo_cli.cli.common import (
+    AllowPipeOption,
+    JsonOption,
+    SetOption,
+    command,
+    report_of_ranks,
+    user_errors,
+)
 
 if TYPE_CHECKING:
     from flamingo_cli.evaluate.loss import Ablation
@@ -237,32 +244,7 @@ def _rank_args(
 
 
 def _through_torchrun(run_name: str, nproc: int, rank_args: list[str]) -> EvalReport:
-    """Start `nproc` ranks of this command; the report rank 0 wrote. A failure is a
-    FlamingoError (so `--json` prints it too) pointing at rank 0's error and the logs, which
-    are kept; after a success the working folder is removed."""
-    import json
-    import shutil
-    import tempfile
-
-    from flamingo_cli.errors import FlamingoError
+    """The report of `nproc` ranks of this command (cli/common.py `report_of_ranks`)."""
     from flamingo_cli.evaluate.run import EvalReport
-    from flamingo_cli.runtime.launch import Rendezvous, run_torchrun, torchrun_command
-    from flamingo_cli.ui import console as ui
 
-    work = Path(tempfile.mkdtemp(prefix="flamingo-eval-"))
-    report_path = work / "report.json"
-    cmd = torchrun_command(
-        Rendezvous(nproc, 1, run_id=f"{run_name}-eval"),
-        [*rank_args, "--report", str(report_path)],
-        work / "logs",
-    )
-    ui.detail(" ".join(cmd))
-    code = run_torchrun(cmd)
-    if code != 0 or not report_path.is_file():
-        raise FlamingoError(
-            f"evaluation failed (exit {code})",
-            fix=f"see rank 0's error above; every rank's log is under {work / 'logs'}",
-        )
-    report = EvalReport.from_dict(json.loads(report_path.read_text(encoding="utf-8")))
-    shutil.rmtree(work, ignore_errors=True)
-    return report
+    return EvalReport.from_dict(report_of_ranks("eval", run_name, nproc, rank_args))
