@@ -32,7 +32,7 @@ TOKENIZER_CHOICES: tuple[TokenizerChoice, ...] = ("auto", "java", "python")
 
 _PTB_CLASS = "edu.stanford.nlp.process.PTBTokenizer"
 _PTB_OPTIONS = ("-preserveLines", "-lowerCase")
-_INSTALL_FIX = "install the few-shot extra: pip install 'flamingo[fewshot]'"
+_INSTALL_FIX = "install flamingo's dependency pycocoevalcap: pip install 'pycocoevalcap>=1.2'"
 
 
 @dataclass(frozen=True)
