@@ -23,7 +23,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import importlib.util  # noqa: E402
-import json  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -162,33 +161,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    import open_clip
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from flamingo_cli.model.tokenizer import TINY_TOKENIZER
-
     bench = _train_step()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        (root / "clip").mkdir()
-        (root / "clip" / f"{bench.VISION}.json").write_text(json.dumps(bench.VISION_CONFIG))
-        open_clip.add_model_config(root / "clip")
-        torch.manual_seed(0)
-        config = LlamaConfig(  # train_step.py's LM
-            vocab_size=512,
-            hidden_size=256,
-            intermediate_size=688,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=512,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=False,
-        )
-        LlamaForCausalLM(config).save_pretrained(root / "lm")
-        with contextlib.redirect_stderr(sys.stdout):
-            theirs, ours, tokenizer = bench.build(root / "lm", TINY_TOKENIZER)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(sys.stdout):
+        theirs, ours, tokenizer = bench.build_tiny(Path(tmp))
     prepare(theirs, ours)
     theirs.to(device)
     ours.to(device)

@@ -89,6 +89,34 @@ def make_batches(
     return out
 
 
+def build_tiny(root: Path) -> tuple[Any, Any, Any]:
+    """`build` on the tiny ViT and a random 4-layer Llama written under `root` (seed 0), with
+    the bundled tokenizer (also benchmarks/generate.py's pair)."""
+    import open_clip
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from flamingo_cli.model.tokenizer import TINY_TOKENIZER
+
+    (root / "clip").mkdir()
+    (root / "clip" / f"{VISION}.json").write_text(json.dumps(VISION_CONFIG))
+    open_clip.add_model_config(root / "clip")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(root / "lm")
+    return build(root / "lm", TINY_TOKENIZER)
+
+
 def build(lm_dir: Path, tokenizer_dir: Path, vision: str = VISION) -> tuple[Any, Any, Any]:
     """OpenFlamingo's model and ours with the same weights, and the tokenizer (also used by
     benchmarks/fsdp_step.py --openflamingo, with another vision tower)."""
@@ -267,31 +295,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    import open_clip
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from flamingo_cli.model.tokenizer import TINY_TOKENIZER
-
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        (root / "clip").mkdir()
-        (root / "clip" / f"{VISION}.json").write_text(json.dumps(VISION_CONFIG))
-        open_clip.add_model_config(root / "clip")
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=512,
-            hidden_size=256,
-            intermediate_size=688,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=512,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=False,
-        )
-        LlamaForCausalLM(config).save_pretrained(root / "lm")
-        theirs, ours, tokenizer = build(root / "lm", TINY_TOKENIZER)
+        theirs, ours, tokenizer = build_tiny(Path(tmp))
         batches = make_batches(tokenizer, args.steps + args.warmup, mixed=args.mixed)
         warm, timed = batches[: args.warmup], batches[args.warmup :]
         time_openflamingo(theirs, tokenizer, warm)
