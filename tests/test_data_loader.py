@@ -336,3 +336,17 @@ def test_state_from_another_layout_is_refused(
         build(laion(shard_root, workers=1), tok).load_state_dict(state)
     with pytest.raises(FlamingoError, match="given to the mmc4 loader"):
         build(mmc4(shard_root, workers=2), tok).load_state_dict(state)
+
+
+def test_a_finished_loader_leaves_no_feeder_thread_to_race_the_next_fork(
+    shard_root: Path, tok: tuple[Any, SpecialTokens]
+) -> None:
+    """A child forked while a queue feeder thread was ending hung in CPython 3.11 (seen in a
+    2-rank periodic evaluation): a finished loader's feeder threads are joined before the next
+    loader forks its workers."""
+    import threading
+
+    loader = build(laion(shard_root, workers=2, train_num_samples=12), tok)
+    assert len(take(loader, 99)) == loader.num_batches
+    feeders = [t for t in threading.enumerate() if t.name.startswith("QueueFeederThread")]
+    assert feeders == []

@@ -28,6 +28,7 @@ from flamingo_cli.data.pipeline import (
     Preprocess,
     RawSample,
     ReadLog,
+    batches_of,
     check_pipes,
     prepare,
     read_stages,
@@ -239,7 +240,7 @@ class EvalLoader:
         per_worker: dict[int, dict[str, int]] = {}
         self.dropped = {}
         self.damaged_shards = {}
-        for batch in loader:
+        for batch in batches_of(loader):
             per_worker[batch.worker] = batch.dropped
             self.damaged_shards.update(batch.damaged)
             total: Counter[str] = Counter()

@@ -22,6 +22,7 @@ from flamingo_cli.data.pipeline import (
     StreamFailure,
     StreamSpec,
     StreamStart,
+    batches_of,
     check_pipes,
     worker_loader,
 )
@@ -254,7 +255,7 @@ class TrainLoader:
             # its own generator: creating worker seeds must not consume the global RNG
             generator=torch.Generator().manual_seed(self.seed),
         )
-        for batch in loader:
+        for batch in batches_of(loader):
             if isinstance(batch, StreamFailure):
                 raise batch.error()
             for url, message in batch.damaged.items():

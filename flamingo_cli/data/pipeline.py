@@ -17,6 +17,7 @@ import itertools
 import random
 import re
 import shlex
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -255,6 +256,26 @@ def worker_loader(
         generator=generator,
         pin_memory=torch.cuda.is_available(),  # page-locked: the step's copies do not block
     )
+
+
+def batches_of(loader: DataLoader[T]) -> Iterator[T]:
+    """Iterate a DataLoader; when done (or closed), shut its workers down and wait for the
+    threads that fed its workers' queues to end. CPython 3.11 can deadlock a child forked while
+    a thread is ending (the child waits forever on the interpreter's thread-list lock), and
+    the next loader forks its workers right after this one (periodic evaluation, epochs)."""
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    finally:
+        # torch's own clean-up, then the feeder thread of each worker's index queue (torch
+        # closes the queues without waiting for them)
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
+        for queue in getattr(iterator, "_index_queues", []):
+            feeder = getattr(queue, "_thread", None)
+            if isinstance(feeder, threading.Thread) and feeder is not threading.current_thread():
+                feeder.join(timeout=10)
 
 
 def split_by_node(urls: Sequence[str], rank: int, world_size: int) -> list[str]:
