@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -58,14 +59,18 @@ class Probe(nn.Module):
 
 
 class CountReads(TorchFunctionMode):
+    """The reads made under it, by name, and the function each was made in (`callers`)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.reads: list[str] = []
+        self.callers: list[str] = []
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = getattr(func, "__name__", "")
         if name in READS:
             self.reads.append(name)
+            self.callers.append(sys._getframe(1).f_code.co_name)
         return func(*args, **(kwargs or {}))
 
 
@@ -244,3 +249,71 @@ def test_host_decisions_give_the_losses_the_device_would() -> None:
     assert torch.equal(mine[0], theirs[0])
     assert all(torch.equal(a, b) for a, b in zip(mine[1], theirs[1], strict=True))
     assert model.images_used(ids, 3).tolist() == [[True, False, False], [True, True, False]]
+
+
+@pytest.mark.parametrize(
+    ("mask", "labels", "needed"),
+    [
+        ([[1, 1, 1], [1, 1, 1]], [[5, 5, 5], [5, 5, 5]], False),  # no padding
+        ([[1, 1, 1], [1, 0, 0]], [[5, 5, 5], [5, -100, -100]], False),  # right padding
+        ([[1, 1, 1], [0, 1, 1]], [[5, 5, 5], [-100, 5, 5]], True),  # left padding
+        ([[1, 1, 1], [1, 0, 1]], [[5, 5, 5], [5, -100, 5]], True),  # a hole
+        ([[1, 1, 1], [1, 1, 0]], [[5, 5, 5], [5, 5, 5]], True),  # a padded target
+    ],
+)
+def test_the_lm_gets_a_mask_only_when_its_loss_depends_on_one(
+    mask: list[list[int]], labels: list[list[int]], needed: bool
+) -> None:
+    from flamingo_cli.data.labels import needs_mask
+
+    assert needs_mask(torch.tensor(mask), torch.tensor(labels)) is needed
+
+
+def padded_flamingo_batch() -> tuple[nn.Module, Any]:
+    """The tiny Flamingo model and a right-padded MMC4-like batch, padding not a target."""
+    from tests.test_gpu import flamingo_step_batch
+
+    torch.manual_seed(0)
+    texts = ["<image>a cat<|endofchunk|></s>", "<image>a red<|endofchunk|><image>dog</s>"]
+    model, padded = flamingo_step_batch(texts)
+    assert not bool(padded.attention_mask.all())
+    return model, padded
+
+
+def test_right_padding_without_a_mask_gives_the_masked_loss_and_gradients() -> None:
+    model, padded = padded_flamingo_batch()
+    ids, mask = padded.input_ids, padded.attention_mask
+
+    def loss_and_grads(attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
+        model.zero_grad()
+        loss = model(padded.images, ids, attention_mask, labels=padded.labels).loss
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    masked, unmasked = loss_and_grads(mask), loss_and_grads(None)
+    assert len(masked) == len(unmasked) > 1
+    for a, b in zip(masked, unmasked, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_padded_flamingo_step_reads_the_device_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole step through the tiny Flamingo model and transformers' LM, on right-padded
+    batches: the one read at its end is all (transformers asks a 2D mask whether it is all
+    ones, a read, so the LM must get none)."""
+    model, padded = padded_flamingo_batch()
+    optimizer, scheduler, config = setup(model)
+    config.images_used = model.images_used  # type: ignore[attr-defined]
+    optimizer_step(model, [{"mmc4": padded}], optimizer, scheduler, config, CPU, "none")
+    view = loop.host_view(padded, config)  # host copies: free on a GPU machine
+    assert not view.masked
+    monkeypatch.setattr(loop, "host_view", lambda batch, config: view)
+    counter = CountReads()
+    with counter:
+        optimizer_step(model, [{"mmc4": padded}], optimizer, scheduler, config, CPU, "none")
+    # encode_referenced decides on the host's images_used (on a GPU machine, no device read)
+    device_reads = [
+        name
+        for name, caller in zip(counter.reads, counter.callers, strict=True)
+        if caller != "encode_referenced"
+    ]
+    assert device_reads == ["tolist"], list(zip(counter.reads, counter.callers, strict=True))

@@ -43,3 +43,15 @@ def content_length(attention_mask: torch.Tensor, labels: torch.Tensor) -> int:
     used = (attention_mask != 0) | (labels != IGNORE)
     columns = used.any(dim=0).nonzero()
     return int(columns[-1]) + 1 if len(columns) else 1
+
+
+def needs_mask(attention_mask: torch.Tensor, labels: torch.Tensor) -> bool:
+    """Whether a causal LM's loss on this batch depends on its padding mask (docs/formats.md
+    §12). Not when every row is real tokens then padding and no padded position is a target:
+    a real token attends only to earlier columns, all real, and a padded position's output
+    predicts the next label, padded too, so ignored. Holes, left padding or padded targets
+    need the mask."""
+    mask = attention_mask != 0
+    right_padded = not bool((mask[:, 1:] & ~mask[:, :-1]).any())
+    padded_targets = bool((~mask & (labels != IGNORE)).any())
+    return not right_padded or padded_targets

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from flamingo_cli.model.hf_masks import positions_not_packed
 from flamingo_cli.model.layers import GatedCrossAttention, PerceiverResampler, TokenRouting
 from flamingo_cli.model.lm import (
     FlamingoDecoderLayer,
@@ -222,9 +223,10 @@ class FlamingoModel(nn.Module):
             # made each compiled decoder layer recompile (docs/formats.md §12)
             takes = inspect.signature(self.lm.forward).parameters
             no_cache = {"use_cache": False} if "use_cache" in takes else {}
-            return self.lm(
-                input_ids=input_ids, attention_mask=attention_mask, labels=labels, **no_cache
-            )
+            with positions_not_packed() if attention_mask is None else nullcontext():
+                return self.lm(
+                    input_ids=input_ids, attention_mask=attention_mask, labels=labels, **no_cache
+                )
 
     # -- generation ----------------------------------------------------------------------
 

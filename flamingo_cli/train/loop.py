@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from flamingo_cli.data.labels import content_length
+from flamingo_cli.data.labels import content_length, needs_mask
 from flamingo_cli.recipe.schema import Precision, Strategy
 from flamingo_cli.runtime.distributed import DistInfo, any_rank, gradient_sync
 from flamingo_cli.runtime.precision import autocast_for
@@ -226,7 +226,7 @@ def _forward(
     pads MMC4 to 256 tokens), and what needs the data decided on the host (`host_view`)."""
     host = host_view(batch, config)
     length = host.length
-    mask = None if host.dense else _to(batch.attention_mask, info.device)[:, :length]
+    mask = _to(batch.attention_mask, info.device)[:, :length] if host.masked else None
     with autocast_for(config.precision, info.device, strategy):
         return model(
             _to(batch.images, info.device),
@@ -240,22 +240,22 @@ def _forward(
 @dataclass(frozen=True)
 class HostView:
     """What the step decides from a batch's host copies (docs/formats.md §12): asked of the
-    device, each would be a read. `length`: columns kept (right padding cut off); `dense`: no
-    padding left, so the LM gets no mask (its fused causal path, same loss); `media`: the
-    model's `images_used`."""
+    device, each would be a read. `length`: columns kept (right padding cut off); `masked`:
+    whether the LM needs the attention mask at all (not for right padding that no loss term
+    reads: its causal fast path gives the same loss); `media`: the model's `images_used`."""
 
     length: int
-    dense: bool
+    masked: bool
     media: dict[str, Any]
 
 
 def host_view(batch: Batch, config: LoopConfig) -> HostView:
     length = content_length(batch.attention_mask, batch.labels)
-    dense = bool(batch.attention_mask[:, :length].all())
     media: dict[str, Any] = {}
     if config.images_used is not None:
         media["images_used"] = config.images_used(batch.input_ids, batch.images.shape[1])
-    return HostView(length, dense, media)
+    masked = needs_mask(batch.attention_mask[:, :length], batch.labels[:, :length])
+    return HostView(length, masked, media)
 
 
 def _count_flops(
