@@ -535,6 +535,56 @@ def test_training_names_a_damaged_shard_once_and_counts_it(tmp_path: Path) -> No
     assert events.metrics[-1]["dropped/laion/tar_error"] >= 1
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_ranks_name_each_ranks_damaged_shard_and_count_both(tmp_path: Path) -> None:
+    """Each rank meets one empty shard (shards split by index or in halves alike): rank 1's is
+    named as rank 0's is, and the logged drop counter is the ranks' sum."""
+    import subprocess
+    import sys
+
+    from .conftest import RECIPES, REPO
+
+    tiny = RECIPES / "tiny-data" / "laion"
+    shards = tmp_path / "laion"
+    shards.mkdir()
+    good = [(tiny / name).read_bytes() for name in ("00000.tar", "00001.tar")]
+    for index, data in enumerate([good[0], good[1], b"", b"", good[0], good[1]]):
+        (shards / f"{index:05d}.tar").write_bytes(data)
+    overrides = [
+        f"run.output_dir={tmp_path / 'runs'}",
+        f"data.laion.shards={shards}/{{00000..00005}}.tar",
+        "data.laion.workers=0",
+        "data.mmc4.workers=0",
+        "run.log_every=1",
+        "data.laion.resampled=false",
+        "distributed.strategy=ddp",
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = ["train", str(RECIPES / "tiny-cpu.toml"), "--nproc-per-node", "2"]
+    command += [a for o in overrides for a in ("--set", o)]
+    done = subprocess.run(
+        [sys.executable, "-m", "flamingo_cli", *command],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    shown = done.stdout + done.stderr
+    for empty in ("00002.tar", "00003.tar"):
+        assert shown.count(f"tar shard {shards / empty} is empty") == 1, shown[-3000:]
+    rows = (tmp_path / "runs" / "tiny-cpu" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(rows[-1])["dropped/laion/tar_error"] >= 2
+
+
 def test_training_on_unreadable_shards_stops_with_a_message_and_the_fix(tmp_path: Path) -> None:
     from .conftest import RECIPES
 

@@ -7,7 +7,7 @@ import datetime
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -15,6 +15,8 @@ from torch import nn
 
 from flamingo_cli.errors import FlamingoError
 from flamingo_cli.recipe.schema import Precision, Sharding, Strategy
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from flamingo_cli.model.flamingo import FlamingoModel
@@ -176,6 +178,16 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=info.device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def gathered(value: T, info: DistInfo) -> list[T]:
+    """Every rank's `value` (picklable), in rank order, on every rank (collective: all ranks
+    call it at the same point)."""
+    if info.world_size == 1 or not dist.is_initialized():
+        return [value]
+    values: list[T | None] = [None] * info.world_size
+    dist.all_gather_object(values, value)
+    return cast(list[T], values)
 
 
 def mean_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:

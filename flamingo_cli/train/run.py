@@ -9,6 +9,7 @@ every rank), sharding, optimizer and schedule, loaders, resume or `init_from`, m
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from flamingo_cli.runtime.distributed import (
     DistInfo,
     any_rank,
     apply_parallelism,
+    gathered,
     init_distributed,
     mean_across_ranks,
     repeated_blocks,
@@ -212,6 +214,7 @@ class TrainSession:
     state: TrainState
     last_checkpoint: Path | None = None
     last_metrics: dict[str, Any] = field(default_factory=dict)
+    named_damage: set[str] = field(default_factory=set)  # notices shown, each once a run
 
 
 @dataclass
@@ -463,14 +466,12 @@ def _step(
 
 
 def _count(session: TrainSession, result: StepResult) -> int:
-    """Advance the progress counters past one step (each damaged shard named once)."""
+    """Advance the progress counters past one step."""
     progress, info = session.progress, session.info
     progress["step"] += 1
     progress["skipped_steps"] += int(result.skipped)
     for name, loader in session.loaders.items():
         progress[f"samples_{name}"] = loader.batches * loader.config.batch_size * info.world_size
-    for note in [n for loader in session.loaders.values() for n in loader.damage_notices()]:
-        session.events.message(note)
     return progress["step"]
 
 
@@ -486,15 +487,10 @@ def _log(
     step = session.progress["step"]
     metrics: dict[str, Any] = dict(eval_metrics)
     if step % session.recipe.run.log_every == 0 or at_end:
-        counters = {
-            f"{name}/{reason}": count
-            for name, loader in session.loaders.items()
-            for reason, count in loader.dropped.items()
-        }
+        counters, by_source = _data_counts(session)
         result.losses = mean_across_ranks(result.losses, session.info)
         metrics = metrics_of(result, counters)
-        for loader in session.loaders.values():
-            metrics.update(loader.source_counts())
+        metrics.update(by_source)
         metrics["epoch"] = session.progress["epoch"]
         metrics.update(eval_metrics)
         metrics["skipped_steps"] = session.progress["skipped_steps"]
@@ -504,6 +500,32 @@ def _log(
     if run.sinks is not None:
         run.sinks.log(step, metrics)
     session.events.step(step, metrics)
+
+
+def _data_counts(session: TrainSession) -> tuple[dict[str, int], dict[str, int]]:
+    """The loaders' drop counters (`NAME/REASON`) and per-source counts, summed over the ranks,
+    and every rank's damaged shards named once (docs/formats.md §9.3). Collective: all ranks
+    log the same steps."""
+    loaders = session.loaders
+    mine = (
+        {
+            f"{name}/{why}": n
+            for name, loader in loaders.items()
+            for why, n in loader.dropped.items()
+        },
+        {key: n for loader in loaders.values() for key, n in loader.source_counts().items()},
+        [note for loader in loaders.values() for note in loader.damage_notices()],
+    )
+    counters: Counter[str] = Counter()
+    by_source: Counter[str] = Counter()
+    for dropped, sources, found in gathered(mine, session.info):
+        counters.update(dropped)
+        by_source.update(sources)
+        for note in found:  # a shard can move to another rank at a new epoch: named once
+            if note not in session.named_damage:
+                session.named_damage.add(note)
+                session.events.message(note)  # shown on rank 0; the others' events are silent
+    return dict(counters), dict(by_source)
 
 
 def _end_epoch(session: TrainSession) -> None:
