@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 from flamingo_cli.errors import FlamingoError
+from flamingo_cli.evaluate.metrics.coverage import check_covered
 from flamingo_cli.evaluate.metrics.ptb import LINE_BREAKS, ptb_tokenize_lines
 
 K = TypeVar("K", bound=Hashable)  # an image or sample id
@@ -79,17 +80,15 @@ def cider(
 
 
 def _check_ids(predictions: Mapping[K, str], references: Mapping[K, Sequence[str]]) -> None:
-    if not predictions:
-        raise FlamingoError(
-            "no captions to score", fix="score at least one image (check --num-samples)"
-        )
-    missing = [key for key in predictions if key not in references]
-    if missing:
-        shown = ", ".join(repr(key) for key in missing[:5])
-        raise FlamingoError(
-            f"{len(missing)} captioned image(s) have no reference captions, e.g. {shown}",
-            fix="score predictions against the references of the same split",
-        )
+    check_covered(
+        predictions,
+        references,
+        nothing=("no captions to score", "score at least one image (check --num-samples)"),
+        unmatched=(
+            "captioned image(s) have no reference captions",
+            "score predictions against the references of the same split",
+        ),
+    )
     empty = [key for key in predictions if not references[key]]
     if empty:
         raise FlamingoError(

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
 from flamingo_cli.errors import FlamingoError
+from flamingo_cli.evaluate.metrics.coverage import check_covered
 
 Q = TypeVar("Q", bound=Hashable)  # a question id: VQAv2's ints, VizWiz's file names
 VqaVariant = Literal["openflamingo", "official"]
@@ -204,17 +205,15 @@ def vqa_accuracy(
     """VQA accuracy of `predictions` (question id -> answer), each against its human answers
     in `annotations` (question id -> answer entries). Every predicted question is scored;
     annotated questions without a prediction are not (a `--num-samples` subset)."""
-    if not predictions:
-        raise FlamingoError(
-            "no predictions to score", fix="score at least one question (check --num-samples)"
-        )
-    missing = [question for question in predictions if question not in annotations]
-    if missing:
-        shown = ", ".join(repr(question) for question in missing[:5])
-        raise FlamingoError(
-            f"{len(missing)} predicted question(s) have no annotation, e.g. {shown}",
-            fix="score predictions against the annotations file of the same split",
-        )
+    check_covered(
+        predictions,
+        annotations,
+        nothing=("no predictions to score", "score at least one question (check --num-samples)"),
+        unmatched=(
+            "predicted question(s) have no annotation",
+            "score predictions against the annotations file of the same split",
+        ),
+    )
     per_question = {
         question: question_accuracy(answer, annotations[question], variant, question=question)
         for question, answer in predictions.items()
