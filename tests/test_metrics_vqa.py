@@ -338,3 +338,13 @@ def test_fallback_without_inflection_or_nltk(monkeypatch: pytest.MonkeyPatch) ->
     assert [singularize(w) for w in words] == ["cherry", "wolf", "box", "church", "dish", "dog"]
     monkeypatch.setitem(sys.modules, "nltk.tokenize", None)
     assert _fallback_stem("surfing dogs, yes") == "surf dog , yes"
+
+
+def test_scoring_needs_predictions_each_with_an_annotation() -> None:
+    with pytest.raises(FlamingoError, match="no predictions to score") as caught:
+        vqa_accuracy({}, {1: ["red"] * 10})
+    assert "--num-samples" in (caught.value.fix or "")
+    with pytest.raises(FlamingoError) as caught:
+        vqa_accuracy({1: "red", 7: "blue", 8: "blue"}, {1: ["red"] * 10})
+    assert caught.value.message == "2 predicted question(s) have no annotation, e.g. 7, 8"
+    assert caught.value.fix == "score predictions against the annotations file of the same split"
