@@ -234,3 +234,31 @@ def test_torchrun_shows_its_summary_only_for_a_rank_that_crashed(
         monkeypatch.setattr(torch_run, "run", run)
         assert torchrun.main(["--nproc-per-node", "1", "-m", "flamingo_cli"]) == 1
         assert ("a bug" in capsys.readouterr().err) == shown
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "where"),
+    [
+        (["eval-loss", "r.toml", "--json", "--bogus"], "No such option: --bogus", "eval-loss"),
+        (["convert", "mmc4", "--json", "--nope", "x"], "No such option: --nope", "convert mmc4"),
+        (["status", "--json"], "Missing argument", "status"),
+        (
+            ["eval-loss", "r.toml", "--json", "--nproc-per-node", "two"],
+            "Invalid value",
+            "eval-loss",
+        ),
+    ],
+)
+def test_a_command_line_that_does_not_parse_is_json_under_json(
+    args: list[str], error: str, where: str
+) -> None:
+    """Scripts reading --json get the error as data even when click rejects the line; the
+    usual message still goes to stderr, exit 2."""
+    result = runner.invoke(app, args, prog_name="flamingo")
+    assert result.exit_code == 2
+    data = json.loads(result.stdout)
+    assert data["ok"] is False and data["error"].startswith(error), data
+    assert data["fix"] == f"see `flamingo {where} --help`"
+    assert error in result.stderr
+    plain = runner.invoke(app, [a for a in args if a != "--json"], prog_name="flamingo")
+    assert plain.exit_code == 2 and plain.stdout == ""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from flamingo_cli import __version__
 from flamingo_cli.cli import (
@@ -19,7 +20,39 @@ from flamingo_cli.cli import (
     validate,
 )
 
+
+class _Commands(TyperGroup):
+    """The subcommands; a command line they cannot parse still gets its `{"error", "fix"}`
+    on stdout when it asks for `--json`, as every other error does (cli/common.py)."""
+
+    def invoke(self, ctx: Any) -> Any:
+        wants_json = "--json" in ctx.args
+        try:
+            return super().invoke(ctx)
+        except Exception as error:
+            if wants_json and _is_usage_error(error):
+                _usage_json(error)
+            raise
+
+
+def _is_usage_error(error: Exception) -> bool:
+    """click's UsageError, from whichever copy of click Typer parses with: exit code 2."""
+    return getattr(error, "exit_code", None) == 2 and hasattr(error, "format_message")
+
+
+def _usage_json(error: Any) -> None:
+    from flamingo_cli.errors import UsageError
+    from flamingo_cli.ui.console import print_json
+    from flamingo_cli.ui.errors import error_json
+
+    context = getattr(error, "ctx", None)
+    where = context.command_path if context is not None else "flamingo"
+    message = str(error.format_message())
+    print_json(error_json(UsageError(message, fix=f"see `{where} --help`")))
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="flamingo",
     help="From raw MMC4 and LAION downloads to a trained OpenFlamingo-style model.",
     no_args_is_help=True,
