@@ -9,6 +9,7 @@ always passed in (seconds since the epoch), never read here, so renders are repr
 from __future__ import annotations
 
 import datetime
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +48,10 @@ def dropped_of(metrics: dict[str, Any], name: str) -> int:
 
 
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A count a row may carry: a number, finite (a damaged row's NaN or 1e400 is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value)
 
 
 def clock(seconds: float) -> str:
@@ -147,7 +151,7 @@ class RunWatch:
     @property
     def epoch(self) -> int | None:
         value = number(self.last, "epoch")
-        return None if value is None else int(value)
+        return None if value is None or not math.isfinite(value) else int(value)
 
     def elapsed(self, now: float) -> float | None:
         return None if self.started_at is None else now - self.started_at

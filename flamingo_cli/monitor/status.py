@@ -10,6 +10,7 @@ interrupted run and one being written. See docs/formats.md §15.
 from __future__ import annotations
 
 import datetime
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +115,7 @@ class RunStatus:
             }
             for d in self.watch.datasets.values()
         }
-        return {
+        data = {
             "run_dir": str(self.run_dir),
             "state": self.state,
             "detail": self.detail,
@@ -134,6 +135,19 @@ class RunStatus:
             "ignored_lines": self.bad_lines,
             "partial_last_line": self.partial_line,
         }
+        return strict_json(data)
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with every NaN or infinite float as None: `--json` output is JSON that any
+    parser reads (json.dumps writes NaN and Infinity, which are not JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def _held_out_rows(curves: dict[str, Curve]) -> list[dict[str, Any]]:
@@ -153,6 +167,12 @@ def run_dir_for(target: Path) -> tuple[Path, Recipe | None, Path | None]:
     if not target.exists():
         raise NoRun(
             f"{target} does not exist",
+            fix="give a run directory (run.output_dir/run.name, e.g. runs/NAME) or the "
+            "recipe that trained it",
+        )
+    if target.suffix.lower() != ".toml":
+        raise NoRun(
+            f"{target} is a file, not a run directory or a recipe (.toml)",
             fix="give a run directory (run.output_dir/run.name, e.g. runs/NAME) or the "
             "recipe that trained it",
         )
@@ -182,6 +202,11 @@ class StatusReader:
 
     def read(self, now: float) -> RunStatus:
         run_dir = self.run_dir
+        if self._tail is not None and not run_dir.is_dir():  # was there on the first read
+            raise NoRun(
+                f"{run_dir} is gone: it was removed or moved while status read it",
+                fix="give the run directory where it is now",
+            )
         if self._tail is None:
             self._tail = MetricsTail(run_dir / METRICS_FILE)
         self._tail.read()
@@ -269,7 +294,7 @@ def _finished_step(run_dir: Path) -> int | None:
         text = (run_dir / FINISHED).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
         return None
-    return int(text) if text.isdigit() else 0
+    return int(text) if text.isascii() and text.isdigit() else 0
 
 
 def _total_steps(recipe: Recipe) -> int | None:

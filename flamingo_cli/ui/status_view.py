@@ -28,6 +28,12 @@ HELD_OUT_ROWS = 12  # held-out steps listed (the newest); the chart shows them a
 _STATE_STYLE = {"running": "bold green", "finished": "bold", "stopped": "bold yellow"}
 
 
+def shown(text: object) -> str:
+    """`text` as a terminal can print it: a lone surrogate (a non-UTF-8 file name, a `\\udcff`
+    in a metrics key) written as its escape, as error messages write it."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _scale(value: float, low: float, high: float, cells: int) -> int:
     """`value` in [low, high] onto 0..cells-1 (the middle when the range is empty)."""
     if high <= low:
@@ -96,7 +102,7 @@ def _chart(name: str, train: Curve, evals: Curve, width: int, height: int) -> Re
 
 def _headline(status: RunStatus) -> Group:
     line = Text.assemble(
-        (str(status.run_dir), "bold"), "\n", (status.detail, _STATE_STYLE[status.state])
+        (shown(status.run_dir), "bold"), "\n", (shown(status.detail), _STATE_STYLE[status.state])
     )
     total = status.total_steps
     parts = [f"step {status.step if status.step is not None else '-'}/{total or '?'}"]
@@ -115,7 +121,7 @@ def _datasets(status: RunStatus) -> Table:
         table.add_column(column, justify="left" if column == "dataset" else "right")
     for d in status.watch.datasets.values():
         table.add_row(
-            escape(d.name),
+            escape(shown(d.name)),
             *(f"{v:.4f}" if v is not None else "-" for v in (d.last, d.smoothed, d.held_out)),
             f"{d.samples_per_s:,.1f}" if d.samples_per_s is not None else "",
             f"{d.tokens_per_s:,.0f}" if d.tokens_per_s is not None else "",
@@ -153,7 +159,7 @@ def _held_out(status: RunStatus) -> RenderableType | None:
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     table.add_column("held-out at")
     for name in names:
-        table.add_column(escape(name), justify="right")
+        table.add_column(escape(shown(name)), justify="right")
     for step in steps[-HELD_OUT_ROWS:]:
         row = by_step[step]
         table.add_row(f"step {step}", *(f"{row[n]:.4f}" if n in row else "" for n in names))
@@ -206,7 +212,7 @@ def status_view(status: RunStatus, width: int, height: int | None = None) -> Gro
         rows = max(4, min(14, left // len(names) - 3))  # a chart: blank, title, rows, steps
     for name in names:
         train, evals = status.train_curves.get(name, []), status.held_out_curves.get(name, [])
-        parts += [Text(), _chart(escape(name), train, evals, width, rows)]
+        parts += [Text(), _chart(shown(name), train, evals, width, rows)]
     return Group(*parts, *notes)
 
 
