@@ -6,21 +6,30 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import random
 import resource
 import shutil
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
+import pytest
 from typer.testing import CliRunner
 
 from flamingo_cli.cli.app import app
 from flamingo_cli.monitor.metrics_file import MAX_LINE, MetricsTail, read_metrics
 from flamingo_cli.monitor.status import METRICS_FILE
 from flamingo_cli.runtime.run_lock import acquire_run_lock
+from flamingo_cli.synthetic import encode, shape_image, write_coco_karpathy, write_vqav2
 
+from .conftest import RECIPES
 from .test_status import fake_run
+
+RECIPE = RECIPES / "tiny-cpu.toml"
 
 runner = CliRunner()
 
@@ -46,6 +55,7 @@ def _strict(text: str) -> Any:
 # --- status ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_status_of_a_sparse_2_gib_metrics_file_reads_in_bounded_memory(tmp_path: Path) -> None:
     run_dir = fake_run(tmp_path)
     with (run_dir / METRICS_FILE).open("ab") as handle:
@@ -153,3 +163,175 @@ def test_follow_on_a_run_dir_deleted_meanwhile_stops_with_a_message(tmp_path: Pa
     assert result.exit_code == 1
     text = _no_traceback(result)
     assert f"{run_dir} is gone: it was removed or moved while status read it" in text
+
+
+# --- generate and eval-fewshot: a tiny model's weights and data -------------------------------
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny recipe's model as built, exported as flamingo.pt."""
+    import torch
+
+    from flamingo_cli.model.factory import build_model
+    from flamingo_cli.recipe.load import load_recipe
+
+    model, *_ = build_model(load_recipe(RECIPE).recipe.model, seed=0)
+    path = tmp_path_factory.mktemp("weights") / "flamingo.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def png_bomb(path: Path, width: int = 100_000, height: int = 100_000) -> Path:
+    """A 60-byte PNG whose header declares `width` x `height` pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + chunk(b"IEND", b""))
+    return path
+
+
+def _generate(weights: Path, *args: str) -> Any:
+    return runner.invoke(app, ["generate", str(RECIPE), "--checkpoint", str(weights), *args])
+
+
+def test_generate_refuses_what_it_cannot_decode_with_the_option_and_a_fix(
+    weights: Path, tmp_path: Path
+) -> None:
+    red = tmp_path / "red.png"
+    red.write_bytes(encode(shape_image("red", "square", 32, random.Random(0)), "PNG"))
+    empty, text = tmp_path / "empty.png", tmp_path / "text.png"
+    empty.write_bytes(b"")
+    text.write_text("hello", encoding="utf-8")
+    caption = ["--task", "caption", "--image", str(red)]
+    cases: list[tuple[list[str], int, str]] = [
+        (["--task", "caption", "--image", str(empty)], 1, f"image {empty}: the file is empty"),
+        (["--task", "caption", "--image", str(text)], 1, "not an image Pillow can identify"),
+        ([*caption, "--sample", "--temperature", "nan"], 2, "--temperature nan: not a finite"),
+        ([*caption, "--sample", "--temperature", "inf"], 2, "--temperature inf: not a finite"),
+        ([*caption, "--num-beams", "2", "--length-penalty", "nan"], 2, "--length-penalty nan"),
+        ([*caption, "--min-new-tokens", "30", "--max-new-tokens", "2"], 2, "is over --max-new"),
+        (
+            [*caption, "--max-new-tokens", "1000000000"],
+            2,
+            "--max-new-tokens 1,000,000,000 after a prompt of 7 tokens is over the 512 "
+            "positions of the language model fix: give --max-new-tokens 505 or less",
+        ),
+        (
+            [*caption, "--num-beams", "3", "--max-new-tokens", "1000000000"],
+            2,
+            "over the 512 positions",
+        ),
+    ]
+    for args, code, message in cases:
+        result = _generate(weights, *args)
+        assert result.exit_code == code, (args, result.output)
+        assert message in _no_traceback(result), (args, result.output)
+    assert "BytesIO" not in _generate(weights, "--task", "caption", "--image", str(text)).output
+
+
+def test_generate_with_a_bomb_shot_a_symlink_loop_and_a_crafted_pickle(
+    weights: Path, tmp_path: Path
+) -> None:
+    red = tmp_path / "red.png"
+    red.write_bytes(encode(shape_image("red", "square", 32, random.Random(0)), "PNG"))
+    bomb = png_bomb(tmp_path / "bomb.png")
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(loop)
+    ran = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self) -> tuple[Any, tuple[str]]:
+            return (os.system, (f"touch {ran}",))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(Evil()))
+    caption = ["--task", "caption", "--image", str(red)]
+    result = _generate(weights, *caption, "--shot", str(bomb), "a bomb")
+    assert result.exit_code == 1
+    assert f"image {bomb}: 10,000,000,000 pixels is over the cap" in _no_traceback(result)
+    result = _generate(weights, "--task", "caption", "--image", str(loop))
+    assert result.exit_code == 1
+    assert f"cannot read image {loop}: Too many levels of symbolic links" in _no_traceback(result)
+    result = runner.invoke(app, ["generate", str(RECIPE), "--checkpoint", str(evil), *caption])
+    assert result.exit_code == 1
+    assert "nothing from it was run" in _no_traceback(result)
+    assert not ran.exists()
+
+
+def _fewshot(weights: Path, data: Path, out: Path, *extra: str, task: str = "coco") -> Any:
+    args = ["eval-fewshot", str(RECIPE), "--checkpoint", str(weights), "--task", task]
+    args += ["--data", str(data), "--shots", "0", "--num-beams", "1", "--max-new-tokens", "2"]
+    return runner.invoke(app, [*args, "--out", str(out), *extra])
+
+
+def test_fewshot_refuses_bad_data_before_the_model_loads(weights: Path, tmp_path: Path) -> None:
+    coco = tmp_path / "coco"
+    write_coco_karpathy(coco, train=4, test=2, size=16)
+    deep = tmp_path / "deep"
+    shutil.copytree(coco, deep)
+    (deep / "dataset_coco.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    bombs = tmp_path / "bombs"
+    shutil.copytree(coco, bombs)
+    train_image = sorted((bombs / "train2014").iterdir())[0]
+    png_bomb(train_image)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x", encoding="utf-8")
+    cases: list[tuple[Path, list[str], str]] = [
+        (deep, [], f"{deep / 'dataset_coco.json'}: JSON nested too deep to read"),
+        (
+            bombs,
+            [],
+            f"image {train_image} of train sample 100000: 10,000,000,000 pixels is over the cap "
+            "of 40,000,000 (max_image_pixels) fix: resize the image",
+        ),
+        (coco, ["--out", str(blocker / "out")], f"cannot write the results into {blocker}"),
+    ]
+    for data, extra, message in cases:
+        result = _fewshot(weights, data, tmp_path / "out", *extra)
+        assert result.exit_code == 1, (data, result.output)
+        text = _no_traceback(result)
+        assert message in text, (data, text)
+        assert "trial" not in text  # nothing was evaluated, so nothing is lost
+    result = _fewshot(weights, coco, tmp_path / "out", "--max-new-tokens", "1000000000")
+    assert result.exit_code == 2
+    assert "--max-new-tokens 1,000,000,000 is over the 512 positions" in _no_traceback(result)
+
+
+def test_fewshot_vqa_answers_and_ids_that_cannot_be_scored(weights: Path, tmp_path: Path) -> None:
+    vqa = tmp_path / "vqa"
+    write_vqav2(vqa, train=4, test=2, size=16)
+
+    def edited(name: str, file: str, change: Any) -> Path:
+        root = tmp_path / name
+        shutil.copytree(vqa, root)
+        path = next(root.glob(f"*{file}.json"))
+        content = json.loads(path.read_text(encoding="utf-8"))
+        change(content)
+        path.write_text(json.dumps(content), encoding="utf-8")
+        return root
+
+    no_answers = edited(
+        "none", "train2014_annotations", lambda c: c["annotations"][0].update(answers=[])
+    )
+    repeated = edited(
+        "twice", "val2014_questions", lambda c: c["questions"].append(dict(c["questions"][0]))
+    )
+    qid = json.loads(next(vqa.glob("*val2014_questions.json")).read_text())["questions"][0]
+    cases = [
+        (no_answers, "v2_mscoco_train2014_annotations.json: annotations[0]: 'answers' is empty"),
+        (
+            repeated,
+            f"v2_OpenEnded_mscoco_val2014_questions.json: test sample id "
+            f"{qid['question_id']} appears more than once",
+        ),
+    ]
+    for data, message in cases:
+        result = _fewshot(weights, data, tmp_path / "out", task="vqav2")
+        assert result.exit_code == 1, result.output
+        assert message in _no_traceback(result)

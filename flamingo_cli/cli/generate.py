@@ -220,12 +220,13 @@ def generate(
 def _run(
     recipe: Path, checkpoint: str, request: GenerateRequest, set_: list[str] | None
 ) -> Generation:
-    from flamingo_cli.evaluate.generate import build_prompt, generate_text
+    from flamingo_cli.evaluate.generate import build_prompt, check_decoding, generate_text
     from flamingo_cli.recipe.load import load_recipe, parse_override
     from flamingo_cli.ui.generate_view import loading
 
     loaded = load_recipe(recipe, [parse_override(s) for s in set_ or []])
-    build_prompt(request)  # usage errors before torch loads
+    build_prompt(request)  # usage errors before the model loads
+    check_decoding(request.decode)
     with loading(checkpoint):
         return generate_text(loaded, checkpoint, request)
 

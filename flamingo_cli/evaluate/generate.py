@@ -111,6 +111,43 @@ def _check_count(prompt: str, images: list[Path]) -> None:
         )
 
 
+def check_decoding(decode: DecodeConfig) -> None:
+    """What `DecodeConfig` lets through but cannot decode: a NaN or infinite temperature or
+    length penalty (NaN probabilities), and a minimum over the maximum (silently cut)."""
+    import math
+
+    for option, value in (
+        ("--temperature", decode.temperature),
+        ("--length-penalty", decode.length_penalty),
+    ):
+        if not math.isfinite(value):
+            raise UsageError(
+                f"{option} {value}: not a finite number", fix=f"give {option} a number such as 1.0"
+            )
+    if decode.min_new_tokens > decode.max_new_tokens:
+        raise UsageError(
+            f"--min-new-tokens {decode.min_new_tokens} is over --max-new-tokens {decode.max_new_tokens}",
+            fix="give a --min-new-tokens no larger than --max-new-tokens",
+        )
+
+
+def check_context(model: Any, prompt_tokens: int, max_new_tokens: int) -> None:
+    """The prompt and the new tokens fit the positions the language model was built for: past
+    them its text is noise, and a huge `--max-new-tokens` would run for hours (or allocate
+    its beams' tokens up front and run out of memory)."""
+    from flamingo_cli.evaluate.prompts import context_length
+
+    limit = context_length(model)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        left = limit - prompt_tokens
+        after = f" after a prompt of {prompt_tokens:,} tokens" if prompt_tokens else ""
+        raise UsageError(
+            f"--max-new-tokens {max_new_tokens:,}{after} is over the {limit:,} positions of "
+            "the language model",
+            fix=f"give --max-new-tokens {left} or less" if left > 0 else "use a shorter prompt",
+        )
+
+
 @dataclass(frozen=True)
 class Generation:
     """A continuation and how it was made."""
@@ -200,6 +237,7 @@ def continue_prompt(
             "evaluation keeps",
             fix="use fewer or shorter --shot examples",
         )
+    check_context(trained.model, count, decode.max_new_tokens)
     config = replace(
         decode,
         stop_token_ids=decode.stop_token_ids or (special.endofchunk,),

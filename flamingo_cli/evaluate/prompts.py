@@ -122,9 +122,24 @@ def read_image(path: Path, max_pixels: int) -> Image.Image:
             fix="resize the image, or raise data.max_image_pixels in the recipe",
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        # Pillow names the in-memory buffer, not the file: say what is wrong in our words
+        problem = (
+            "not an image Pillow can identify" if isinstance(exc, UnidentifiedImageError) else exc
+        )
         raise FlamingoError(
-            f"cannot decode image {path}: {exc}",
+            f"cannot decode image {path}: " + ("the file is empty" if not data else str(problem)),
             fix="give a JPEG, PNG, WebP or another format Pillow reads",
         ) from None
     rgb: Image.Image = image if image.mode == "RGB" else image.convert("RGB")
     return rgb
+
+
+def context_length(model: Any) -> int | None:
+    """The positions the model's language model was built for (`max_position_embeddings` and
+    its other names), None when its config does not say."""
+    config = getattr(getattr(model, "lm", None), "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None

@@ -135,7 +135,8 @@ class RunStatus:
             "ignored_lines": self.bad_lines,
             "partial_last_line": self.partial_line,
         }
-        return strict_json(data)
+        strict: dict[str, Any] = strict_json(data)
+        return strict
 
 
 def strict_json(value: Any) -> Any:
