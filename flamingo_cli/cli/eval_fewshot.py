@@ -280,7 +280,8 @@ def eval_fewshot(
         else:
             from flamingo_cli.evaluate.fewshot.runner import prepare
 
-            prepare(ask.request())  # data and usage errors before torchrun starts
+            # data and usage errors before torchrun starts
+            prepare(ask.request(), loaded.recipe.data.max_image_pixels)
             args = ["eval-fewshot", str(recipe.resolve()), *ask.args()]
             args += [arg for s in set_ or [] for arg in ("--set", s)]
             report = _through_torchrun(

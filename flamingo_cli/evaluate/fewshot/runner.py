@@ -83,26 +83,63 @@ class Row:
     image: Path  # the query image shown: the sample's own, or another's when shuffled
 
 
-def prepare(request: FewshotRequest) -> TaskData:
-    """Read and check the task's files before any model loads: layout, protocol, images."""
+def prepare(request: FewshotRequest, max_pixels: int | None = None) -> TaskData:
+    """Read and check the task's files before any model loads: layout, protocol, images
+    (with `max_pixels`, their headers too: a bomb is refused here, not hours in)."""
+    from flamingo_cli.errors import FlamingoError
+
     data = load_task(request.task, request.data, request.coco_annotations)
     check_protocol(request.protocol, len(data.train), str(data.files[0]))
     if not data.test:
-        from flamingo_cli.errors import FlamingoError
-
         raise FlamingoError(
             f"{data.files[-1]}: the test split has no samples",
             fix="give the dataset's files with their test (or val) split",
         )
+    _check_unique(data)
     for trial in range(request.protocol.trials):
         seed = request.protocol.trial_seed(trial)
         tests = evaluated_indices(len(data.test), request.protocol.num_samples, seed)
-        check_images([data.test[i] for i in tests], "test")
+        check_images([data.test[i] for i in tests], "test", max_pixels)
         pool = query_set(len(data.train), request.protocol.query_set_size, seed)
-        check_images([data.train[i] for i in pool], "train")
+        check_images([data.train[i] for i in pool], "train", max_pixels)
     if request.rices is not None:  # RICES looks at every train image
-        check_images(data.train, "train")
+        check_images(data.train, "train", max_pixels)
     return data
+
+
+def _check_unique(data: TaskData) -> None:
+    """Test samples are scored by id: two with one id would be one prediction, silently."""
+    from collections import Counter
+
+    from flamingo_cli.evaluate.fewshot.samples import DatasetLayoutError
+
+    repeated = [k for k, n in Counter(s.id for s in data.test).items() if n > 1]
+    if repeated:
+        vqav2 = len(data.files) == 4  # train questions, answers, test questions, answers
+        named = data.files[2] if vqav2 else data.files[0 if data.kind == "caption" else -1]
+        raise DatasetLayoutError(
+            f"{named}: test sample id {repeated[0]} appears more than once "
+            f"({len(repeated)} ids repeated)",
+            fix="give each test question (or image) its own id, as the dataset ships them",
+        )
+
+
+def check_out(out: Path) -> None:
+    """`out` can take results.json and predictions.jsonl, checked before the evaluation runs
+    (so that hours of decoding are not lost to a read-only or misplaced folder)."""
+    import tempfile
+
+    from flamingo_cli.errors import OutputError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write the results into {out}: {exc.strerror or exc}",
+            fix="give a writable folder with --out",
+        ) from None
 
 
 def trial_rows(
@@ -166,7 +203,8 @@ def evaluate_fewshot(
 
     start = time.perf_counter()
     out = request.out or _default_out(loaded, request.task)
-    data = prepare(request)
+    data = prepare(request, loaded.recipe.data.max_image_pixels)
+    check_out(out)
     source = resolve_checkpoint(loaded, checkpoint)
     info = init_distributed(loaded.recipe.distributed.timeout_s)
     try:
@@ -245,6 +283,7 @@ def _set_up(
 ) -> _Session:
     """The model as training built it with the checkpoint loaded over it, on this rank's
     device (a whole copy per rank: generation runs no collective), and the decoding settings."""
+    from flamingo_cli.evaluate.generate import check_context
     from flamingo_cli.model.factory import build_model
     from flamingo_cli.model.generation import DecodeConfig
     from flamingo_cli.runtime.precision import autocast_for
@@ -265,6 +304,7 @@ def _set_up(
         stop_token_ids=(special.endofchunk,),
         pad_token_id=special.pad,
     )
+    check_context(model, 0, decode.max_new_tokens)  # before hours of decoding, not in them
     precision = recipe.run.precision
     return _Session(
         model,

@@ -69,6 +69,10 @@ def read_json(path: Path, what: str) -> Any:
         raise DatasetLayoutError(
             f"{path}:{exc.lineno}: not valid JSON ({exc.msg})", fix=f"give {what}"
         ) from None
+    except RecursionError:  # arrays or objects nested thousands deep: no dataset file is
+        raise DatasetLayoutError(
+            f"{path}: JSON nested too deep to read", fix=f"give {what}"
+        ) from None
 
 
 def layout_error(path: Path, problem: str, expected: str) -> DatasetLayoutError:
@@ -102,11 +106,41 @@ def first_dir_holding(candidates: Sequence[Path], name: str, what: str) -> Path:
     )
 
 
-def check_images(samples: Sequence[FewshotSample], what: str) -> None:
-    """Every sample's image exists (the first missing one is named)."""
+def check_images(
+    samples: Sequence[FewshotSample], what: str, max_pixels: int | None = None
+) -> None:
+    """Every sample's image exists (the first missing one is named); with `max_pixels`, its
+    header is also read and its declared size checked against the cap, so that a bomb or a
+    file that is no image stops the run before the model loads, not after hours of decoding."""
+    headers_read: set[Path] = set()  # VQA asks several questions of one image
     for sample in samples:
         if not sample.image.is_file():
             raise DatasetLayoutError(
                 f"image {sample.image} of {what} sample {sample.id} does not exist",
                 fix="complete the image download, or remove the sample from the annotations",
             )
+        if max_pixels is not None and sample.image not in headers_read:
+            _check_header(sample, what, max_pixels)
+            headers_read.add(sample.image)
+
+
+def _check_header(sample: FewshotSample, what: str, max_pixels: int) -> None:
+    from PIL import UnidentifiedImageError
+
+    from flamingo_cli.data.image_limits import ImageTooLarge, open_image
+
+    try:
+        open_image(sample.image.read_bytes(), max_pixels).close()
+    except ImageTooLarge as exc:
+        raise DatasetLayoutError(
+            f"image {sample.image} of {what} sample {sample.id}: {exc}",
+            fix="resize the image, or raise data.max_image_pixels in the recipe",
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        problem = "is empty" if sample.image.stat().st_size == 0 else "is not an image Pillow reads"
+        if not isinstance(exc, UnidentifiedImageError):
+            problem = f"cannot be read ({exc})"
+        raise DatasetLayoutError(
+            f"image {sample.image} of {what} sample {sample.id} {problem}",
+            fix="download the image again, or remove the sample from the annotations",
+        ) from None

@@ -133,11 +133,22 @@ def _answers_by_question(path: Path) -> dict[str, tuple[Any, ...]]:
     for n, entry in enumerate(entries):
         where = f"annotations[{n}]"
         qid = str(field_of(entry, "question_id", (int, str), path, where, _ANSWERS))
-        answers = field_of(entry, "answers", list, path, where, _ANSWERS)
+        answers = _answers(entry, path, where, _ANSWERS)
         for k, a in enumerate(answers):
             field_of(a, "answer", str, path, f"{where}.answers[{k}]", _ANSWERS)
+        if qid in found:
+            raise layout_error(path, f"{where}: question_id {qid} is annotated twice", _ANSWERS)
         found[qid] = tuple(answers)
     return found
+
+
+def _answers(entry: Any, path: Path, where: str, expected: str) -> list[Any]:
+    """An entry's non-empty `answers` list (a question without answers cannot be scored, nor
+    shown as a demonstration)."""
+    answers: list[Any] = field_of(entry, "answers", list, path, where, expected)
+    if not answers:
+        raise layout_error(path, f"{where}: 'answers' is empty", expected)
+    return answers
 
 
 def _image_name(image_id: int | str, subtype: str) -> str:
@@ -182,7 +193,7 @@ def _vizwiz_sample(data: Path, split: str, entry: Any, path: Path, n: int) -> Fe
     where = f"[{n}]"
     image = field_of(entry, "image", str, path, where, _VIZWIZ)
     question = field_of(entry, "question", str, path, where, _VIZWIZ)
-    answers = field_of(entry, "answers", list, path, where, _VIZWIZ)
+    answers = _answers(entry, path, where, _VIZWIZ)
     for k, a in enumerate(answers):
         field_of(a, "answer", str, path, f"{where}.answers[{k}]", _VIZWIZ)
     entries = tuple(answers)
@@ -220,7 +231,7 @@ def _textvqa_row(entry: Any, path: Path, n: int) -> tuple[str, str, str, tuple[s
     qid = str(field_of(entry, "question_id", (int, str), path, where, _TEXTVQA))
     image_id = str(field_of(entry, "image_id", str, path, where, _TEXTVQA))
     question = field_of(entry, "question", str, path, where, _TEXTVQA)
-    answers = field_of(entry, "answers", list, path, where, _TEXTVQA)
+    answers = _answers(entry, path, where, _TEXTVQA)
     if not all(isinstance(a, str) for a in answers):
         raise layout_error(path, f"{where}: answers are not strings", _TEXTVQA)
     return qid, f"{image_id}.jpg", question, tuple(answers)
