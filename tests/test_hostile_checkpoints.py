@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader
 from typer.testing import CliRunner
 
 from flamingo_cli.cli.app import app
-from flamingo_cli.errors import CheckpointRefused
+from flamingo_cli.errors import CheckpointRefused, FlamingoError
 from flamingo_cli.model.factory import build_model
 from flamingo_cli.recipe.load import load_recipe, parse_override
 from flamingo_cli.runtime.dcp_metadata import read_index
@@ -358,3 +358,26 @@ def test_eval_of_a_damaged_checkpoint_names_it(trained: Path, tmp_path: Path, ho
     assert code == 1, output
     assert named in output
     assert "fix: give another checkpoint" in output
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"epoch,loss\n1,0.5\n", "not a file torch.save writes (IndexError: pop from empty"),
+        (b"hello\n", "not a file torch.save writes (KeyError: 101)"),
+        (b"\x80\x02", "EOFError"),
+        (b"PK\x03\x04 not really a zip", "PytorchStreamReader failed reading zip archive"),
+    ],
+)
+def test_a_file_torch_save_never_wrote_is_named_as_no_weights_file(
+    tmp_path: Path, content: bytes, reason: str
+) -> None:
+    """A text file given as weights was a KeyError traceback: torch's weights-only unpickler
+    fails on its first byte in its own way."""
+    model, *_ = build_model(load_recipe(TINY).recipe.model, seed=0)
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content)
+    with pytest.raises(FlamingoError) as caught:
+        load_weights(model, path)
+    assert caught.value.message.startswith(f"cannot read {path} as a weights file ({reason}")
+    assert "nothing from it was run" in caught.value.message

@@ -21,6 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flamingo_cli.cli.app import app
+from flamingo_cli.errors import FlamingoError
 from flamingo_cli.monitor.metrics_file import MAX_LINE, MetricsTail, read_metrics
 from flamingo_cli.monitor.status import METRICS_FILE
 from flamingo_cli.runtime.run_lock import acquire_run_lock
@@ -335,3 +336,17 @@ def test_fewshot_vqa_answers_and_ids_that_cannot_be_scored(weights: Path, tmp_pa
         result = _fewshot(weights, data, tmp_path / "out", task="vqav2")
         assert result.exit_code == 1, result.output
         assert message in _no_traceback(result)
+
+
+@pytest.mark.parametrize("content", [b"", b"hello\n", b"\x80\x02"])
+def test_a_rices_cache_that_is_no_torch_file_is_named_with_the_fix(
+    tmp_path: Path, content: bytes
+) -> None:
+    from flamingo_cli.evaluate.fewshot.rices import RicesConfig, _read_cache
+
+    cache = tmp_path / "features.pt"
+    cache.write_bytes(content)
+    with pytest.raises(FlamingoError) as caught:
+        _read_cache(RicesConfig(cache=cache), ["a", "b"])
+    assert caught.value.message.startswith(f"cannot read the RICES feature cache {cache}: ")
+    assert caught.value.fix == "delete the file; it is written again"

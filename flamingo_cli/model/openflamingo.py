@@ -12,8 +12,11 @@ embeddings; training checkpoints wrap them in `model_state_dict` with DDP's `mod
 
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
 
 import torch
 from torch import Tensor
@@ -148,3 +151,24 @@ def weights_only_refusal(exc: BaseException) -> str:
     useful = [ln for ln in lines if ln and not ln.startswith(_BOILERPLATE)]
     useful = [ln.split(_ALLOW_ADVICE, 1)[0].strip() for ln in useful if "weights_only" not in ln]
     return next((ln for ln in useful if ln), type(exc).__name__)
+
+
+class NotPlainData(Exception):
+    """torch.load refused a file or could not read it; `reason` says why, without torch's
+    advice to load it anyway."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def load_plain(source: str | Path | IO[bytes]) -> Any:
+    """torch.load on the CPU with weights_only=True: tensors and plain containers, no code run.
+    Every failure is a NotPlainData: the refusals, damage, and bytes torch.save never writes
+    (each of which fails its own way: a text file's first byte is a KeyError)."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        raise NotPlainData(weights_only_refusal(exc)) from exc
+    except Exception as exc:
+        raise NotPlainData(f"not a file torch.save writes ({type(exc).__name__}: {exc})") from exc

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.futures import Future
 
 from flamingo_cli.errors import CheckpointDamaged, CheckpointRefused, FlamingoError
-from flamingo_cli.model.openflamingo import weights_only_refusal
+from flamingo_cli.model.openflamingo import NotPlainData, load_plain
 
 INDEX = ".metadata"
 
@@ -258,10 +258,10 @@ class _WeightsOnlyBytes:
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
         try:
-            item = torch.load(value, map_location="cpu", weights_only=True)
-        except Exception as exc:  # weights-only refusals and damage raise several types
+            item = load_plain(value)
+        except NotPlainData as exc:
             raise CheckpointRefused(
-                f"item {fqn!r} in {self._directory} is not plain data ({weights_only_refusal(exc)}): "
+                f"item {fqn!r} in {self._directory} is not plain data ({exc.reason}): "
                 f"the checkpoint is damaged, or {_NOT_OURS}",
                 fix=_REFUSED_FIX,
             ) from None

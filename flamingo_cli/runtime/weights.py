@@ -8,21 +8,20 @@ loads `model.init_from` this way; evaluation its `--checkpoint`.
 from __future__ import annotations
 
 import contextlib
-import pickle
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from flamingo_cli.errors import CheckpointDamaged, FlamingoError
 from flamingo_cli.model.flamingo import FlamingoModel
 from flamingo_cli.model.openflamingo import (
+    NotPlainData,
     load_openflamingo_state_dict,
+    load_plain,
     required_weight_names,
     to_openflamingo_key,
-    weights_only_refusal,
 )
 from flamingo_cli.recipe.load import LoadedRecipe
 from flamingo_cli.runtime.dcp_metadata import CheckpointReader, fit, load
@@ -98,10 +97,10 @@ def load_weights(model: FlamingoModel, path: Path) -> str:
             "checkpoint.pt",
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        state = load_plain(path)
+    except NotPlainData as exc:
         raise FlamingoError(
-            f"cannot read {path} as a weights file ({weights_only_refusal(exc)}): it is "
+            f"cannot read {path} as a weights file ({exc.reason}): it is "
             "damaged, or not a weights file; nothing from it was run",
             fix="give a checkpoint directory, an exported flamingo.pt or an OpenFlamingo "
             "checkpoint.pt",

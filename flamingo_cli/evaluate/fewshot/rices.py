@@ -98,15 +98,15 @@ def build_rices(
 
 
 def _read_cache(config: RicesConfig, ids: list[str]) -> torch.Tensor | None:
-    import torch
+    from flamingo_cli.model.openflamingo import NotPlainData, load_plain
 
     if config.cache is None or not config.cache.is_file():
         return None
     try:
-        saved = torch.load(config.cache, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError) as exc:
+        saved = load_plain(config.cache)
+    except NotPlainData as exc:
         raise FlamingoError(
-            f"cannot read the RICES feature cache {config.cache}: {exc}",
+            f"cannot read the RICES feature cache {config.cache}: {exc.reason}",
             fix="delete the file; it is written again",
         ) from None
     if not isinstance(saved, dict) or saved.get("encoder") != config.name:
