@@ -262,3 +262,16 @@ def test_a_command_line_that_does_not_parse_is_json_under_json(
     assert error in result.stderr
     plain = runner.invoke(app, [a for a in args if a != "--json"], prog_name="flamingo")
     assert plain.exit_code == 2 and plain.stdout == ""
+
+
+def test_json_output_is_json_a_strict_parser_reads(capsys: pytest.CaptureFixture[str]) -> None:
+    """NaN and infinities (a diverged loss, say) print as null, not as NaN/Infinity."""
+    from flamingo_cli.ui.console import print_json
+
+    print_json({"loss": float("nan"), "curve": [1.5, float("inf")], "low": (float("-inf"),)})
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    data = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert data == {"loss": None, "curve": [1.5, None], "low": [None]}

@@ -10,7 +10,6 @@ interrupted run and one being written. See docs/formats.md §15.
 from __future__ import annotations
 
 import datetime
-import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,20 +134,7 @@ class RunStatus:
             "ignored_lines": self.bad_lines,
             "partial_last_line": self.partial_line,
         }
-        strict: dict[str, Any] = strict_json(data)
-        return strict
-
-
-def strict_json(value: Any) -> Any:
-    """`value` with every NaN or infinite float as None: `--json` output is JSON that any
-    parser reads (json.dumps writes NaN and Infinity, which are not JSON)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [strict_json(v) for v in value]
-    return value
+        return data
 
 
 def _held_out_rows(curves: dict[str, Curve]) -> list[dict[str, Any]]:

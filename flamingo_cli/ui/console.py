@@ -6,6 +6,7 @@ of start-up that shows against `tar -tf` on small shard sets)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -72,6 +73,18 @@ def detail(message: str) -> None:
 
 
 def print_json(data: Any) -> None:
-    """Machine-readable output on stdout: plain JSON, never styled."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """Machine-readable output on stdout: plain JSON, never styled; NaN and infinities are
+    null (json.dumps would write NaN and Infinity, which JSON parsers refuse)."""
+    sys.stdout.write(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float as None, through dicts, lists and tuples."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
