@@ -91,3 +91,8 @@ class CheckpointDamaged(FlamingoError):
 class CheckpointRefused(FlamingoError):
     """A checkpoint directory holds something flamingo/DCP never writes (code to run on load,
     a data file outside it): refused before anything in it is used."""
+
+
+class DeviceOutOfMemory(FlamingoError):
+    """The device (or the host, for CPU tensors) had no memory left for what was being run;
+    the message names the work and the sizes, the fix the setting that lowers them."""

@@ -227,6 +227,7 @@ def continue_prompt(
     stop token defaults to `<|endofchunk|>`, the padding to the tokenizer's."""
     from flamingo_cli.evaluate.prompts import encode_prompts, image_batch
     from flamingo_cli.model.generation import generate
+    from flamingo_cli.runtime.memory import memory_named
     from flamingo_cli.runtime.precision import autocast_for
 
     tokenizer, special, device = trained.tokenizer, trained.special, trained.device
@@ -246,7 +247,9 @@ def continue_prompt(
     ids, mask = encode_prompts(tokenizer, [prompt])
     pixels = image_batch([images], trained.transform)
     start = time.perf_counter()
-    with autocast_for(loaded.recipe.run.precision, device, "none"):
+    what = f"decoding a prompt of {ids.shape[1]} tokens and {len(paths)} image(s)"
+    fix = "lower --num-beams or --max-new-tokens, or give fewer --shot examples"
+    with autocast_for(loaded.recipe.run.precision, device, "none"), memory_named(what, fix, device):
         (tokens,) = generate(
             trained.model, pixels.to(device), ids.to(device), mask.to(device), config
         )

@@ -25,6 +25,7 @@ from torch import nn
 from flamingo_cli.data.labels import content_length, needs_mask
 from flamingo_cli.recipe.schema import Precision, Strategy
 from flamingo_cli.runtime.distributed import DistInfo, any_rank, gradient_sync
+from flamingo_cli.runtime.memory import memory_named
 from flamingo_cli.runtime.precision import autocast_for
 from flamingo_cli.train.flops import StepFlops, peak_memory_gib, reset_peak_memory
 from flamingo_cli.train.optim import step_if_finite
@@ -206,9 +207,10 @@ def _backward_window(
     for micro, named in enumerate(batches):
         with gradient_sync(model, enabled=micro == len(batches) - 1):
             for name, batch in named.items():
-                out = _forward(model, batch, config, info, strategy)
-                loss = out.loss * config.loss_multipliers[name] / accum
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+                with memory_named(*_memory_fix(name, batch, info)):
+                    out = _forward(model, batch, config, info, strategy)
+                    loss = out.loss * config.loss_multipliers[name] / accum
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
                 rows = int(batch.input_ids.shape[0])
                 seen.add(
                     name,
@@ -217,6 +219,21 @@ def _backward_window(
                     rows,
                 )
     return seen
+
+
+def _memory_fix(name: str, batch: Batch, info: DistInfo) -> tuple[str, str, torch.device]:
+    """What a step that runs out of memory on `batch` says: the dataset, rank and sizes, and
+    the settings that lower them."""
+    rows, columns = batch.input_ids.shape
+    what = (
+        f"in the forward and backward of data.{name} on rank {info.rank} (a batch of {rows} "
+        f"samples x {columns} tokens, {batch.images.shape[1]} image(s) each)"
+    )
+    fix = (
+        f"lower data.{name}.batch_size (raise optim.gradient_accumulation_steps to keep the "
+        "global batch), or set model.gradient_checkpointing = true"
+    )
+    return what, fix, info.device
 
 
 def _forward(
@@ -277,7 +294,8 @@ def _count_flops(
     with torch.random.fork_rng(devices=devices):
         for name in todo:
             batch = named[name]
-            with config.flops.counting(name, int(batch.input_ids.shape[0])):
+            counting = config.flops.counting(name, int(batch.input_ids.shape[0]))
+            with counting, memory_named(*_memory_fix(name, batch, info)):
                 _forward(model, batch, config, info, strategy).loss.backward()
     for param in params:
         param.grad = None

@@ -395,13 +395,16 @@ def _decode_batch(
 
     from flamingo_cli.evaluate.prompts import encode_prompts
     from flamingo_cli.model.generation import generate
+    from flamingo_cli.runtime.memory import memory_named
 
     template = session.template
     texts = [prompt_text(data.kind, row.demos, row.sample, shots, template) for row in batch]
     pixels = _pixels(session, batch, shots, images)
     input_ids, mask = encode_prompts(session.tokenizer, texts)
     device = session.info.device
-    with torch.no_grad(), session.autocast():
+    what = f"decoding {len(batch)} prompt(s) of {input_ids.shape[1]} tokens ({shots} shots)"
+    fix = "lower --batch-size or --num-beams (or the --shots)"
+    with torch.no_grad(), session.autocast(), memory_named(what, fix, device):
         tokens = generate(
             session.model,
             pixels.to(device),
