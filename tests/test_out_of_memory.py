@@ -83,3 +83,33 @@ def test_generate_out_of_memory_exits_1_with_the_fix(
     assert "Traceback" not in result.output
     assert "ran out of memory decoding a prompt of" in result.stderr
     assert "lower --num-beams or --max-new-tokens" in result.stderr
+
+
+def test_eval_loss_out_of_memory_names_the_batch_and_the_fix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from flamingo_cli.evaluate.loss import _Forward
+    from flamingo_cli.runtime.precision import autocast_for
+
+    class RunsOut(torch.nn.Module):
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            raise torch.OutOfMemoryError(CUDA_SAYS)
+
+    forward = _Forward(RunsOut(), CPU, lambda: autocast_for("fp32", CPU.device, "none"), None, 0)
+    batch = SimpleNamespace(
+        input_ids=torch.ones(2, 6, dtype=torch.long),
+        attention_mask=torch.ones(2, 6, dtype=torch.long),
+        labels=torch.ones(2, 6, dtype=torch.long),
+        images=torch.zeros(2, 3, 3, 8, 8),
+    )
+    with pytest.raises(DeviceOutOfMemory) as caught:
+        forward.loss(batch, batch.images)  # type: ignore[arg-type]
+    assert caught.value.message == (
+        f"cpu ran out of memory evaluating a batch of 2 samples x 6 tokens, 3 image(s) each "
+        f"({CUDA_SAYS})"
+    )
+    assert caught.value.fix == (
+        "give eval-loss a lower --batch-size (during training: data.NAME.batch_size)"
+    )

@@ -26,6 +26,7 @@ from flamingo_cli.data.eval_loader import DROP_KEYS, BlendedEvalLoader, EvalLoad
 from flamingo_cli.data.labels import IGNORE, content_length
 from flamingo_cli.data.pipeline import LoaderBatch, derive_seed
 from flamingo_cli.runtime.distributed import DistInfo, any_rank
+from flamingo_cli.runtime.memory import memory_named
 
 Ablation = Literal["none", "shuffle"]
 ABLATIONS: tuple[Ablation, ...] = ("none", "shuffle")
@@ -197,6 +198,10 @@ class _Sums:
         return replace(self, **totals, dropped=summed[len(names) :])
 
 
+# eval-loss takes --batch-size; evaluation during training uses the datasets' batch sizes
+_EVAL_MEMORY_FIX = "give eval-loss a lower --batch-size (during training: data.NAME.batch_size)"
+
+
 @dataclass(frozen=True)
 class _Forward:
     """How a batch's loss is computed here: model, device, autocast, and the ablation."""
@@ -213,14 +218,17 @@ class _Forward:
         """The summed target-token loss of `batch` with `images`, and the tokens counted."""
         device = self.info.device
         length = content_length(batch.attention_mask, batch.labels)  # right padding: no change
-        with self.autocast():
-            out = self.model(
-                images.to(device),
-                batch.input_ids[:, :length].to(device),
-                batch.attention_mask[:, :length].to(device),
-                use_media=use_media,
-            )
-        total, count = token_loss_sum(out.logits, batch.labels[:, :length].to(device))
+        rows, images_per = batch.input_ids.shape[0], images.shape[1]
+        what = f"evaluating a batch of {rows} samples x {length} tokens, {images_per} image(s) each"
+        with memory_named(what, _EVAL_MEMORY_FIX, device):
+            with self.autocast():
+                out = self.model(
+                    images.to(device),
+                    batch.input_ids[:, :length].to(device),
+                    batch.attention_mask[:, :length].to(device),
+                    use_media=use_media,
+                )
+            total, count = token_loss_sum(out.logits, batch.labels[:, :length].to(device))
         return float(total), int(count)
 
     def ablated(self, batch: LoaderBatch) -> float | None:
