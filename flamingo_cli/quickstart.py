@@ -233,6 +233,26 @@ _STAGE_WORK = {
 STAGES = tuple(_STAGE_WORK)
 
 
+def _recipe_file(recipe: Path | None) -> Path:
+    """The recipe the quickstart trains: `recipe`, else the bundled tiny one; it must exist."""
+    recipe = recipe or bundled_recipe()
+    if not recipe.is_file():
+        raise UsageError(
+            f"the tiny recipe {recipe} is not there (the quickstart runs from a source checkout)",
+            fix="run from a clone installed with `pip install -e .`, or give --recipe PATH",
+        )
+    return recipe
+
+
+def train_run(directory: Path, recipe: Path | None = None) -> tuple[str, Path]:
+    """The run name and run directory the train stage writes (the recipe's run.name under
+    DIRECTORY/runs): what the live view names, and where it finds the checkpoints."""
+    from flamingo_cli.recipe.load import load_recipe
+
+    name = load_recipe(_recipe_file(recipe)).recipe.run.name
+    return name, directory.resolve() / "runs" / name
+
+
 def run_quickstart(
     directory: Path,
     *,
@@ -245,12 +265,7 @@ def run_quickstart(
 ) -> QuickstartResult:
     """Run every stage in `directory`; `on_stage(name, what)` announces a stage and
     `on_stage_done` reports its summary. Raises FlamingoError when a stage fails."""
-    recipe = recipe or bundled_recipe()
-    if not recipe.is_file():
-        raise UsageError(
-            f"the tiny recipe {recipe} is not there (the quickstart runs from a source checkout)",
-            fix="run from a clone installed with `pip install -e .`, or give --recipe PATH",
-        )
+    recipe = _recipe_file(recipe)
     directory = directory.resolve()
     prepare_directory(directory)
     stages = _Stages(directory, recipe, settings, train_events, eval_events)

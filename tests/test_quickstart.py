@@ -18,6 +18,7 @@ from flamingo_cli.quickstart import (
     QuickstartSettings,
     prepare_directory,
     run_quickstart,
+    train_run,
     write_caption_folder,
 )
 from flamingo_cli.synthetic import COLORS
@@ -76,5 +77,7 @@ def test_shortened_quickstart_learns_to_use_images(tmp_path: Path) -> None:
     assert gap is not None and gap >= 0.3, result.to_dict()
     assert result.passed
     run = tmp_path / "qs" / "runs" / "tiny-cpu"
+    # what the CLI's live view is given: the run the train stage wrote, checkpoints and all
+    assert train_run(tmp_path / "qs") == ("tiny-cpu", run.resolve())
     assert (run / "export" / "flamingo.pt").is_file()
     assert (run / "FINISHED").read_text().strip() == "80"

@@ -35,7 +35,7 @@ def quickstart(
 
     Generates a raw MMC4-format corpus and captioned images whose captions name the shape and colour shown, converts and inspects them, validates and trains the tiny recipe, then evaluates held-out samples with and without images. Exit 0 when the images lower the held-out caption loss by at least 0.3 nats per token, 1 otherwise.
     """
-    from flamingo_cli.quickstart import STAGES, run_quickstart
+    from flamingo_cli.quickstart import STAGES, run_quickstart, train_run
     from flamingo_cli.ui import console as ui
     from flamingo_cli.ui.eval_view import EvalDisplay
     from flamingo_cli.ui.quickstart_view import StageLines, render_quickstart
@@ -43,8 +43,9 @@ def quickstart(
 
     with user_errors(json_):
         lines = StageLines(STAGES, enabled=not json_)
+        run_name, run_dir = train_run(directory, recipe)
         with (
-            TrainDisplay(enabled=not json_) as train_view,
+            TrainDisplay(enabled=not json_, run_name=run_name, run_dir=run_dir) as train_view,
             EvalDisplay(enabled=not json_) as eval_view,
         ):
             result = run_quickstart(
