@@ -459,10 +459,17 @@ def _step(
     if every and step % every == 0 and not at_end and not stopping:  # a stop saves this step
         session.last_checkpoint = _checkpoint(session, run)
     if stopping:
+        if not _logged(session, step, at_end):  # name what the ranks met since the last row
+            _data_counts(session)
         if at_end:  # the epoch is complete: resume at the next one
             _end_epoch(session)
         session.last_checkpoint = _checkpoint(session, run)
     return stopping
+
+
+def _logged(session: TrainSession, step: int, at_end: bool) -> bool:
+    """Whether `step` gets a full metrics row: every `run.log_every` steps and an epoch's last."""
+    return step % session.recipe.run.log_every == 0 or at_end
 
 
 def _count(session: TrainSession, result: StepResult) -> int:
@@ -486,7 +493,7 @@ def _log(
     """The step's metrics every `run.log_every` steps and at an epoch's end; eval ones always."""
     step = session.progress["step"]
     metrics: dict[str, Any] = dict(eval_metrics)
-    if step % session.recipe.run.log_every == 0 or at_end:
+    if _logged(session, step, at_end):
         counters, by_source = _data_counts(session)
         result.losses = mean_across_ranks(result.losses, session.info)
         metrics = metrics_of(result, counters)
