@@ -6,6 +6,7 @@ CUDA; the CPU halves run everywhere."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -250,3 +251,46 @@ def test_attention_hands_sdpa_no_mask(monkeypatch: pytest.MonkeyPatch) -> None:
     cross(torch.randn(2, 4, 16), torch.randn(2, 2, 3, 8), index)
     PerceiverAttention(dim=8, heads=2, dim_head=4)(torch.randn(4, 5, 8), torch.randn(4, 3, 8))
     assert calls == [(4, False), (4, False)]
+
+
+def _lm_attention_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bool]]:
+    """(mask given, causal) of each SDPA call the LM makes through transformers."""
+    from transformers.integrations import sdpa_attention
+
+    calls: list[tuple[bool, bool]] = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        if sys._getframe(1).f_code is sdpa_attention.sdpa_attention_forward.__code__:
+            calls.append((kwargs.get("attn_mask") is not None, bool(kwargs.get("is_causal"))))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(
+        sdpa_attention.torch.nn.functional, "scaled_dot_product_attention", recorded
+    )
+    return calls
+
+
+def test_a_right_padded_batch_runs_the_lm_causal_and_unmasked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The step's forward on a right-padded batch (padding no target) hands every self-attention
+    of the LM no mask and `is_causal`: the form flash attention takes (docs/formats.md §12)."""
+    texts = ["<image>a cat<|endofchunk|></s>", "<image>a red<|endofchunk|><image>dog</s>"]
+    model, batch = flamingo_step_batch(texts)
+    assert not bool(batch.attention_mask.all())
+    config = LoopConfig(1, {"mmc4": 1.0}, 1.0, "fp32")
+    calls = _lm_attention_calls(monkeypatch)
+    loop._forward(model, batch, config, DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo"), "none")
+    layers = model.lm.config.num_hidden_layers  # type: ignore[union-attr]
+    assert calls == [(False, True)] * layers
+
+
+@gpu
+def test_a_right_padded_step_runs_the_lm_on_flash_attention() -> None:
+    """With only flash attention allowed, a mask handed to the LM would make SDPA raise."""
+    texts = ["<image>a cat<|endofchunk|></s>", "<image>a red<|endofchunk|><image>dog</s>"]
+    model, batch = flamingo_step_batch(texts)
+    _, _, config, info = cuda_step_setup(model)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        loop._forward(model, batch, config, info, "none").loss.backward()
