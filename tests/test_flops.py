@@ -167,3 +167,29 @@ def test_the_step_benchmark_runs_at_a_tiny_shape_on_a_cpu(tmp_path: Path) -> Non
     assert row["openflamingo_step_ms"] > 0
     assert row["ratio"] == pytest.approx(row["openflamingo_step_ms"] / row["step_ms"])
     assert "ours / OpenFlamingo" in done.stdout
+
+
+def test_logged_counts_and_peak_memory_are_the_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a logged step the drop counters are the ranks' sums, the peak memory the highest
+    rank's (the first of a tie) and every rank's damaged shard is named once."""
+    from types import SimpleNamespace
+
+    from flamingo_cli.train import run
+
+    reports = [
+        ({"laion/too_long": 2}, {"samples/laion/coyo": 5}, ["shard a"], 1.5),
+        ({"laion/too_long": 1, "laion/tar_error": 1}, {"samples/laion/coyo": 7}, ["shard b"], 3.25),
+        ({}, {"samples/laion/coyo": 6}, ["shard a"], 3.25),
+    ]
+    monkeypatch.setattr(run, "gathered", lambda mine, info: reports)
+    shown: list[str] = []
+    session = SimpleNamespace(
+        loaders={}, info=None, named_damage=set(), events=SimpleNamespace(message=shown.append)
+    )
+    sums = run._across_ranks(session, 1.5)  # type: ignore[arg-type]
+    assert sums.dropped == {"laion/too_long": 3, "laion/tar_error": 1}
+    assert sums.by_source == {"samples/laion/coyo": 18}
+    assert (sums.peak_gib, sums.peak_rank) == (3.25, 1)
+    assert shown == ["shard a", "shard b"]
+    assert run._across_ranks(session).peak_gib == 3.25  # a stop's call: names nothing twice
+    assert shown == ["shard a", "shard b"]

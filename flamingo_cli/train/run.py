@@ -460,7 +460,7 @@ def _step(
         session.last_checkpoint = _checkpoint(session, run)
     if stopping:
         if not _logged(session, step, at_end):  # name what the ranks met since the last row
-            _data_counts(session)
+            _across_ranks(session)
         if at_end:  # the epoch is complete: resume at the next one
             _end_epoch(session)
         session.last_checkpoint = _checkpoint(session, run)
@@ -494,10 +494,15 @@ def _log(
     step = session.progress["step"]
     metrics: dict[str, Any] = dict(eval_metrics)
     if _logged(session, step, at_end):
-        counters, by_source = _data_counts(session)
+        ranks = _across_ranks(session, result.peak_memory_gib)
         result.losses = mean_across_ranks(result.losses, session.info)
-        metrics = metrics_of(result, counters)
-        metrics.update(by_source)
+        metrics = metrics_of(result, ranks.dropped)
+        metrics.update(ranks.by_source)
+        if ranks.peak_gib is not None:  # the rank nearest to running out
+            metrics["memory/peak_gib"], metrics["memory/peak_rank"] = (
+                ranks.peak_gib,
+                ranks.peak_rank,
+            )
         metrics["epoch"] = session.progress["epoch"]
         metrics.update(eval_metrics)
         metrics["skipped_steps"] = session.progress["skipped_steps"]
@@ -509,10 +514,20 @@ def _log(
     session.events.step(step, metrics)
 
 
-def _data_counts(session: TrainSession) -> tuple[dict[str, int], dict[str, int]]:
-    """The loaders' drop counters (`NAME/REASON`) and per-source counts, summed over the ranks,
-    and every rank's damaged shards named once (docs/formats.md §9.3). Collective: all ranks
-    log the same steps."""
+@dataclass(frozen=True)
+class _RankSums:
+    """What the ranks report at a logged step (docs/formats.md §9.3): drop counters
+    (`NAME/REASON`) and per-source counts summed, and the highest peak memory and its rank."""
+
+    dropped: dict[str, int]
+    by_source: dict[str, int]
+    peak_gib: float | None
+    peak_rank: int
+
+
+def _across_ranks(session: TrainSession, peak_gib: float | None = None) -> _RankSums:
+    """Gather every rank's counts and peak memory, and name every rank's damaged shards once
+    (shown by rank 0). Collective: all ranks log, and stop, at the same steps."""
     loaders = session.loaders
     mine = (
         {
@@ -522,17 +537,21 @@ def _data_counts(session: TrainSession) -> tuple[dict[str, int], dict[str, int]]
         },
         {key: n for loader in loaders.values() for key, n in loader.source_counts().items()},
         [note for loader in loaders.values() for note in loader.damage_notices()],
+        peak_gib,
     )
-    counters: Counter[str] = Counter()
+    dropped: Counter[str] = Counter()
     by_source: Counter[str] = Counter()
-    for dropped, sources, found in gathered(mine, session.info):
-        counters.update(dropped)
+    peaks: list[tuple[float, int]] = []
+    for rank, (counts, sources, found, peak) in enumerate(gathered(mine, session.info)):
+        dropped.update(counts)
         by_source.update(sources)
+        peaks += [(peak, rank)] if peak is not None else []
         for note in found:  # a shard can move to another rank at a new epoch: named once
             if note not in session.named_damage:
                 session.named_damage.add(note)
                 session.events.message(note)  # shown on rank 0; the others' events are silent
-    return dict(counters), dict(by_source)
+    top, top_rank = max(peaks, key=lambda p: (p[0], -p[1])) if peaks else (None, 0)
+    return _RankSums(dict(dropped), dict(by_source), top, top_rank)
 
 
 def _end_epoch(session: TrainSession) -> None:
