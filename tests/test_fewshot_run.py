@@ -28,6 +28,12 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def fewshot_args(weights: Path, task: str, data: Path) -> list[str]:
+    """`eval-fewshot` of the tiny recipe with `weights` on `task` read from `data`."""
+    command = ["eval-fewshot", str(RECIPE), "--checkpoint", str(weights)]
+    return [*command, "--task", task, "--data", str(data)]
+
+
 def _run(args: list[str]) -> dict[str, object]:
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -40,14 +46,7 @@ def test_captioning_report_and_predictions(weights: Path, tmp_path: Path) -> Non
     out = tmp_path / "out"
     report = _run(
         [
-            "eval-fewshot",
-            str(RECIPE),
-            "--checkpoint",
-            str(weights),
-            "--task",
-            "coco",
-            "--data",
-            str(tmp_path / "coco"),
+            *fewshot_args(weights, "coco", tmp_path / "coco"),
             "--shots",
             "0",
             "2",
@@ -88,14 +87,7 @@ def test_vqa_runs_with_each_metric_variant(weights: Path, tmp_path: Path) -> Non
     for variant in ("openflamingo", "official"):
         report = _run(
             [
-                "eval-fewshot",
-                str(RECIPE),
-                "--checkpoint",
-                str(weights),
-                "--task",
-                "vqav2",
-                "--data",
-                str(tmp_path / "vqa"),
+                *fewshot_args(weights, "vqav2", tmp_path / "vqa"),
                 "--shots",
                 "1",
                 "--num-beams",
@@ -117,14 +109,7 @@ def test_vqa_runs_with_each_metric_variant(weights: Path, tmp_path: Path) -> Non
 def test_two_ranks_predict_what_one_does(weights: Path, tmp_path: Path) -> None:
     write_coco_karpathy(tmp_path / "coco", train=6, test=5, size=16)
     common = [
-        "eval-fewshot",
-        str(RECIPE),
-        "--checkpoint",
-        str(weights),
-        "--task",
-        "coco",
-        "--data",
-        str(tmp_path / "coco"),
+        *fewshot_args(weights, "coco", tmp_path / "coco"),
         "--shots",
         "2",
         "--num-beams",
@@ -152,14 +137,7 @@ def test_shuffled_images_come_from_other_test_samples(weights: Path, tmp_path: P
     out = tmp_path / "out"
     report = _run(
         [
-            "eval-fewshot",
-            str(RECIPE),
-            "--checkpoint",
-            str(weights),
-            "--task",
-            "coco",
-            "--data",
-            str(tmp_path / "coco"),
+            *fewshot_args(weights, "coco", tmp_path / "coco"),
             "--shots",
             "1",
             "--num-beams",
@@ -193,14 +171,7 @@ def test_rices_puts_the_most_similar_train_image_last(weights: Path, tmp_path: P
     shutil.copyfile(data.train[4].image, data.test[0].image)  # test 0 shows train 4's pixels
     out = tmp_path / "out"
     args = [
-        "eval-fewshot",
-        str(RECIPE),
-        "--checkpoint",
-        str(weights),
-        "--task",
-        "coco",
-        "--data",
-        str(root),
+        *fewshot_args(weights, "coco", root),
         "--shots",
         "2",
         "--num-beams",
@@ -232,14 +203,7 @@ def test_the_table_names_layout_scorer_and_predictions(weights: Path, tmp_path: 
     result = runner.invoke(
         app,
         [
-            "eval-fewshot",
-            str(RECIPE),
-            "--checkpoint",
-            str(weights),
-            "--task",
-            "coco",
-            "--data",
-            str(tmp_path / "coco"),
+            *fewshot_args(weights, "coco", tmp_path / "coco"),
             "--shots",
             "0",
             "1",
